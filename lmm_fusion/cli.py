@@ -1,0 +1,58 @@
+"""``lmm-fusion``: one command, many subcommands.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
+modules are imported only when their subcommand runs, so ``lmm-fusion --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+#: subcommand -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("lmm_fusion.demo", "synthesise a drive, run the real node on it over DDS, summarise"),
+    "synth": ("lmm_fusion.sim.synth", "synthesise a drive (rosbag2 with ground truth)"),
+    "dataset": ("lmm_fusion.sim.synth_dataset", "synthesise many short drives for training"),
+    "contact-sheet": ("lmm_fusion.sim.contact_sheet", "render a PNG of camera + BEV frames per scenario"),
+    "train": ("lmm_fusion.train", "train the fusion model on drives"),
+    "eval": ("lmm_fusion.evaluate", "evaluate a model on drives (JSON + plots, modality ablation)"),
+    "export": ("lmm_fusion.runtime.export", "export a model to ONNX and check parity"),
+    "quantize": ("lmm_fusion.runtime.quantize", "INT8 Q/DQ ONNX calibrated on a bag"),
+    "build-engine": ("lmm_fusion.runtime.engine", "build (or validate) a cached TensorRT engine"),
+    "bench": ("lmm_fusion.bench", "benchmark every stage (JSON)"),
+    "node": ("lmm_fusion.node", "run the ROS 2 fusion node"),
+    "play": ("lmm_fusion.player", "publish a rosbag2 over DDS at its recorded pace with /clock"),
+    "replay": ("lmm_fusion.replay", "replay bags offline through the pipeline: outputs, metrics, video"),
+    "carla": ("lmm_fusion.sim.carla_bridge", "drive the pipeline in a CARLA server"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmm-fusion", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    # Parse only up to the subcommand; the rest belongs to the subcommand's own parser.
+    ns, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module_name, help_text = COMMANDS[ns.command]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"lmm-fusion {ns.command}", description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

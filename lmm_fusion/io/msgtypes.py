@@ -1,0 +1,136 @@
+"""Message classes from either world: rosbags (pure Python, for bags) or rclpy (for DDS).
+
+Every builder in the project takes a :class:`MsgTypes` and constructs messages with *all* fields
+given as keywords, which both rosbags dataclasses and rclpy classes accept. Readers never need this:
+they are duck-typed on field names.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: Message types the project uses, as (attribute name, ROS type name).
+_TYPES: tuple[tuple[str, str], ...] = (
+    ("Time", "builtin_interfaces/msg/Time"),
+    ("Header", "std_msgs/msg/Header"),
+    ("String", "std_msgs/msg/String"),
+    ("ColorRGBA", "std_msgs/msg/ColorRGBA"),
+    ("PointField", "sensor_msgs/msg/PointField"),
+    ("PointCloud2", "sensor_msgs/msg/PointCloud2"),
+    ("Image", "sensor_msgs/msg/Image"),
+    ("CompressedImage", "sensor_msgs/msg/CompressedImage"),
+    ("CameraInfo", "sensor_msgs/msg/CameraInfo"),
+    ("RegionOfInterest", "sensor_msgs/msg/RegionOfInterest"),
+    ("NavSatFix", "sensor_msgs/msg/NavSatFix"),
+    ("NavSatStatus", "sensor_msgs/msg/NavSatStatus"),
+    ("Point", "geometry_msgs/msg/Point"),
+    ("Vector3", "geometry_msgs/msg/Vector3"),
+    ("Quaternion", "geometry_msgs/msg/Quaternion"),
+    ("Pose", "geometry_msgs/msg/Pose"),
+    ("PoseWithCovariance", "geometry_msgs/msg/PoseWithCovariance"),
+    ("Twist", "geometry_msgs/msg/Twist"),
+    ("TwistWithCovariance", "geometry_msgs/msg/TwistWithCovariance"),
+    ("Transform", "geometry_msgs/msg/Transform"),
+    ("TransformStamped", "geometry_msgs/msg/TransformStamped"),
+    ("TFMessage", "tf2_msgs/msg/TFMessage"),
+    ("Odometry", "nav_msgs/msg/Odometry"),
+    ("MapMetaData", "nav_msgs/msg/MapMetaData"),
+    ("OccupancyGrid", "nav_msgs/msg/OccupancyGrid"),
+    ("Marker", "visualization_msgs/msg/Marker"),
+    ("MarkerArray", "visualization_msgs/msg/MarkerArray"),
+    ("DiagnosticArray", "diagnostic_msgs/msg/DiagnosticArray"),
+    ("DiagnosticStatus", "diagnostic_msgs/msg/DiagnosticStatus"),
+    ("KeyValue", "diagnostic_msgs/msg/KeyValue"),
+    ("Clock", "rosgraph_msgs/msg/Clock"),
+    ("ModalityStatus", "lmm_fusion_msgs/msg/ModalityStatus"),
+    ("SceneAssessment", "lmm_fusion_msgs/msg/SceneAssessment"),
+    ("ActionSuggestion", "lmm_fusion_msgs/msg/ActionSuggestion"),
+)
+
+
+@dataclass(frozen=True)
+class MsgTypes:
+    """A namespace of message classes (attributes named as in ``_TYPES``) plus where they came from.
+
+    ``kind`` is ``"rosbags"`` or ``"rclpy"``. ``by_name`` maps ROS type names to classes.
+    """
+
+    kind: str
+    by_name: dict[str, Any]
+
+    def __getattr__(self, attr: str) -> Any:
+        for name, ros_name in _TYPES:
+            if name == attr:
+                try:
+                    return self.by_name[ros_name]
+                except KeyError:
+                    raise AttributeError(f"{ros_name} is not available from {self.kind}") from None
+        raise AttributeError(attr)
+
+
+def msg_definition_dir() -> Path:
+    """Folder holding the ``lmm_fusion_msgs`` ``.msg`` files (source tree first, then install)."""
+    candidates = [
+        Path(__file__).resolve().parents[2] / "lmm_fusion_msgs" / "msg",
+        Path(sys.prefix) / "share" / "lmm_fusion_msgs" / "msg",
+    ]
+    try:  # a system ROS 2 install
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory("lmm_fusion_msgs")) / "msg")
+    except Exception:  # noqa: BLE001 - ament_index missing or package not found: try the others
+        pass
+    for c in candidates:
+        if (c / "SceneAssessment.msg").is_file():
+            return c
+    raise FileNotFoundError(f"lmm_fusion_msgs .msg files not found in any of {[str(c) for c in candidates]}")
+
+
+@functools.cache
+def typestore() -> Any:
+    """The rosbags typestore for ROS 2 Jazzy with ``lmm_fusion_msgs`` registered from its .msg files."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    store = get_typestore(Stores.ROS2_JAZZY)
+    folder = msg_definition_dir()
+    extra: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.msg")):
+        extra.update(get_types_from_msg(path.read_text(), f"lmm_fusion_msgs/msg/{path.stem}"))
+    store.register(extra)
+    return store
+
+
+@functools.cache
+def rosbags_types() -> MsgTypes:
+    """Message classes of the rosbags typestore (for writing and reading bags without ROS)."""
+    store = typestore()
+    return MsgTypes("rosbags", {ros: store.types[ros] for _, ros in _TYPES})
+
+
+@functools.cache
+def rclpy_types() -> MsgTypes:
+    """Message classes of the installed ROS 2 Python packages (for publishing over DDS)."""
+    import importlib
+
+    classes: dict[str, Any] = {}
+    for _, ros in _TYPES:
+        pkg, _, name = ros.split("/")
+        try:
+            classes[ros] = getattr(importlib.import_module(f"{pkg}.msg"), name)
+        except ImportError:  # e.g. tf2_msgs is not on PyPI; only the bag writer needs it
+            continue
+    return MsgTypes("rclpy", classes)
+
+
+def ros_type_name(msg: Any) -> str:
+    """'pkg/msg/Type' of a rosbags or rclpy message instance or class."""
+    name = getattr(msg, "__msgtype__", None)
+    if isinstance(name, str):
+        return name
+    cls = msg if isinstance(msg, type) else type(msg)
+    pkg = cls.__module__.split(".")[0]
+    return f"{pkg}/msg/{cls.__name__}"

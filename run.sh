@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One entry point for the venv path (no system ROS 2 needed).
+#   bash run.sh demo   set up, then drive the real node with a synthetic drive and summarise
+#   bash run.sh test   set up, then run the test suite and ruff
+#   bash run.sh setup  set up only;  bash run.sh <lmm-fusion args...>  run the CLI in the venv
+# Set-up is idempotent: each step is skipped when its inputs have not changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=$ROOT/.venv
+PY=${PYTHON:-python3}
+STAMPS=$VENV/.lmm_fusion_stamps
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+ensure_apt() {
+  # Build tools for lmm_fusion_msgs. Installed only when missing.
+  local missing=()
+  command -v cmake >/dev/null || missing+=(cmake)
+  command -v g++ >/dev/null || missing+=(g++)
+  command -v ninja >/dev/null || missing+=(ninja-build)
+  "$PY" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+  if ((${#missing[@]})); then
+    log "installing apt packages: ${missing[*]}"
+    local sudo=""; [ "$(id -u)" -ne 0 ] && sudo=sudo
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "${missing[@]}"
+  fi
+}
+
+hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+setup() {
+  ensure_apt
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating $VENV"
+    "$PY" -m venv "$VENV"
+  fi
+  mkdir -p "$STAMPS"
+  local req; req=$(hash_of requirements.txt)
+  if [ "$(cat "$STAMPS/requirements" 2>/dev/null)" != "$req" ]; then
+    log "installing pinned dependencies (requirements.txt)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt 2>&1 | grep -v 'is ignored: it is neither' || true
+    "$VENV/bin/python" -c 'import rclpy, torch, rosbags' || { log "dependency install failed"; exit 1; }
+    echo "$req" > "$STAMPS/requirements"
+  fi
+  local msgs; msgs=$(hash_of lmm_fusion_msgs/CMakeLists.txt lmm_fusion_msgs/package.xml lmm_fusion_msgs/msg/*.msg tools/fix_wheel_includes.cmake)
+  if [ "$(cat "$STAMPS/msgs" 2>/dev/null)" != "$msgs" ]; then
+    log "building lmm_fusion_msgs into the venv"
+    rm -rf build/msgs
+    # CMAKE_PROJECT_INCLUDE works around the wheels' exported include folders (see the file).
+    cmake -S lmm_fusion_msgs -B build/msgs -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_PREFIX_PATH="$VENV" -DCMAKE_INSTALL_PREFIX="$VENV" \
+      -DPython3_EXECUTABLE="$VENV/bin/python" -DBUILD_TESTING=OFF \
+      -DCMAKE_PROJECT_INCLUDE="$ROOT/tools/fix_wheel_includes.cmake" >build/msgs.log 2>&1 \
+      && cmake --build build/msgs >>build/msgs.log 2>&1 \
+      && cmake --install build/msgs >>build/msgs.log 2>&1 \
+      || { tail -30 build/msgs.log; log "lmm_fusion_msgs build failed (log: build/msgs.log)"; exit 1; }
+    "$VENV/bin/python" -c 'from lmm_fusion_msgs.msg import SceneAssessment' || exit 1
+    echo "$msgs" > "$STAMPS/msgs"
+  fi
+  local pkg; pkg=$(hash_of setup.py setup.cfg)
+  if [ "$(cat "$STAMPS/package" 2>/dev/null)" != "$pkg" ]; then
+    log "installing lmm_fusion (editable)"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v 'is ignored: it is neither' || true
+    echo "$pkg" > "$STAMPS/package"
+  fi
+}
+
+cmd=${1:-demo}
+case "$cmd" in
+  setup) setup ;;
+  demo) shift || true; setup; exec "$VENV/bin/lmm-fusion" demo "$@" ;;
+  test)
+    shift || true; setup
+    "$VENV/bin/ruff" check lmm_fusion test launch
+    exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) setup; exec "$VENV/bin/lmm-fusion" "$@" ;;
+esac
