@@ -1,0 +1,315 @@
+"""``sensor_msgs/PointCloud2`` <-> numpy.
+
+:func:`read_points` turns any PointCloud2 layout into an ``(N, K)`` float32 array of the requested
+fields; :func:`create_cloud` builds a valid PointCloud2 from a numpy array for rosbags or rclpy.
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lmm_fusion.io.common import as_bool, as_int, byte_buffer
+from lmm_fusion.io.errors import MessageError
+from lmm_fusion.io.msgtypes import MsgTypes
+
+#: PointField datatype constant -> numpy dtype (little-endian form; byte order applied per message).
+DATATYPES: dict[int, np.dtype] = {
+    1: np.dtype("i1"),  # INT8
+    2: np.dtype("u1"),  # UINT8
+    3: np.dtype("<i2"),  # INT16
+    4: np.dtype("<u2"),  # UINT16
+    5: np.dtype("<i4"),  # INT32
+    6: np.dtype("<u4"),  # UINT32
+    7: np.dtype("<f4"),  # FLOAT32
+    8: np.dtype("<f8"),  # FLOAT64
+}
+_DATATYPE_OF_KIND: dict[tuple[str, int], int] = {(dt.kind, dt.itemsize): code for code, dt in DATATYPES.items()}
+
+#: Largest cloud accepted: width * height points (4 M, about 30 LiDAR scans of 128 beams).
+MAX_POINTS = 4_000_000
+#: Largest point_step accepted [bytes].
+MAX_POINT_STEP = 4096
+#: Fields whose non-finite values drop the point.
+XYZ = ("x", "y", "z")
+_LITTLE = sys.byteorder == "little"
+
+
+def read_points(msg: Any, fields: Sequence[str] = ("x", "y", "z", "intensity")) -> np.ndarray:
+    """PointCloud2 -> ``(N, K)`` float32 array of ``fields`` (K = ``len(fields)``), in message order.
+
+    Handles every PointField datatype (INT8..FLOAT64), any offsets and padding, ``point_step``,
+    ``row_step`` padding, organised clouds (``height > 1``, rows concatenated) and ``is_bigendian``.
+    Points with a non-finite x, y or z are dropped whatever ``is_dense`` claims (x/y/z are checked
+    whenever the cloud has them, even if not requested, so every field selection gives the same rows).
+    Non-finite values in other requested fields become 0. A requested field other than x/y/z that the
+    cloud lacks is filled with zeros; a missing x, y or z raises.
+
+    Zero copy: when the requested fields are float32 at consecutive offsets in host byte order, no
+    padding between rows, and every point is finite, the result is a view of ``msg.data`` (read-only
+    if ``data`` is ``bytes``). Copy it before writing to it. A cloud with zero points gives ``(0, K)``.
+
+    Raises :class:`MessageError` for: data shorter than ``row_step * height``, ``point_step`` or
+    ``row_step`` too small for the fields, offsets past ``point_step``, unknown datatypes, requested
+    fields with ``count != 1``, more than :data:`MAX_POINTS` points, and non-integer size fields.
+    """
+    fields = tuple(fields)
+    if not fields:
+        raise MessageError("fields: at least one field must be requested")
+    if len(set(fields)) != len(fields):
+        raise MessageError(f"fields: duplicate names requested {fields}")
+    try:
+        height = as_int("height", msg.height)
+        width = as_int("width", msg.width)
+        point_step = as_int("point_step", msg.point_step)
+        row_step = as_int("row_step", msg.row_step)
+        bigendian = as_bool("is_bigendian", msg.is_bigendian)
+        msg_fields = list(msg.fields)
+        raw = msg.data
+    except AttributeError as exc:
+        raise MessageError(f"PointCloud2: missing field {exc.name!r}") from None
+    except TypeError as exc:
+        raise MessageError(f"fields: not a sequence: {exc}") from None
+    if height < 0 or width < 0:
+        raise MessageError(f"height/width: negative size height={height} width={width}")
+    if height * width > MAX_POINTS:
+        raise MessageError(f"height*width: {height}x{width} = {height * width} points exceeds {MAX_POINTS}")
+    if not 0 < point_step <= MAX_POINT_STEP:
+        raise MessageError(f"point_step: {point_step} outside (0, {MAX_POINT_STEP}]")
+
+    layout = _parse_fields(msg_fields, point_step, bigendian)
+    for name in fields:
+        if name in layout:
+            count = layout[name][2]
+            if count != 1:
+                raise MessageError(f"fields[{name!r}].count: {count}, only count == 1 is supported")
+        elif name in XYZ:
+            raise MessageError(f"fields: cloud has no {name!r} field (has {sorted(layout)})")
+    n = height * width
+    if n == 0:
+        return np.zeros((0, len(fields)), np.float32)
+    if row_step < width * point_step:
+        raise MessageError(f"row_step: {row_step} < width*point_step = {width}*{point_step}")
+    data = byte_buffer("data", raw)
+    needed = row_step * height
+    if data.size < needed:
+        raise MessageError(
+            f"data: {data.size} bytes, fewer than row_step*height = {needed} "
+            f"(height={height} width={width} point_step={point_step} row_step={row_step})"
+        )
+
+    pts = _zero_copy(data, layout, fields, height, width, point_step, row_step)
+    if pts is None:
+        pts = _gather(data, layout, fields, height, width, point_step, row_step)
+        return _finite_rows(pts, layout, fields, data, height, width, point_step, row_step, owned=True)
+    return _finite_rows(pts, layout, fields, data, height, width, point_step, row_step, owned=False)
+
+
+def _parse_fields(msg_fields: list[Any], point_step: int, bigendian: bool) -> dict[str, tuple[np.dtype, int, int]]:
+    """PointField list -> {name: (dtype in message byte order, offset, count)}; validated."""
+    layout: dict[str, tuple[np.dtype, int, int]] = {}
+    for i, f in enumerate(msg_fields):
+        try:
+            name, offset, datatype, count = f.name, f.offset, f.datatype, f.count
+        except AttributeError as exc:
+            raise MessageError(f"fields[{i}]: not a PointField (missing {exc.name!r})") from None
+        if not isinstance(name, str):
+            raise MessageError(f"fields[{i}].name: expected a string, got {name!r}")
+        offset = as_int(f"fields[{name!r}].offset", offset)
+        datatype = as_int(f"fields[{name!r}].datatype", datatype)
+        count = as_int(f"fields[{name!r}].count", count)
+        if datatype not in DATATYPES:
+            raise MessageError(f"fields[{name!r}].datatype: unknown datatype {datatype} (valid 1..8)")
+        if offset < 0 or count < 0:
+            raise MessageError(f"fields[{name!r}]: negative offset {offset} or count {count}")
+        dtype = DATATYPES[datatype]
+        end = offset + dtype.itemsize * count
+        if end > point_step:
+            raise MessageError(
+                f"fields[{name!r}]: offset {offset} + {count}x{dtype.itemsize} bytes = {end} "
+                f"exceeds point_step {point_step}"
+            )
+        if name in layout:
+            raise MessageError(f"fields: duplicate field name {name!r}")
+        layout[name] = (dtype.newbyteorder(">") if bigendian else dtype, offset, count)
+    return layout
+
+
+def _zero_copy(
+    data: np.ndarray,
+    layout: dict[str, tuple[np.dtype, int, int]],
+    fields: tuple[str, ...],
+    height: int,
+    width: int,
+    point_step: int,
+    row_step: int,
+) -> np.ndarray | None:
+    """A view of ``data`` when it already is a packed ``(N, K)`` host-order float32 array."""
+    if height > 1 and row_step != width * point_step:
+        return None
+    if any(name not in layout for name in fields):
+        return None
+    f32 = np.dtype("=f4")
+    first = layout[fields[0]][1]
+    for k, name in enumerate(fields):
+        dtype, offset, _ = layout[name]
+        if dtype != f32 or offset != first + 4 * k:
+            return None
+    if first != 0 or point_step != 4 * len(fields):
+        return None  # padded layouts are gathered into a contiguous copy (predictable downstream speed)
+    return np.ndarray((height * width, len(fields)), dtype=np.float32, buffer=data)
+
+
+def _gather(
+    data: np.ndarray,
+    layout: dict[str, tuple[np.dtype, int, int]],
+    fields: tuple[str, ...],
+    height: int,
+    width: int,
+    point_step: int,
+    row_step: int,
+) -> np.ndarray:
+    """Copy the requested fields into a new ``(N, K)`` float32 array (zeros for absent fields)."""
+    out = np.zeros((height, width, len(fields)), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k, name in enumerate(fields):
+            if name not in layout:
+                continue
+            dtype, offset, _ = layout[name]
+            col = np.ndarray((height, width), dtype=dtype, buffer=data, offset=offset, strides=(row_step, point_step))
+            out[:, :, k] = col
+    return out.reshape(height * width, len(fields))
+
+
+def _finite_rows(
+    pts: np.ndarray,
+    layout: dict[str, tuple[np.dtype, int, int]],
+    fields: tuple[str, ...],
+    data: np.ndarray,
+    height: int,
+    width: int,
+    point_step: int,
+    row_step: int,
+    owned: bool,
+) -> np.ndarray:
+    """Drop rows with non-finite x/y/z, zero non-finite other values; copy only when something changes."""
+    xyz_cols = [k for k, name in enumerate(fields) if name in XYZ]
+    keep: np.ndarray | None = None
+    if len(xyz_cols) == 3 and xyz_cols == list(range(xyz_cols[0], xyz_cols[0] + 3)):
+        ok = np.isfinite(pts[:, xyz_cols[0] : xyz_cols[0] + 3]).all(axis=1)
+        keep = None if ok.all() else ok
+    else:
+        ok = np.ones(pts.shape[0], bool)
+        for name in XYZ:
+            if name in fields:
+                ok &= np.isfinite(pts[:, fields.index(name)])
+            elif name in layout:
+                dtype, offset, _ = layout[name]
+                col = np.ndarray((height, width), dtype=dtype, buffer=data, offset=offset,
+                                 strides=(row_step, point_step))
+                if dtype.kind == "f":
+                    ok &= np.isfinite(col).reshape(-1)
+        keep = None if ok.all() else ok
+    other = [k for k, name in enumerate(fields) if name not in XYZ and name in layout and layout[name][0].kind == "f"]
+    bad_other = bool(other) and not np.isfinite(pts[:, other]).all()
+    if keep is not None:
+        pts = pts[keep]
+        owned = True
+    if bad_other:
+        if not owned:
+            pts = pts.copy()
+        sub = pts[:, other]
+        sub[~np.isfinite(sub)] = 0.0
+        pts[:, other] = sub
+    return pts
+
+
+def create_cloud(
+    types: MsgTypes,
+    header: Any,
+    points: np.ndarray,
+    fields: Sequence[str] | None = None,
+) -> Any:
+    """numpy -> PointCloud2 of ``types`` (little-endian, no padding between rows).
+
+    ``points`` is either a structured array (field names, dtypes and offsets taken from it; shape
+    ``(N,)`` gives an unorganised cloud, ``(H, W)`` an organised one) or an ``(N, K)`` numeric array
+    written as float32 fields named ``fields``. ``is_dense`` is True when every x/y/z is finite.
+    ``data`` is a numpy uint8 array for rosbags and an ``array.array('B')`` for rclpy (both fast).
+    """
+    pts = np.asarray(points)
+    if pts.dtype.names is None:
+        if pts.ndim != 2:
+            raise ValueError(f"points: expected (N, K) or a structured array, got shape {pts.shape}")
+        if fields is None or len(fields) != pts.shape[1]:
+            raise ValueError(f"fields: need {pts.shape[1]} names for points of shape {pts.shape}, got {fields}")
+        dtype = np.dtype({"names": list(fields), "formats": ["<f4"] * len(fields)})
+        rec = np.empty(pts.shape[0], dtype)
+        for k, name in enumerate(fields):
+            rec[name] = pts[:, k]
+        pts = rec
+    if pts.ndim == 1:
+        height, width = 1, pts.shape[0]
+    elif pts.ndim == 2:
+        height, width = pts.shape
+    else:
+        raise ValueError(f"points: structured array must be 1-D or 2-D, got shape {pts.shape}")
+    # Little-endian on the wire regardless of host and input byte order.
+    le = _little_endian(pts.dtype)
+    if le != pts.dtype:
+        pts = pts.astype(le)
+    pts = np.ascontiguousarray(pts)
+    msg_fields = []
+    for name in le.names:
+        fdt, offset = le.fields[name][:2]
+        base = fdt.base
+        code = _DATATYPE_OF_KIND.get((base.kind, base.itemsize))
+        if code is None:
+            raise ValueError(f"points: field {name!r} has dtype {fdt} with no PointField datatype")
+        count = int(np.prod(fdt.shape)) if fdt.shape else 1
+        msg_fields.append(types.PointField(name=name, offset=int(offset), datatype=code, count=count))
+    is_dense = True
+    with np.errstate(invalid="ignore"):
+        for name in XYZ:
+            if name in le.names and le.fields[name][0].kind == "f":
+                is_dense = is_dense and bool(np.isfinite(pts[name]).all())
+    raw = pts.reshape(-1).view(np.uint8)
+    point_step = le.itemsize
+    if types.kind == "rclpy":
+        data: Any = array.array("B")
+        data.frombytes(raw.data)  # one memcpy; rclpy's setter accepts array('B') without a per-item check
+    else:
+        data = raw.copy()
+    return types.PointCloud2(
+        header=header,
+        height=int(height),
+        width=int(width),
+        fields=msg_fields,
+        is_bigendian=False,
+        point_step=int(point_step),
+        row_step=int(point_step * width),
+        data=data,
+        is_dense=is_dense,
+    )
+
+
+def _little_endian(dtype: np.dtype) -> np.dtype:
+    """The same structured dtype with every field little-endian (offsets and itemsize kept)."""
+    names = list(dtype.names or ())
+    formats = []
+    for name in names:
+        fdt = dtype.fields[name][0]
+        base = fdt.base.newbyteorder("<") if fdt.base.itemsize > 1 else fdt.base
+        formats.append(np.dtype((base, fdt.shape)) if fdt.shape else base)
+    return np.dtype(
+        {
+            "names": names,
+            "formats": formats,
+            "offsets": [dtype.fields[n][1] for n in names],
+            "itemsize": dtype.itemsize,
+        }
+    )
