@@ -1,0 +1,139 @@
+"""FusionPipeline: one synchronised snapshot in, one guarded :class:`Assessment` out.
+
+The single pipeline every front end uses (ROS node, offline replay, CARLA bridge, benchmark):
+preprocess -> backend inference -> decode -> LiDAR free distance -> safety guard, with the latency of
+each stage recorded in ``Assessment.latency_ms``. ROS-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmm_fusion.assessment import Assessment, decode, invalid
+from lmm_fusion.labels import MODALITIES
+from lmm_fusion.rig import SensorRig
+from lmm_fusion.safety import SafetyConfig, apply_guard, lane_free_distance
+
+log = logging.getLogger(__name__)
+
+#: Seed of the randomly initialised model used when no trained model is shipped yet.
+RANDOM_MODEL_SEED = 0
+
+
+def resolve_model_dir(model_dir: str | Path | None) -> tuple[Path, bool]:
+    """``(directory, is_random)``: the given or shipped model directory, or — when it has no trained
+    weights — a randomly initialised model saved once under the cache dir (loudly warned about)."""
+    from lmm_fusion.paths import cache_dir, default_model_dir
+
+    if model_dir not in (None, ""):
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"model_dir: {str(model_dir)!r} holds no config.json (not a model directory)")
+        return Path(model_dir), False
+    try:
+        shipped = default_model_dir()
+    except FileNotFoundError:
+        shipped = None
+    if shipped is not None and (shipped / "config.json").is_file():
+        return shipped, False
+    return _random_model_dir(cache_dir() / f"random_model_seed{RANDOM_MODEL_SEED}"), True
+
+
+def _random_model_dir(directory: Path) -> Path:
+    import torch
+
+    from lmm_fusion.model import FusionModel, ModelConfig, save_model
+
+    log.warning("!!! NO TRAINED MODEL FOUND: using a RANDOMLY INITIALISED FusionModel (seed %d). "
+                "Its suggestions are meaningless; only the safety guard's rules are real. "
+                "Train one with `lmm-fusion train` and ship it as models/fusion_small. !!!", RANDOM_MODEL_SEED)
+    if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
+        return directory
+    torch.manual_seed(RANDOM_MODEL_SEED)
+    model = FusionModel(ModelConfig())
+    tmp = directory.with_name(directory.name + f".tmp{id(model)}")
+    save_model(model, tmp, metadata={"random_init": True, "seed": RANDOM_MODEL_SEED})
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process created it first: use theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+class FusionPipeline:
+    """Run the fusion model and the safety guard on synchronised sensor snapshots.
+
+    ``model_dir``: trained model folder (``config.json`` + ``model.safetensors``); None = the shipped
+    ``models/fusion_small`` or, when absent, a random model (warned). ``backend``: ``auto`` | ``torch`` |
+    ``onnxruntime`` | ``tensorrt`` (see :func:`lmm_fusion.runtime.backends.make_backend`).
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, backend: str = "auto", rig: SensorRig | None = None,
+                 safety_cfg: SafetyConfig | None = None, *, device: str | None = None, precision: str = "fp32",
+                 threads: int | None = None) -> None:
+        from lmm_fusion.model.io import load_config
+        from lmm_fusion.preprocess import Preprocessor
+        from lmm_fusion.runtime.backends import make_backend
+
+        self.rig = rig or SensorRig()
+        self.safety_cfg = safety_cfg or SafetyConfig()
+        self.safety_cfg.validate()
+        self.model_dir, self.random_model = resolve_model_dir(model_dir)
+        self.model_cfg = load_config(self.model_dir)
+        self.backend = make_backend(backend, self.model_dir, device=device, precision=precision, threads=threads)
+        self.preprocessor = Preprocessor(self.model_cfg, self.rig)
+        self._lidar_to_base = self.rig.lidar_mount.matrix().astype(np.float32)
+        log.info("fusion pipeline: model %s%s, backend %s", self.model_dir,
+                 " (RANDOM)" if self.random_model else "", self.backend.describe())
+
+    def describe(self) -> str:
+        return f"{self.backend.describe()}, model {self.model_dir}" + (" (random init)" if self.random_model else "")
+
+    def warmup(self, iterations: int = 3) -> float:
+        """Run the backend on all-masked zero inputs; returns the last pass time [s]."""
+        from lmm_fusion.sync import Snapshot
+
+        nan_ages = dict.fromkeys(MODALITIES, math.inf)
+        snap = Snapshot(now=0.0, frames=dict.fromkeys(MODALITIES), ages=nan_ages,
+                        mask=np.zeros(len(MODALITIES), bool), stamps=dict.fromkeys(MODALITIES))
+        return self.backend.warmup(self.preprocessor.inputs(snap), iterations)
+
+    def lidar_free_distance(self, points_lidar: np.ndarray) -> float:
+        """Free ego-lane distance [m from the bumper] of an (N, >=3) cloud in the LiDAR frame."""
+        pts = np.asarray(points_lidar, np.float32)
+        if pts.ndim != 2 or pts.shape[0] == 0:
+            return math.inf
+        base = pts[:, :3] @ self._lidar_to_base[:3, :3].T + self._lidar_to_base[:3, 3]
+        return lane_free_distance(base, self.safety_cfg)
+
+    def cycle(self, snapshot: Any) -> Assessment:
+        """One fusion cycle on a :class:`lmm_fusion.sync.Snapshot`; never raises for missing sensors.
+
+        No usable modality gives ``valid=False`` ("no assessment") without running the model.
+        """
+        t0 = time.perf_counter()
+        mask = np.asarray(snapshot.mask, dtype=bool)
+        ages = dict(snapshot.ages)
+        if not mask.any():
+            return invalid(snapshot.now, mask, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
+        inputs = self.preprocessor.inputs(snapshot)
+        t1 = time.perf_counter()
+        outputs = self.backend.infer(inputs)
+        t2 = time.perf_counter()
+        a = decode(outputs, snapshot.now, mask, ages, self.model_cfg.ttc_max, self.model_cfg.distance_max)
+        t3 = time.perf_counter()
+        lidar_i, gnss_i = MODALITIES.index("lidar"), MODALITIES.index("gnss")
+        free = self.lidar_free_distance(snapshot.frames["lidar"]) if mask[lidar_i] else None
+        ego = snapshot.frames.get("gnss") if mask[gnss_i] else None
+        speed = float(ego.speed) if ego is not None and getattr(ego, "valid", True) else None
+        a = apply_guard(a, free, speed, self.safety_cfg)
+        t4 = time.perf_counter()
+        return a.with_latency(preprocess=(t1 - t0) * 1e3, inference=(t2 - t1) * 1e3, decode=(t3 - t2) * 1e3,
+                              safety=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)

@@ -1,0 +1,151 @@
+"""Output message builders and diagnostics, for both rosbags and rclpy message classes (no rclpy.init)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+
+from lmm_fusion import ros_outputs as ro
+from lmm_fusion.assessment import Assessment, decode, invalid
+from lmm_fusion.diagnostics import DiagnosticsConfig, FusionDiagnostics, age_check
+from lmm_fusion.grid import OCCUPANCY_GRID
+from lmm_fusion.io.msgtypes import MsgTypes, rclpy_types, rosbags_types, typestore
+from lmm_fusion.labels import Action
+from lmm_fusion.safety import apply_guard
+
+KINDS = ["rosbags", "rclpy"]
+
+
+def types_of(kind: str) -> MsgTypes:
+    return rosbags_types() if kind == "rosbags" else rclpy_types()
+
+
+def roundtrip(kind: str, msg: Any) -> Any:
+    """Serialise to CDR and back, so a builder that leaves a field wrongly typed fails here."""
+    if kind == "rosbags":
+        store = typestore()
+        return store.deserialize_cdr(store.serialize_cdr(msg, msg.__msgtype__), msg.__msgtype__)
+    from rclpy.serialization import deserialize_message, serialize_message
+
+    return deserialize_message(serialize_message(msg), type(msg))
+
+
+def sample(mask: tuple[bool, bool, bool] = (True, True, True)) -> Assessment:
+    occ = np.full((1, 32, 64), -20.0, np.float32)
+    occ[0, 16, 20] = 20.0  # one occupied cell
+    out = {"risk_logits": np.array([[0.0, 1.0, 3.0]]), "action_logits": np.array([[3.0, 1, 0, 0, 0, 0]]),
+           "light_logits": np.array([[0.0, 4.0, 0, 0]]), "target_speed": np.array([14.0]),
+           "ttc": np.array([3.0]), "obstacle_distance": np.array([20.0]), "occupancy_logits": occ,
+           "modality_attention": np.array([[0.2, 0.5, 0.3]])}
+    a = decode(out, 1234.5, np.array(mask), {"camera": 0.02, "lidar": 0.04, "gnss": math.inf}, 10.0, 50.0)
+    return apply_guard(a, 18.0, 10.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scene_assessment_fields(kind: str) -> None:
+    a = sample(mask=(True, True, False))
+    m = roundtrip(kind, ro.scene_assessment(types_of(kind), a))
+    assert m.header.frame_id == "base_link"
+    assert m.header.stamp.sec == 1234 and m.header.stamp.nanosec == 500_000_000
+    assert m.risk_level == 2 and m.traffic_light_state == 1
+    assert float(np.sum(m.risk_probabilities)) == pytest.approx(1.0, abs=1e-5)
+    assert [s.name for s in m.modalities] == ["camera", "lidar", "gnss"]
+    assert [s.used for s in m.modalities] == [True, True, False]
+    assert math.isinf(m.modalities[2].age) and m.modalities[2].attention_share == 0.0
+    assert m.degraded and m.valid
+    assert m.nearest_obstacle_distance == pytest.approx(18.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_action_suggestion_fields(kind: str) -> None:
+    a = sample()
+    m = roundtrip(kind, ro.action_suggestion(types_of(kind), a))
+    assert m.action == int(a.action)
+    assert m.safety_override == a.safety_override
+    assert m.target_speed == pytest.approx(a.target_speed, rel=1e-6)
+    assert 0.0 <= m.confidence <= 1.0
+    assert m.rationale == a.rationale and m.rationale
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_occupancy_grid_layout(kind: str) -> None:
+    m = roundtrip(kind, ro.occupancy_grid(types_of(kind), sample()))
+    g = OCCUPANCY_GRID
+    assert (m.info.width, m.info.height) == (g.nx, g.ny)
+    assert m.info.resolution == pytest.approx(g.cell)
+    assert (m.info.origin.position.x, m.info.origin.position.y) == (g.x_min, g.y_min)
+    data = np.asarray(m.data, np.int8).reshape(g.ny, g.nx)
+    assert data[16, 20] == 100 and data[0, 0] == 0
+    assert m.header.frame_id == "base_link"
+    empty = roundtrip(kind, ro.occupancy_grid(types_of(kind), invalid(1.0, np.zeros(3, bool), {})))
+    assert set(np.asarray(empty.data).tolist()) == {-1}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_markers(kind: str) -> None:
+    a = sample()
+    m = roundtrip(kind, ro.markers(types_of(kind), a))
+    by_ns: dict[str, list[Any]] = {}
+    for mk in m.markers:
+        by_ns.setdefault(mk.ns, []).append(mk)
+        assert mk.header.frame_id == "base_link"
+    assert set(by_ns) == {"risk", "action", "path", "nearest_obstacle", "modality_attention", "modality_label"}
+    assert "risk high" in by_ns["risk"][0].text
+    assert a.action.name.lower() in by_ns["action"][0].text
+    arrow = by_ns["path"][0]
+    assert arrow.type == ro.ARROW and len(arrow.points) == 2 and arrow.points[1].x > arrow.points[0].x
+    assert by_ns["nearest_obstacle"][0].action == ro.MARKER_ADD
+    bars = by_ns["modality_attention"]
+    assert [b.id for b in bars] == [0, 1, 2]
+    assert bars[1].scale.z > bars[0].scale.z  # lidar has the larger attention share
+    free = roundtrip(kind, ro.markers(types_of(kind), invalid(1.0, np.zeros(3, bool), {})))
+    obstacle = next(mk for mk in free.markers if mk.ns == "nearest_obstacle")
+    assert obstacle.action == ro.MARKER_DELETE
+    assert "no assessment" in next(mk for mk in free.markers if mk.ns == "risk").text
+
+
+def test_lane_change_arrow_goes_sideways() -> None:
+    from dataclasses import replace
+
+    a = replace(sample(), action=Action.CHANGE_LANE_LEFT)
+    m = ro.markers(rosbags_types(), a)
+    arrow = next(mk for mk in m.markers if mk.ns == "path")
+    assert arrow.points[1].y > 3.0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_diagnostic_array(kind: str) -> None:
+    d = FusionDiagnostics(DiagnosticsConfig(rate_hz=10.0), node_name="fusion_node")
+    for i in range(20):  # 2 s of lidar at 10 Hz, camera silent, gnss at 2 Hz
+        t = 100.0 + i * 0.1
+        d.on_message("lidar", t)
+        if i % 5 == 0:
+            d.on_message("gnss", t)
+        d.on_cycle(t, 150.0 if i == 19 else 10.0)
+    d.set_rejected("lidar", 3, 101.9)
+    now = 101.95
+    statuses = d.statuses(now, {"camera": math.inf, "lidar": 0.05, "gnss": 0.1}, sample())
+    m = roundtrip(kind, ro.diagnostic_array(types_of(kind), now, statuses))
+    by_name = {s.name: s for s in m.status}
+    cam, lidar, gnss = (by_name[f"fusion_node: {s}"] for s in ("camera", "lidar", "gnss"))
+    assert ro.level_of(cam) == ro.ERROR
+    assert ro.level_of(lidar) == ro.WARN and "rejected" in lidar.message
+    assert {kv.key: kv.value for kv in lidar.values}["rejected"] == "3"
+    assert ro.level_of(gnss) == ro.WARN and "rate too low" in gnss.message
+    cycle = by_name["fusion_node: cycle"]
+    vals = {kv.key: kv.value for kv in cycle.values}
+    assert vals["deadline_misses"] == "1" and ro.level_of(cycle) == ro.WARN
+    assert float(vals["latency_p50_ms"]) == pytest.approx(10.0)
+    assert float(vals["rate_hz"]) == pytest.approx(10.0, abs=0.6)
+    assert "fusion_node: assessment" in by_name
+
+
+def test_age_check_levels() -> None:
+    assert age_check(0.05, 0.3, 1.0)[0] == ro.OK
+    assert age_check(0.5, 0.3, 1.0)[0] == ro.WARN
+    assert age_check(2.0, 0.3, 1.0)[0] == ro.ERROR
+    assert age_check(math.inf, 0.3, 1.0)[0] == ro.ERROR
+    assert age_check(-3.0, 0.3, 1.0)[0] == ro.ERROR
