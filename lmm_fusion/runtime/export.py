@@ -1,0 +1,255 @@
+"""``lmm-fusion export``: the fusion model as a static-shape ONNX graph for TensorRT and ONNX Runtime.
+
+Batch 1, named inputs (``image``, ``bev``, ``ego``, ``modality_mask``) and outputs
+(``lmm_fusion.model.OUTPUT_NAMES``), opset 17 (supported by TensorRT 8.6 and 10.x), checked with the
+ONNX checker, audited against the operators TensorRT 10 parses, and compared with torch through ONNX
+Runtime (max abs error per output written to ``export_report.json`` beside the ONNX file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmm_fusion.runtime.backends import INPUT_NAMES
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+
+#: ONNX operators the TensorRT 10 ONNX parser supports that a model of this kind may use. An op outside
+#: this set fails the export, because it would fail later on the vehicle where it is harder to fix.
+TENSORRT_OPS: frozenset[str] = frozenset(
+    [
+        "Abs",
+        "Add",
+        "And",
+        "ArgMax",
+        "ArgMin",
+        "AveragePool",
+        "BatchNormalization",
+        "Cast",
+        "Ceil",
+        "Clip",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Conv",
+        "ConvTranspose",
+        "Cos",
+        "CumSum",
+        "DequantizeLinear",
+        "Div",
+        "Einsum",
+        "Elu",
+        "Equal",
+        "Erf",
+        "Exp",
+        "Expand",
+        "Flatten",
+        "Floor",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Gelu",
+        "Gemm",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Greater",
+        "GreaterOrEqual",
+        "HardSigmoid",
+        "HardSwish",
+        "Identity",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "LeakyRelu",
+        "Less",
+        "LessOrEqual",
+        "Log",
+        "LogSoftmax",
+        "MatMul",
+        "Max",
+        "MaxPool",
+        "Mean",
+        "Min",
+        "Mod",
+        "Mul",
+        "Neg",
+        "Not",
+        "Or",
+        "Pad",
+        "Pow",
+        "PRelu",
+        "QuantizeLinear",
+        "Range",
+        "Reciprocal",
+        "ReduceL2",
+        "ReduceLogSumExp",
+        "ReduceMax",
+        "ReduceMean",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceSum",
+        "Relu",
+        "Reshape",
+        "Resize",
+        "Round",
+        "ScatterElements",
+        "ScatterND",
+        "Selu",
+        "Shape",
+        "Sigmoid",
+        "Sign",
+        "Sin",
+        "Size",
+        "Slice",
+        "Softmax",
+        "Softplus",
+        "Split",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Sum",
+        "Tanh",
+        "Tile",
+        "TopK",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+        "Xor",
+    ]
+)
+
+
+class ExportError(RuntimeError):
+    """The exported graph is not acceptable (checker, unsupported op, parity)."""
+
+
+def input_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
+    """Static input shapes (batch 1) of a model with config ``cfg``."""
+    g = cfg.input_bev_grid
+    return {
+        "image": (1, 3, cfg.image_height, cfg.image_width),
+        "bev": (1, cfg.bev_channels, g.ny, g.nx),
+        "ego": (1, cfg.ego_features),
+        "modality_mask": (1, 3),
+    }
+
+
+def example_inputs(cfg: Any, seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic random inputs with the model's static shapes (batch 1, float32)."""
+    rng = np.random.default_rng(seed)
+    shapes = input_shapes(cfg)
+    out = {n: rng.standard_normal(shapes[n]).astype(np.float32) for n in INPUT_NAMES if n != "modality_mask"}
+    out["modality_mask"] = np.ones(shapes["modality_mask"], dtype=np.float32)
+    return out
+
+
+def unsupported_ops(model_proto: Any) -> set[str]:
+    """Operators of the default domain in the graph (and its subgraphs) that TensorRT 10 lacks."""
+    ops: set[str] = set()
+    stack = [model_proto.graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            if node.domain in ("", "ai.onnx"):
+                ops.add(node.op_type)
+            else:
+                ops.add(f"{node.domain}::{node.op_type}")
+            stack.extend(a.g for a in node.attribute if a.g is not None and len(a.g.node))
+    return ops - TENSORRT_OPS
+
+
+def export_model(model: Any, cfg: Any, out: Path) -> Path:
+    """Write ``model`` (eval mode, CPU, fp32) to ``out`` as static-shape ONNX; returns ``out``."""
+    import onnx
+    import torch
+
+    from lmm_fusion.model import OUTPUT_NAMES
+
+    model = model.cpu().eval()
+    args = tuple(torch.from_numpy(a) for a in example_inputs(cfg).values())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".onnx.tmp")
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter gives one self-contained file with fully static shapes,
+        # which is what TensorRT engines want; its deprecation notice is not actionable here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            args,
+            str(tmp),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    proto = onnx.load(str(tmp))
+    onnx.checker.check_model(proto, full_check=True)
+    bad = unsupported_ops(proto)
+    if bad:
+        tmp.unlink()
+        raise ExportError(f"ONNX graph uses operators TensorRT 10 does not support: {sorted(bad)}")
+    tmp.replace(out)  # atomic: a reader never sees a half-written model
+    return out
+
+
+def parity(model: Any, cfg: Any, onnx_path: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, float]:
+    """Max abs difference per output between torch fp32 and ONNX Runtime (CPU) over a few inputs,
+    with each modality mask pattern of a full and a one-missing input."""
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst: dict[str, float] = {}
+    masks = ([1, 1, 1], [0, 1, 1], [1, 0, 1], [1, 1, 0])
+    for seed in seeds:
+        for mask in masks:
+            inp = example_inputs(cfg, seed)
+            inp["modality_mask"] = np.asarray([mask], dtype=np.float32)
+            with torch.inference_mode():
+                ref = model(*(torch.from_numpy(inp[n]) for n in INPUT_NAMES))
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, inp)))
+            for name, t in ref.items():
+                err = float(np.max(np.abs(t.numpy() - got[name]))) if t.numel() else 0.0
+                worst[name] = max(worst.get(name, 0.0), err)
+    return worst
+
+
+def export_onnx(model_dir: str | Path, out: str | Path | None = None, check_parity: bool = True) -> Path:
+    """Export the model stored in ``model_dir``; report (ops, parity) beside the ONNX file."""
+    from lmm_fusion.model import load_model
+
+    model_dir = Path(model_dir)
+    out = Path(out) if out else model_dir / "model.onnx"
+    model = load_model(model_dir)
+    export_model(model, model.cfg, out)
+    report: dict[str, Any] = {"onnx": out.name, "opset": OPSET, "inputs": list(INPUT_NAMES)}
+    if check_parity:
+        report["parity_max_abs_error"] = parity(model, model.cfg, out)
+        log.info("ONNX parity vs torch fp32 (max abs error): %s", report["parity_max_abs_error"])
+    out.with_name(out.stem + ".export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    p.add_argument("--out", default=None, help="ONNX file to write (default: MODEL/model.onnx)")
+    p.add_argument("--no-parity", action="store_true", help="skip the ONNX Runtime vs torch comparison")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmm_fusion.paths import default_model_dir
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    out = export_onnx(model_dir, args.out, check_parity=not args.no_parity)
+    report = json.loads(out.with_name(out.stem + ".export_report.json").read_text())
+    print(json.dumps(report, indent=2))
+    return 0
