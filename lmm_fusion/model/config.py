@@ -1,0 +1,131 @@
+"""One configuration dataclass for the whole fusion model, saved as ``config.json`` with the weights."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from lmm_fusion.grid import INPUT_GRID, OCCUPANCY_GRID, BevGrid
+
+#: Bumped when the meaning of a field or of a tensor changes incompatibly.
+CONFIG_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Sizes, resolutions and output caps of :class:`lmm_fusion.model.FusionModel`.
+
+    Image input: ``(3, image_height, image_width)`` RGB normalised with ``image_mean``/``image_std``.
+    BEV input: ``(bev_channels, ny, nx)`` on ``input_grid`` (metres in ``base_link``).
+    Ego input: ``(ego_features,)`` built by :class:`lmm_fusion.preprocess.Preprocessor`.
+    """
+
+    # --- camera
+    image_height: int = 96
+    image_width: int = 160
+    image_mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
+    image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    camera_channels: tuple[int, ...] = (16, 32, 48, 64)  # one stride-2 stage each
+    # --- LiDAR BEV pseudo-image
+    input_grid: dict[str, float] = field(default_factory=INPUT_GRID.as_dict)
+    bev_channels: int = 4  # max height, mean height, log-density, mean intensity
+    bev_z_min: float = -1.0  # points below/above this height in base_link [m] are dropped
+    bev_z_max: float = 4.0
+    bev_height_scale: float = 2.0  # heights are divided by this [m]
+    bev_density_scale: float = 4.0  # log1p(count) is divided by this
+    bev_intensity_scale: float = 1.0  # intensity is divided by this
+    lidar_stages: tuple[int, ...] = (16, 32, 48, 64)  # one stride-2 stage each
+    # --- GNSS / ego motion
+    ego_features: int = 8
+    ego_tokens: int = 2
+    speed_scale: float = 10.0  # [m/s]
+    accel_scale: float = 3.0  # [m/s^2]
+    yaw_rate_scale: float = 0.5  # [rad/s]
+    # --- fusion transformer
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 2
+    n_queries: int = 4
+    ff_mult: int = 2
+    dropout: float = 0.0
+    head_hidden: int = 128
+    # --- outputs
+    occupancy_grid: dict[str, float] = field(default_factory=OCCUPANCY_GRID.as_dict)
+    ttc_max: float = 10.0  # [s]; the value that means "no closing obstacle"
+    distance_max: float = 50.0  # [m]; the value that means "lane free"
+    speed_max: float = 30.0  # [m/s]; target speed upper bound
+    version: int = CONFIG_VERSION
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def input_bev_grid(self) -> BevGrid:
+        return BevGrid(**self.input_grid)
+
+    @property
+    def occupancy_bev_grid(self) -> BevGrid:
+        return BevGrid(**self.occupancy_grid)
+
+    @property
+    def camera_token_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the camera token grid."""
+        s = 2 ** len(self.camera_channels)
+        return (-(-self.image_height // s), -(-self.image_width // s))
+
+    @property
+    def bev_token_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the BEV token grid."""
+        g = self.input_bev_grid
+        s = 2 ** len(self.lidar_stages)
+        return (-(-g.ny // s), -(-g.nx // s))
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when a value cannot work."""
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        for name in ("image_height", "image_width", "d_model", "n_heads", "n_layers", "n_queries",
+                     "ego_features", "ego_tokens", "bev_channels"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.bev_channels != 4:
+            raise ValueError(f"bev_channels={self.bev_channels}: the preprocessor produces 4 channels")
+        if self.ego_features < 8:
+            raise ValueError(f"ego_features={self.ego_features}: the preprocessor needs at least 8")
+        g, o = self.input_bev_grid, self.occupancy_bev_grid
+        s = 2 ** len(self.lidar_stages)
+        if g.ny % s or g.nx % s:
+            raise ValueError(f"input_grid {g.shape} is not divisible by the BEV stride {s}")
+        if (g.ny // 2, g.nx // 2) != o.shape:
+            raise ValueError(f"occupancy_grid {o.shape} must be half the input grid {g.shape}")
+        for name in ("ttc_max", "distance_max", "speed_max"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+
+    # ---------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict; unknown keys are an error (a typo must not silently use a default)."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for k, v in data.items():
+            kwargs[k] = tuple(v) if isinstance(v, list) else v
+        cfg = cls(**kwargs)
+        if cfg.version != CONFIG_VERSION:
+            raise ValueError(f"config version={cfg.version} is not supported (expected {CONFIG_VERSION})")
+        cfg.validate()
+        return cfg
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,164 @@
+"""Sensor frames -> model inputs (numpy, float32). Used unchanged by the node, replay and training.
+
+* ``image``: RGB ``(H, W, 3)`` uint8 -> ``(3, Hi, Wi)`` float32, area-resized and normalised.
+* ``bev``: LiDAR points ``(N, >=3)`` in the LiDAR frame -> ``(4, ny, nx)`` float32 pseudo-image on the
+  model's input grid in ``base_link``: max height, mean height, log-density, mean intensity per cell.
+  Fully vectorised (``np.bincount`` / ``np.maximum.at``): no Python loop over points.
+* ``ego``: :class:`~lmm_fusion.io.gnss.EgoState` (or None) -> ``(F,)`` float32 ego-motion features.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import cv2
+import numpy as np
+
+from lmm_fusion.io.errors import MessageError
+from lmm_fusion.labels import MODALITIES
+from lmm_fusion.model.config import ModelConfig
+from lmm_fusion.rig import SensorRig
+
+#: BEV channel order.
+BEV_CHANNELS: tuple[str, ...] = ("max_height", "mean_height", "log_density", "mean_intensity")
+#: Ego feature order (the first 8 of ``cfg.ego_features``; any further ones are zero).
+EGO_FEATURES: tuple[str, ...] = ("speed", "accel", "yaw_rate", "speed_squared", "fix_ok", "fix_augmented",
+                                 "log_horizontal_std", "valid")
+
+
+class Preprocessor:
+    """Turn sensor frames into the inputs of :class:`lmm_fusion.model.FusionModel`.
+
+    ``model_cfg`` fixes resolutions and scales; ``rig`` gives the LiDAR mount (LiDAR -> base_link).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, rig: SensorRig | None = None) -> None:
+        self.cfg = model_cfg
+        self.rig = rig or SensorRig()
+        self.grid = model_cfg.input_bev_grid
+        t = self.rig.lidar_mount.matrix()
+        self._rot = t[:3, :3].astype(np.float32)
+        self._trans = t[:3, 3].astype(np.float32)
+        self._mean = np.asarray(model_cfg.image_mean, np.float32).reshape(3, 1, 1)
+        self._inv_std = (1.0 / np.asarray(model_cfg.image_std, np.float32)).reshape(3, 1, 1)
+
+    # ------------------------------------------------------------------ camera
+    def image(self, rgb: np.ndarray) -> np.ndarray:
+        """RGB ``(H, W, 3)`` uint8 -> ``(3, image_height, image_width)`` float32, normalised."""
+        if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
+            shape = getattr(rgb, "shape", None)
+            raise MessageError(f"image: expected an (H, W, 3) array, got shape {shape}")
+        if rgb.dtype != np.uint8:
+            raise MessageError(f"image: expected dtype uint8, got {rgb.dtype}")
+        h, w = self.cfg.image_height, self.cfg.image_width
+        small = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if rgb.shape[:2] != (h, w) else rgb
+        chw = small.transpose(2, 0, 1).astype(np.float32) * (1.0 / 255.0)
+        return np.ascontiguousarray((chw - self._mean) * self._inv_std, dtype=np.float32)
+
+    # ------------------------------------------------------------------ LiDAR
+    def points_to_base(self, points_lidar: np.ndarray) -> np.ndarray:
+        """``(N, >=3)`` points in the LiDAR frame -> ``(N, 3)`` float32 xyz in ``base_link`` [m]."""
+        xyz = np.asarray(points_lidar[:, :3], dtype=np.float32)
+        return xyz @ self._rot.T + self._trans
+
+    def bev(self, points_lidar: np.ndarray) -> np.ndarray:
+        """Points ``(N, >=3)`` (x, y, z[, intensity]) in the LiDAR frame -> ``(4, ny, nx)`` float32.
+
+        Channels (``BEV_CHANNELS``), 0 in empty cells: max height and mean height above ``base_link``
+        ground level divided by ``bev_height_scale`` [m]; ``log1p(count) / bev_density_scale``; mean
+        intensity divided by ``bev_intensity_scale``. Points outside the grid or the height band
+        ``[bev_z_min, bev_z_max]`` and non-finite points are dropped.
+        """
+        pts = np.asarray(points_lidar)
+        if pts.ndim != 2 or pts.shape[1] < 3:
+            raise MessageError(f"points: expected an (N, >=3) array, got shape {pts.shape}")
+        cfg, g = self.cfg, self.grid
+        out = np.zeros((4, g.ny, g.nx), np.float32)
+        if pts.shape[0] == 0:
+            return out
+        xyz = self.points_to_base(pts)
+        finite = np.isfinite(xyz).all(axis=1)
+        if not finite.all():  # drop NaN/inf before the integer cast of the cell index
+            pts, xyz = pts[finite], xyz[finite]
+        x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
+        iy, ix, inside = g.indices(x, y)
+        keep = inside & (z >= cfg.bev_z_min) & (z <= cfg.bev_z_max)
+        if not keep.any():
+            return out
+        flat = (iy[keep] * g.nx + ix[keep]).astype(np.intp)
+        zk = z[keep]
+        n_cells = g.ny * g.nx
+        count = np.bincount(flat, minlength=n_cells).astype(np.float32)
+        occupied = count > 0
+        inv_count = np.zeros(n_cells, np.float32)
+        inv_count[occupied] = 1.0 / count[occupied]
+        # Max height: shift so empty cells stay 0 and every occupied value is > 0 before un-shifting.
+        zmax = np.zeros(n_cells, np.float32)
+        np.maximum.at(zmax, flat, zk - cfg.bev_z_min + 1.0)
+        zmax[occupied] += cfg.bev_z_min - 1.0
+        zsum = np.bincount(flat, weights=zk, minlength=n_cells).astype(np.float32)
+        inv_h = 1.0 / cfg.bev_height_scale
+        out[0].reshape(-1)[:] = zmax * inv_h
+        out[1].reshape(-1)[:] = zsum * inv_count * inv_h
+        out[2].reshape(-1)[:] = np.log1p(count) * (1.0 / cfg.bev_density_scale)
+        if pts.shape[1] >= 4:
+            inten = np.asarray(pts[:, 3], np.float32)[keep]
+            inten = np.where(np.isfinite(inten), inten, 0.0)
+            isum = np.bincount(flat, weights=inten, minlength=n_cells).astype(np.float32)
+            out[3].reshape(-1)[:] = isum * inv_count * (1.0 / cfg.bev_intensity_scale)
+        return out
+
+    # ------------------------------------------------------------------ GNSS / ego
+    def ego(self, state: Any | None) -> np.ndarray:
+        """``EgoState`` -> ``(ego_features,)`` float32 (``EGO_FEATURES`` order); zeros for None or an
+        invalid state (the GNSS modality is then masked by :meth:`inputs`)."""
+        cfg = self.cfg
+        f = np.zeros(cfg.ego_features, np.float32)
+        if state is None or not bool(getattr(state, "valid", False)):
+            return f
+
+        def finite(name: str, lo: float, hi: float) -> float:
+            v = float(getattr(state, name))
+            return float(np.clip(v, lo, hi)) if math.isfinite(v) else 0.0
+
+        speed = finite("speed", 0.0, 60.0) / cfg.speed_scale
+        status = int(getattr(state, "status", -1))
+        std = finite("horizontal_std", 0.0, 1.0e3)
+        f[0] = speed
+        f[1] = finite("accel", -15.0, 15.0) / cfg.accel_scale
+        f[2] = finite("yaw_rate", -2.0, 2.0) / cfg.yaw_rate_scale
+        f[3] = speed * speed
+        f[4] = 1.0 if status >= 0 else 0.0
+        f[5] = 1.0 if status >= 1 else 0.0
+        f[6] = math.log1p(std)
+        f[7] = 1.0
+        return f
+
+    def ego_valid(self, state: Any | None) -> bool:
+        return state is not None and bool(getattr(state, "valid", False))
+
+    # ------------------------------------------------------------------ all
+    def inputs(self, snapshot: Any) -> dict[str, np.ndarray]:
+        """``Snapshot`` (frames, mask in ``MODALITIES`` order) -> model inputs with batch 1:
+        ``image (1,3,Hi,Wi)``, ``bev (1,4,ny,nx)``, ``ego (1,F)``, ``modality_mask (1,3)`` float32.
+
+        A modality is present when the sync mask says so and its frame decodes; a GNSS state that is
+        not yet valid (no motion estimate) counts as missing. Missing inputs are zeros.
+        """
+        cfg, g = self.cfg, self.grid
+        mask = np.asarray(snapshot.mask, dtype=bool).reshape(len(MODALITIES)).copy()
+        frames = snapshot.frames
+        cam = frames.get("camera") if mask[0] else None
+        lidar = frames.get("lidar") if mask[1] else None
+        gnss = frames.get("gnss") if mask[2] else None
+        mask &= np.array([cam is not None, lidar is not None, self.ego_valid(gnss)])
+        image = self.image(cam) if mask[0] else np.zeros((3, cfg.image_height, cfg.image_width), np.float32)
+        bev = self.bev(lidar) if mask[1] else np.zeros((4, g.ny, g.nx), np.float32)
+        ego = self.ego(gnss) if mask[2] else np.zeros(cfg.ego_features, np.float32)
+        return {
+            "image": image[None],
+            "bev": bev[None],
+            "ego": ego[None],
+            "modality_mask": mask.astype(np.float32)[None],
+        }
