@@ -230,5 +230,5 @@ def test_engine_cache_rejects_unknown_precision_and_missing_onnx(model_dir: Path
     cache = EngineCache(RecordingEngineApi(model_dir / "model.onnx"), cache_dir=tmp_path)
     with pytest.raises(ValueError, match="precision"):
         cache.get(model_dir / "model.onnx", "int4")
-    with pytest.raises(FileNotFoundError, match="nope.onnx"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.onnx"):
         cache.get(tmp_path / "nope.onnx", "fp16")
