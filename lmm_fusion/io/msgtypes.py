@@ -82,7 +82,7 @@ def msg_definition_dir() -> Path:
         from ament_index_python.packages import get_package_share_directory
 
         candidates.append(Path(get_package_share_directory("lmm_fusion_msgs")) / "msg")
-    except Exception:  # noqa: BLE001 - ament_index missing or package not found: try the others
+    except Exception:
         pass
     for c in candidates:
         if (c / "SceneAssessment.msg").is_file():

@@ -174,7 +174,8 @@ def _gather(
     row_step: int,
 ) -> np.ndarray:
     """Copy the requested fields into a new ``(N, K)`` float32 array (zeros for absent fields)."""
-    out = np.zeros((height, width, len(fields)), np.float32)
+    complete = all(name in layout for name in fields)
+    out = (np.empty if complete else np.zeros)((height, width, len(fields)), np.float32)
     with np.errstate(over="ignore", invalid="ignore"):
         for k, name in enumerate(fields):
             if name not in layout:
@@ -196,35 +197,34 @@ def _finite_rows(
     row_step: int,
     owned: bool,
 ) -> np.ndarray:
-    """Drop rows with non-finite x/y/z, zero non-finite other values; copy only when something changes."""
-    xyz_cols = [k for k, name in enumerate(fields) if name in XYZ]
-    keep: np.ndarray | None = None
-    if len(xyz_cols) == 3 and xyz_cols == list(range(xyz_cols[0], xyz_cols[0] + 3)):
-        ok = np.isfinite(pts[:, xyz_cols[0] : xyz_cols[0] + 3]).all(axis=1)
-        keep = None if ok.all() else ok
-    else:
-        ok = np.ones(pts.shape[0], bool)
-        for name in XYZ:
-            if name in fields:
-                ok &= np.isfinite(pts[:, fields.index(name)])
-            elif name in layout:
-                dtype, offset, _ = layout[name]
-                col = np.ndarray((height, width), dtype=dtype, buffer=data, offset=offset,
-                                 strides=(row_step, point_step))
-                if dtype.kind == "f":
-                    ok &= np.isfinite(col).reshape(-1)
-        keep = None if ok.all() else ok
-    other = [k for k, name in enumerate(fields) if name not in XYZ and name in layout and layout[name][0].kind == "f"]
-    bad_other = bool(other) and not np.isfinite(pts[:, other]).all()
-    if keep is not None:
-        pts = pts[keep]
+    """Drop rows with non-finite x/y/z, zero non-finite other values; copy only when something changes.
+
+    The common case (everything finite) costs one vectorised ``isfinite(...).all()`` over the
+    contiguous result; per-row masks are built only when that fails.
+    """
+    unrequested_xyz = [n for n in XYZ if n not in fields and n in layout and layout[n][0].kind == "f"]
+    if not unrequested_xyz and np.isfinite(pts).all():
+        return pts
+    ok = np.ones(pts.shape[0], bool)
+    for name in XYZ:
+        if name in fields:
+            ok &= np.isfinite(pts[:, fields.index(name)])
+        elif name in unrequested_xyz:
+            dtype, offset, _ = layout[name]
+            col = np.ndarray((height, width), dtype=dtype, buffer=data, offset=offset, strides=(row_step, point_step))
+            ok &= np.isfinite(col).reshape(-1)
+    if not ok.all():
+        pts = pts[ok]
         owned = True
-    if bad_other:
-        if not owned:
-            pts = pts.copy()
-        sub = pts[:, other]
-        sub[~np.isfinite(sub)] = 0.0
-        pts[:, other] = sub
+    other = [k for k, name in enumerate(fields) if name not in XYZ]
+    if other:
+        bad = ~np.isfinite(pts[:, other])
+        if bad.any():
+            if not owned:
+                pts = pts.copy()
+            sub = pts[:, other]
+            sub[bad] = 0.0
+            pts[:, other] = sub
     return pts
 
 
