@@ -18,7 +18,7 @@ def share_dirs() -> list[Path]:
         from ament_index_python.packages import get_package_share_directory
 
         roots.append(Path(get_package_share_directory(PACKAGE)))
-    except Exception:  # noqa: BLE001 - no ament index (plain venv) or package not installed there
+    except Exception:
         pass
     roots.append(Path(sys.prefix) / "share" / PACKAGE)
     return roots

@@ -255,8 +255,17 @@ def ensure_onnx(model_dir: Path, precision: str = "fp32") -> Path:
         if not path.is_file():
             raise BackendUnavailable(f"int8: {path} missing; create it with `lmm-fusion quantize`")
         return path
-    if not path.is_file() or (weights.is_file() and weights.stat().st_mtime > path.stat().st_mtime):
-        from lmm_fusion.runtime.export import export_onnx
+    if path.is_file() and not (weights.is_file() and weights.stat().st_mtime > path.stat().st_mtime):
+        return path
+    from lmm_fusion.runtime.export import export_onnx
 
-        export_onnx(model_dir, path)
+    if not os.access(model_dir, os.W_OK):
+        # A model installed read-only (ROS share dir): export into the user cache, keyed by the weights.
+        from lmm_fusion.paths import cache_dir
+        from lmm_fusion.runtime.engine import sha256_file
+
+        path = cache_dir() / f"{model_dir.name}-{sha256_file(weights)[:16]}" / path.name
+        if path.is_file():
+            return path
+    export_onnx(model_dir, path)
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,7 @@ def export_model(model: Any, cfg: Any, out: Path) -> Path:
     model = model.cpu().eval()
     args = tuple(torch.from_numpy(a) for a in example_inputs(cfg).values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".onnx.tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # unique: processes may export at once
     with warnings.catch_warnings():
         # The TorchScript-based exporter gives one self-contained file with fully static shapes,
         # which is what TensorRT engines want; its deprecation notice is not actionable here.
