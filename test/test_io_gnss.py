@@ -10,7 +10,15 @@ import numpy as np
 import pymap3d
 import pytest
 
-from lmm_fusion.io import EgoMotionEstimator, MessageError, create_fix, make_header, read_fix, rosbags_types
+from lmm_fusion.io import (
+    EgoMotionEstimator,
+    GnssFix,
+    MessageError,
+    create_fix,
+    make_header,
+    read_fix,
+    rosbags_types,
+)
 
 LAT0, LON0, ALT0 = 48.137, 11.575, 520.0
 
@@ -140,3 +148,12 @@ def test_origin_defaults_to_first_fix() -> None:
     est = EgoMotionEstimator()
     s = est.update(read_fix(fix_msg(lat=10.0, lon=20.0, alt=5.0)))
     assert (s.east, s.north, s.up) == (0.0, 0.0, 0.0)
+
+
+def test_update_refuses_unusable_hand_built_fixes() -> None:
+    est = EgoMotionEstimator(LAT0, LON0, ALT0)
+    good = read_fix(fix_msg())
+    with pytest.raises(MessageError, match="NO_FIX"):
+        est.update(GnssFix(good.stamp, good.lat, good.lon, good.alt, -1, good.covariance, 2))
+    with pytest.raises(MessageError, match="non-finite"):
+        est.update(GnssFix(good.stamp, float("nan"), good.lon, good.alt, 0, good.covariance, 2))

@@ -192,7 +192,15 @@ class EgoMotionEstimator:
         self.resets += 1
 
     def update(self, fix: GnssFix) -> EgoState:
-        """Add ``fix`` and return the ego state at its stamp."""
+        """Add ``fix`` and return the ego state at its stamp.
+
+        Raises :class:`MessageError` for a NO_FIX status or a non-finite stamp or position (fixes made
+        by :func:`read_fix` never have them; hand-built ones might).
+        """
+        if fix.status == STATUS_NO_FIX:
+            raise MessageError(f"status: {fix.status} (NO_FIX) cannot update the ego motion")
+        if not all(math.isfinite(v) for v in (fix.stamp, fix.lat, fix.lon, fix.alt)):
+            raise MessageError(f"fix: non-finite stamp/lat/lon/alt {(fix.stamp, fix.lat, fix.lon, fix.alt)}")
         if self.origin_lat is None or self.origin_lon is None or self.origin_alt is None:
             self.origin_lat, self.origin_lon, self.origin_alt = fix.lat, fix.lon, fix.alt
         if self._last is not None:
