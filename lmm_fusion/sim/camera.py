@@ -52,7 +52,7 @@ def project_points(rig: SensorRig, points_base: np.ndarray) -> tuple[np.ndarray,
     """Project base_link points (N, 3) to pixels. Returns ``uv`` (N, 2) float64 and depth ``z`` (N,)
     along the optical axis [m] (points with z <= 0 are behind the camera)."""
     t = np.linalg.inv(rig.camera_optical_to_base())
-    p = points_base @ t[:3, :3].T + t[:3, 3]
+    p = np.einsum("ni,ji->nj", np.asarray(points_base, float), t[:3, :3]) + t[:3, 3]
     k = rig.camera.k()
     z = p[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -107,7 +107,8 @@ class CameraRenderer:
 
     # ------------------------------------------------------------------ helpers
     def _to_opt(self, p: np.ndarray) -> np.ndarray:
-        return p @ self._t_opt[:3, :3].T + self._t_opt[:3, 3]
+        # einsum, not @: OpenBLAS threading overhead dominates for these small products
+        return np.einsum("...i,ji->...j", p, self._t_opt[:3, :3]) + self._t_opt[:3, 3]
 
     def _fill(self, img: np.ndarray, poly_opt: np.ndarray, color: tuple[int, int, int]) -> None:
         poly = _clip_near(poly_opt)
@@ -147,6 +148,31 @@ class CameraRenderer:
         b = scene.road.to_base(ds[::-1], np.full_like(ds, d1))
         return self._to_opt(np.concatenate([a, b]))
 
+    def _fill_many(self, img: np.ndarray, polys_opt: np.ndarray, color: tuple[int, int, int]) -> None:
+        """Fill (P, K, 3) optical-frame polygons of one colour with a single cv2.fillPoly call
+        (those crossing the near plane are clipped one by one)."""
+        if len(polys_opt) == 0:
+            return
+        z = polys_opt[..., 2]
+        front = np.all(z >= NEAR, axis=1)
+        out: list[np.ndarray] = []
+        if front.any():
+            p = polys_opt[front]
+            uv = np.stack([self.k[0, 0] * p[..., 0] / p[..., 2] + self.k[0, 2],
+                           self.k[1, 1] * p[..., 1] / p[..., 2] + self.k[1, 2]], -1)
+            pts = np.round(np.clip(uv, -1e5, 1e5) * _SCALE).astype(np.int32)
+            out.extend(pts)
+        for poly in polys_opt[~front & np.any(z >= NEAR, axis=1)]:
+            self._fill(img, poly, color)
+        if out:
+            cv2.fillPoly(img, out, color, lineType=cv2.LINE_8, shift=_SHIFT)
+
+    def _quads(self, scene: Scene, s0: np.ndarray, s1: np.ndarray, d0: np.ndarray, d1: np.ndarray) -> np.ndarray:
+        """Optical-frame ground quads (P, 4, 3) spanning ``s0..s1`` along and ``d0..d1`` across the road."""
+        ds = np.stack([s0, s1, s1, s0], -1)
+        dd = np.stack([d0, d0, d1, d1], -1)
+        return self._to_opt(scene.road.to_base(ds, dd))
+
     def _draw_road(self, img: np.ndarray, scene: Scene) -> None:
         r = scene.road
         lit = scene.lighting
@@ -160,21 +186,33 @@ class CameraRenderer:
         # solid edge lines
         for edge in (-half + 0.15, half - 0.15):
             self._fill(img, self._ground_strip(scene, ds, edge - 0.08, edge + 0.08), mark_c)
-        # dashed lane lines: 3 m dash, 9 m gap, phase fixed on the road (moves as the ego drives)
+        # dashed lane lines: 3 m dash, 9 m gap, phase fixed on the road (moves as the ego drives);
+        # beyond ~110 m a dash is below a pixel wide at any supported resolution
         period, dash = 12.0, 3.0
-        first = -(r.s_ego % period) - period
-        starts = np.arange(first, FAR, period)
+        starts = np.arange(-(r.s_ego % period) - period, 110.0, period)
+        s0, s1, d0, d1 = [], [], [], []
         for i in range(1, r.n_lanes):
             d = -half + i * r.lane_width
-            for s0 in starts:
-                self._fill(img, self._ground_strip(scene, np.array([s0, s0 + dash]), d - 0.07, d + 0.07), mark_c)
+            s0.append(starts)
+            s1.append(starts + dash)
+            d0.append(np.full_like(starts, d - 0.07))
+            d1.append(np.full_like(starts, d + 0.07))
         for s_line in scene.stop_lines:
             if -5.0 < s_line < FAR:
-                self._fill(img, self._ground_strip(scene, np.array([s_line - 0.4, s_line]), -half, half), mark_c)
+                s0.append(np.array([s_line - 0.4]))
+                s1.append(np.array([s_line]))
+                d0.append(np.array([-half]))
+                d1.append(np.array([half]))
         for s_c in scene.crosswalks:
             if -5.0 < s_c < FAR:
-                for d in np.arange(-half + 0.3, half - 0.2, 1.0):
-                    self._fill(img, self._ground_strip(scene, np.array([s_c - 1.5, s_c + 1.5]), d, d + 0.5), mark_c)
+                stripes = np.arange(-half + 0.3, half - 0.2, 1.0)
+                s0.append(np.full_like(stripes, s_c - 1.5))
+                s1.append(np.full_like(stripes, s_c + 1.5))
+                d0.append(stripes)
+                d1.append(stripes + 0.5)
+        if s0:
+            self._fill_many(img, self._quads(scene, np.concatenate(s0), np.concatenate(s1), np.concatenate(d0),
+                                             np.concatenate(d1)), mark_c)
 
     # ------------------------------------------------------------------ boxes
     def _draw_boxes(self, img: np.ndarray, scene: Scene) -> None:
@@ -194,6 +232,7 @@ class CameraRenderer:
         dist = np.linalg.norm(b.center - self._cam_pos, axis=1)
         radius = 0.5 * np.linalg.norm(b.size, axis=1)
         visible = (center_opt[:, 2] > -radius) & (dist - radius < FAR)
+        visible &= radius * self.k[0, 0] >= 0.3 * np.maximum(center_opt[:, 2], 1e-3)  # >= ~half a pixel
         # coarse frustum test: skip boxes entirely left/right of the view
         tan_h = self.cam.width / 2 / self.k[0, 0] + 0.05
         visible &= np.abs(center_opt[:, 0]) - radius <= tan_h * np.maximum(center_opt[:, 2] + radius, 0) + radius

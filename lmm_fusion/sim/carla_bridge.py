@@ -781,6 +781,9 @@ def run(args: argparse.Namespace) -> int:
         except BridgeError as exc:
             log.error("%s", exc)
             return 1
+        except RuntimeError as exc:  # what libcarla raises for server-side failures and time-outs
+            log.error("CARLA server at %s:%d: %s", args.host, args.port, exc)
+            return 1
         except KeyboardInterrupt:
             log.warning("interrupted")
             return 130

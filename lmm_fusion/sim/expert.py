@@ -254,6 +254,9 @@ def occupancy(centers_xy: np.ndarray, yaws: np.ndarray, sizes_lw: np.ndarray,
     xc, yc = grid.centers()
     step = 0.25
     for (cx, cy), yaw, (ln, wd) in zip(np.asarray(centers_xy), np.asarray(yaws), np.asarray(sizes_lw)):
+        r = 0.5 * math.hypot(ln, wd)
+        if cx + r < grid.x_min or cx - r > grid.x_max or cy + r < grid.y_min or cy - r > grid.y_max:
+            continue
         c, s = math.cos(yaw), math.sin(yaw)
         # cell centres inside the box
         dx, dy = xc - cx, yc - cy

@@ -43,9 +43,12 @@ class LidarSimulator:
         t = rig.lidar_mount.matrix()
         self._rot = t[:3, :3]
         self.origin = t[:3, 3].copy()  # ray origin in base_link
-        self.dirs = dirs_lidar @ self._rot.T  # (B, C, 3) in base_link
+        # einsum, not @: OpenBLAS threading makes (N, 3) @ (3, 3) slow on busy machines
+        self.dirs_lidar = dirs_lidar
+        self.dirs = np.einsum("bci,ji->bcj", dirs_lidar, self._rot)  # (B, C, 3) in base_link
+        m_ = rig.lidar_mount
+        self._level = abs(m_.roll) < 1e-12 and abs(m_.pitch) < 1e-12
         self.ring = np.broadcast_to(np.arange(m.beams, dtype=np.uint16)[:, None], (m.beams, m.columns))
-        # reflectivity of the ground hit by each ray is decided per point (paint or asphalt)
 
     def _ground(self) -> np.ndarray:
         """Range [m] to the ground plane per ray (inf where the ray does not descend). (B, C)."""
@@ -73,8 +76,9 @@ class LidarSimulator:
         i1 = math.ceil(hi / step) + 1
         return np.arange(i0, i1 + 1) % self.model.columns
 
-    def scan(self, scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
-        """One revolution. Returns an array of POINT_DTYPE (N,), LiDAR frame, beam-major order."""
+    def _cast_generic(self, scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Full 3-D slab test per ray (any mount orientation). Returns range, reflectivity (-1 = ground)
+        and |cos incidence|, each (B, C)."""
         m = self.model
         rng_t = self._ground()
         refl = np.full(rng_t.shape, -1.0)  # -1: ground (decided below)
@@ -131,9 +135,101 @@ class LidarSimulator:
                 rng_t[:, cols] = np.where(closer, tmin, cur)
                 refl[:, cols] = np.where(closer, b.reflectivity[i], refl[:, cols])
                 normal_dot[:, cols] = np.where(closer, nd, normal_dot[:, cols])
+        return rng_t, refl, normal_dot
+
+    def _cast_level(self, scene: Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ray casting for a level LiDAR (roll = pitch = 0), where each beam has one elevation and
+        each column one horizontal direction. The box test then splits into a 2-D slab test per
+        column (x, y in the box frame) and a height interval per beam, combined by an outer
+        max/min: O(beams + columns) trigonometry per box and a few cheap ops per covered ray.
+        Works in horizontal distance rho; returns range, reflectivity (-1 = ground) and
+        |cos incidence|, each (B, C)."""
+        m = self.model
+        oz = self.origin[2]
+        tan_e = np.tan(self.elev)
+        cos_e, sin_e = np.cos(self.elev), np.abs(np.sin(self.elev))
+        with np.errstate(divide="ignore"):
+            rho_ground = np.where(tan_e < -1e-6, oz / -tan_e, np.inf)
+        rho = np.repeat(rho_ground[:, None], m.columns, axis=1)
+        refl = np.full(rho.shape, -1.0)
+        cosinc = np.repeat(sin_e[:, None], m.columns, axis=1)
+        az = self.azim + self.rig.lidar_mount.yaw
+        b = scene.boxes
+        reach = m.max_range + 1.0
+        for i in range(len(b)):
+            center, size, yaw = b.center[i], b.size[i], float(b.yaw[i])
+            dist = math.hypot(center[0] - self.origin[0], center[1] - self.origin[1])
+            radius = 0.5 * math.hypot(size[0], size[1])
+            if dist - radius > reach:
+                continue
+            # beams that can reach the box's height band somewhere within its horizontal distance span
+            z0, z1 = center[2] - size[2] / 2 - oz, center[2] + size[2] / 2 - oz
+            rmin, rmax = max(dist - radius, 0.0), dist + radius
+            e_lo = math.atan2(z0, rmax if z0 > 0 else max(rmin, 1e-3))
+            e_hi = math.atan2(z1, max(rmin, 1e-3) if z1 > 0 else rmax)
+            beams = np.nonzero((self.elev >= e_lo - 1e-3) & (self.elev <= e_hi + 1e-3))[0]
+            if beams.size == 0:
+                continue
+            bs = slice(int(beams[0]), int(beams[-1]) + 1)
+            te = tan_e[bs]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                za, zb = z0 / te, z1 / te
+                flat = np.abs(te) < 1e-9
+                rz_lo = np.where(flat, np.where((z0 <= 0) & (z1 >= 0), 0.0, np.inf), np.minimum(za, zb))
+                rz_hi = np.where(flat, np.where((z0 <= 0) & (z1 >= 0), np.inf, -np.inf), np.maximum(za, zb))
+            c, s = math.cos(yaw), math.sin(yaw)
+            ox, oy = self.origin[0] - center[0], self.origin[1] - center[1]
+            obx, oby = c * ox + s * oy, -s * ox + c * oy
+            for cs in self._column_slices(center, yaw, size):
+                a = az[cs] - yaw
+                dx, dy = np.cos(a), np.sin(a)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    tx1, tx2 = (-size[0] / 2 - obx) / dx, (size[0] / 2 - obx) / dx
+                    ty1, ty2 = (-size[1] / 2 - oby) / dy, (size[1] / 2 - oby) / dy
+                # rays parallel to a slab: inside it (always) or outside (never)
+                tx_lo = np.where(dx == 0, np.where(abs(obx) <= size[0] / 2, -np.inf, np.inf), np.minimum(tx1, tx2))
+                tx_hi = np.where(dx == 0, np.where(abs(obx) <= size[0] / 2, np.inf, -np.inf), np.maximum(tx1, tx2))
+                ty_lo = np.where(dy == 0, np.where(abs(oby) <= size[1] / 2, -np.inf, np.inf), np.minimum(ty1, ty2))
+                ty_hi = np.where(dy == 0, np.where(abs(oby) <= size[1] / 2, np.inf, -np.inf), np.maximum(ty1, ty2))
+                r_in = np.maximum(tx_lo, ty_lo)
+                r_out = np.minimum(tx_hi, ty_hi)
+                side_cos = np.where(tx_lo > ty_lo, np.abs(dx), np.abs(dy))
+                enter = np.maximum(r_in[None, :], rz_lo[:, None])
+                exit_ = np.minimum(r_out[None, :], rz_hi[:, None])
+                cur = rho[bs, cs]
+                closer = (enter <= exit_) & (enter > 0.0) & (enter < cur)
+                if not closer.any():
+                    continue
+                rho[bs, cs] = np.where(closer, enter, cur)
+                refl[bs, cs] = np.where(closer, b.reflectivity[i], refl[bs, cs])
+                top = rz_lo[:, None] > r_in[None, :]
+                inc = np.where(top, sin_e[bs, None], side_cos[None, :] * cos_e[bs, None])
+                cosinc[bs, cs] = np.where(closer, inc, cosinc[bs, cs])
+        rng_t = rho / cos_e[:, None]
+        return rng_t, refl, cosinc
+
+    def _column_slices(self, center: np.ndarray, yaw: float, size: np.ndarray) -> list[slice]:
+        """Column ranges (as slices, split at the wrap-around) that may see the box."""
+        cols = self._columns_of(center, yaw, size)
+        n = self.model.columns
+        if cols is None or cols.size >= n:
+            return [slice(0, n)]
+        i0, i1 = int(cols[0]), int(cols[-1])
+        if i0 <= i1:
+            return [slice(i0, i1 + 1)]
+        return [slice(i0, n), slice(0, i1 + 1)]
+
+    def scan(self, scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
+        """One revolution. Returns an array of POINT_DTYPE (N,), LiDAR frame, beam-major order."""
+        m = self.model
+        if self._level:
+            rng_t, refl, normal_dot = self._cast_level(scene)
+        else:
+            rng_t, refl, normal_dot = self._cast_generic(scene)
         valid = np.isfinite(rng_t) & (rng_t >= m.min_range) & (rng_t <= m.max_range)
         r = rng_t[valid]
         dirs = self.dirs[valid]
+        dirs_l = self.dirs_lidar[valid]
         refl_v = refl[valid]
         nd_v = normal_dot[valid]
         ring = self.ring[valid]
@@ -151,10 +247,8 @@ class LidarSimulator:
             inten_noise = rng.standard_normal(r.shape[0]) * 0.02
         else:
             r_noisy, keep, inten_noise = r, np.ones(r.shape[0], bool), np.zeros(r.shape[0])
-        pts = self.origin + dirs * r_noisy[:, None]
         intensity = np.clip(refl_v * (0.4 + 0.6 * nd_v) + inten_noise, 0.0, 1.0)
-        # base_link -> lidar frame
-        p_l = (pts - self.origin) @ self._rot
+        p_l = dirs_l * r_noisy[:, None]  # in the LiDAR frame: origin at the sensor, its own axes
         out = np.empty(int(keep.sum()), dtype=POINT_DTYPE)
         out["x"], out["y"], out["z"] = p_l[keep, 0], p_l[keep, 1], p_l[keep, 2]
         out["intensity"] = intensity[keep]

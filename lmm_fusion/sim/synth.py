@@ -205,10 +205,9 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=round(seconds, 2), unit="sim s", desc=f"synth {out.name}", leave=False)
+        bar = tqdm(total=len(events), unit="msg", desc=f"synth {out.name} ({seconds:g} s)", leave=False)
     with BagWriter(out, storage=storage) as bag:
         bag.write(topics.TF_STATIC, START_TIME, tf_static_msg(types, rig, START_TIME))
-        shown = 0.0
         for t, sensor in events:
             t0 = time.perf_counter()
             world.advance(t)
@@ -249,12 +248,10 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
                                                              f.lat, f.lon, f.alt, f.status, f.covariance))
                 stats.add_time("gnss", time.perf_counter() - t0)
             last[sensor] = t
-            if bar is not None and t - shown >= 0.5:
-                bar.update(round(t - shown, 2))
-                shown = t
+            if bar is not None:
+                bar.update(1)
         stats.counts = dict(bag.counts)
     if bar is not None:
-        bar.update(max(0.0, round(seconds - shown, 2)))
         bar.close()
     log.info("synthesised %.1f s into %s: %s", seconds, out, stats.counts)
     return out, stats
