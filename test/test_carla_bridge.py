@@ -1,0 +1,349 @@
+"""``lmm-fusion carla``: argument parsing, failing fast without a server, signal handling, and the
+setup/teardown path against the real ``carla`` API objects (no server; the world is a stand-in)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from lmm_fusion.rig import SensorRig
+from lmm_fusion.sim import carla_bridge as cb
+from lmm_fusion.sim import carla_convert as cc
+
+HAVE_CARLA = importlib.util.find_spec("carla") is not None
+needs_carla = pytest.mark.skipif(not HAVE_CARLA, reason="carla client (carla==0.9.16) not installed")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lmm-fusion carla")
+    cb.add_arguments(p)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------- arguments
+def test_defaults() -> None:
+    a = parse([])
+    assert (a.host, a.port, a.tm_port, a.fps, a.sync, a.closed_loop, a.publish) == (
+        "127.0.0.1", 2000, 8000, 20.0, False, False, False)
+    assert a.record is None and a.town is None and a.duration == 60.0 and a.traffic == 20
+    assert a.timeout == 5.0
+
+
+def test_full_command_line() -> None:
+    a = parse(["--host", "10.0.0.5", "--port", "3000", "--town", "Town04", "--sync", "--fps", "40",
+               "--closed-loop", "--record", "out/drive", "--duration", "12.5", "--traffic", "0", "--publish"])
+    assert (a.host, a.port, a.town, a.sync, a.fps, a.closed_loop, a.record, a.duration, a.traffic, a.publish) == (
+        "10.0.0.5", 3000, "Town04", True, 40.0, True, "out/drive", 12.5, 0, True)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--port", "0"], ["--port", "70000"], ["--port", "x"], ["--fps", "0"], ["--fps", "-20"], ["--fps", "nan"],
+    ["--duration", "0"], ["--traffic", "-1"], ["--timeout", "0"], ["--storage", "bag"],
+])
+def test_bad_arguments_rejected(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_cross_checks() -> None:
+    rig = SensorRig()
+    with pytest.raises(cb.BridgeError, match="--record needs --sync"):
+        cb.validate(parse(["--record", "x"]), rig)
+    with pytest.raises(cb.BridgeError, match="--fps"):
+        cb.validate(parse(["--sync", "--fps", "15"]), rig)  # 15 is no multiple of the 10 Hz LiDAR
+    cb.validate(parse(["--sync", "--fps", "20", "--record", "x"]), rig)
+
+
+def test_cli_dispatch_reaches_module(capsys: pytest.CaptureFixture[str]) -> None:
+    from lmm_fusion.cli import main
+
+    # --record without --sync is refused before any import of carla or network access
+    assert main(["carla", "--record", "somewhere"]) == 2
+
+
+# ------------------------------------------------------------------------------------ no server
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_reachable_fails_fast_on_closed_port() -> None:
+    port = closed_port()
+    t0 = time.monotonic()
+    with pytest.raises(cb.BridgeError, match=f"127.0.0.1:{port}"):
+        cb.check_reachable("127.0.0.1", port, 5.0)
+    assert time.monotonic() - t0 < 1.0
+
+
+@needs_carla
+def test_cli_fails_fast_without_server() -> None:
+    port = closed_port()
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "lmm_fusion.cli", "carla", "--host", "127.0.0.1", "--port",
+                          str(port)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    elapsed = time.monotonic() - t0
+    assert out.returncode == 1, out.stderr
+    assert f"no CARLA server reachable at 127.0.0.1:{port}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert elapsed < 20.0  # interpreter start + imports; the refused connection itself is immediate
+
+
+@needs_carla
+def test_connect_times_out_on_silent_server() -> None:
+    import carla
+
+    # A socket that accepts TCP but never speaks CARLA's RPC: the client's timeout must end the wait.
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(4)
+        port = srv.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(cb.BridgeError, match=f"127.0.0.1:{port} did not answer within 0.5 s"):
+            cb.connect(carla, "127.0.0.1", port, 0.5)
+        assert time.monotonic() - t0 < 5.0
+
+
+def test_signals_set_the_stop_event() -> None:
+    event = threading.Event()
+    before = signal.getsignal(signal.SIGTERM)
+    with cb._stop_on_signals(event):
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 2.0
+        while not event.is_set() and time.monotonic() < deadline:  # delivery is asynchronous
+            time.sleep(0.01)
+        assert event.is_set()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------- carla API objects, stand-in world
+class FakeBlueprint:
+    """Stands in for ``carla.ActorBlueprint`` (which only a server can create)."""
+
+    ATTRS: ClassVar[dict[str, list[str]]] = {
+        "sensor.camera.rgb": ["image_size_x", "image_size_y", "fov", "sensor_tick", "role_name"],
+        "sensor.lidar.ray_cast": ["channels", "range", "points_per_second", "rotation_frequency", "upper_fov",
+                                  "lower_fov", "horizontal_fov", "noise_stddev", "dropoff_general_rate",
+                                  "dropoff_intensity_limit", "dropoff_zero_intensity", "noise_seed",
+                                  "sensor_tick", "role_name", "atmosphere_attenuation_rate"],
+        "sensor.other.gnss": ["noise_lat_stddev", "noise_lon_stddev", "noise_alt_stddev", "noise_seed",
+                              "sensor_tick", "role_name", "noise_lat_bias"],
+    }
+
+    def __init__(self, bp_id: str) -> None:
+        self.id = bp_id
+        self.values: dict[str, str] = {}
+        self.names = self.ATTRS.get(bp_id, ["role_name", "number_of_wheels"])
+
+    def has_attribute(self, key: str) -> bool:
+        return key in self.names
+
+    def set_attribute(self, key: str, value: str) -> None:
+        assert isinstance(value, str)
+        self.values[key] = value
+
+
+class FakeActor:
+    def __init__(self, actor_id: int, type_id: str, transform: Any, parent: Any = None) -> None:
+        import carla
+
+        self.id = actor_id
+        self.type_id = type_id
+        self.transform = transform
+        self.parent = parent
+        self.bounding_box = carla.BoundingBox(carla.Location(x=0.1, y=0.0, z=0.7), carla.Vector3D(x=2.4, y=0.9, z=0.75))
+        self.listening = False
+        self.autopilot: list[bool] = []
+
+    def listen(self, cb_: Any) -> None:
+        self.listening = True
+
+    def stop(self) -> None:
+        self.listening = False
+
+    def set_autopilot(self, on: bool, port: int) -> None:
+        self.autopilot.append(on)
+
+    def get_transform(self) -> Any:
+        return self.transform
+
+
+class FakeMap:
+    name = "Carla/Maps/Town04"
+
+    def transform_to_geolocation(self, loc: Any) -> Any:
+        import carla
+
+        return carla.GeoLocation(latitude=49.0, longitude=8.0, altitude=0.0)
+
+    def get_spawn_points(self) -> list[Any]:
+        import carla
+
+        return [carla.Transform(carla.Location(x=10.0 * i, y=5.0, z=0.3), carla.Rotation(yaw=90.0)) for i in range(5)]
+
+
+class FakeWorld:
+    def __init__(self, fail_at_tick: int) -> None:
+        import carla
+
+        self.settings = carla.WorldSettings()
+        self.applied: list[tuple[bool, float]] = []
+        self.actors: dict[int, FakeActor] = {}
+        self.ticks = 0
+        self.fail_at_tick = fail_at_tick
+
+    def get_settings(self) -> Any:
+        import carla
+
+        s = carla.WorldSettings()
+        s.synchronous_mode = self.settings.synchronous_mode
+        s.fixed_delta_seconds = self.settings.fixed_delta_seconds
+        return s
+
+    def apply_settings(self, s: Any) -> None:
+        self.applied.append((s.synchronous_mode, s.fixed_delta_seconds))
+        self.settings = s
+
+    def get_map(self) -> FakeMap:
+        return FakeMap()
+
+    def get_blueprint_library(self) -> Any:
+        class Library:
+            def find(self, bp_id: str) -> FakeBlueprint:
+                return FakeBlueprint(bp_id)
+
+            def filter(self, pattern: str) -> list[FakeBlueprint]:
+                return [FakeBlueprint("vehicle.audi.a2")]
+        return Library()
+
+    def _spawn(self, bp: FakeBlueprint, transform: Any, parent: Any = None) -> FakeActor:
+        import carla
+
+        assert isinstance(transform, carla.Transform)
+        actor = FakeActor(100 + len(self.actors), bp.id, transform, parent)
+        actor.blueprint = bp  # type: ignore[attr-defined]
+        self.actors[actor.id] = actor
+        return actor
+
+    def try_spawn_actor(self, bp: FakeBlueprint, transform: Any) -> FakeActor:
+        return self._spawn(bp, transform)
+
+    def spawn_actor(self, bp: FakeBlueprint, transform: Any, attach_to: Any = None) -> FakeActor:
+        assert attach_to is not None
+        return self._spawn(bp, transform, attach_to)
+
+    def tick(self, timeout: float) -> int:
+        self.ticks += 1
+        if self.ticks >= self.fail_at_tick:
+            raise RuntimeError("time-out of 5000ms while waiting for the simulator")
+        return 1000 + self.ticks
+
+
+class FakeTM:
+    def __init__(self) -> None:
+        self.sync: list[bool] = []
+
+    def set_synchronous_mode(self, on: bool) -> None:
+        self.sync.append(on)
+
+    def set_random_device_seed(self, seed: int) -> None:
+        pass
+
+
+class FakeClient:
+    def __init__(self, world: FakeWorld) -> None:
+        self.world = world
+        self.tm = FakeTM()
+        self.batches: list[list[Any]] = []
+
+    def get_world(self) -> FakeWorld:
+        return self.world
+
+    def get_trafficmanager(self, port: int) -> FakeTM:
+        return self.tm
+
+    def apply_batch(self, commands: list[Any]) -> None:
+        self.batches.append(commands)
+
+
+@needs_carla
+def test_setup_uses_carla_objects_and_teardown_restores_on_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import carla
+
+    world = FakeWorld(fail_at_tick=2)  # the server "dies" on the first tick of the drive
+    client = FakeClient(world)
+    monkeypatch.setattr(cb, "connect", lambda *a: client)
+    args = parse(["--sync", "--fps", "20", "--traffic", "0", "--duration", "5", "--closed-loop"])
+    monkeypatch.setattr(cb.Outputs, "__init__", _outputs_without_pipeline)
+    rc = cb.run(args)
+    assert rc == 1
+    # synchronous mode with the fixed step, then the original settings back
+    assert world.applied[0] == (True, pytest.approx(0.05))
+    assert world.applied[-1][0] is False and world.applied[-1][1] in (None, 0.0)  # variable step again
+    assert not world.settings.synchronous_mode
+    assert client.tm.sync == [True, False]
+    # every spawned actor destroyed in one batch of real DestroyActor commands, sensors first
+    (batch,) = client.batches
+    assert all(isinstance(c, carla.command.DestroyActor) for c in batch)
+    ego = next(a for a in world.actors.values() if a.parent is None)
+    assert [c.actor_id for c in batch][-1] == ego.id
+    assert sorted(c.actor_id for c in batch) == sorted(world.actors)
+    sensors = {a.type_id: a for a in world.actors.values() if a.parent is ego}
+    assert set(sensors) == set(cb.SENSOR_BLUEPRINTS.values())
+    assert not any(s.listening for s in sensors.values())
+    # blueprint attributes from the rig
+    lidar_bp = sensors["sensor.lidar.ray_cast"].blueprint  # type: ignore[attr-defined]
+    assert lidar_bp.values["channels"] == "64" and lidar_bp.values["rotation_frequency"] == "20"
+    assert sensors["sensor.camera.rgb"].blueprint.values["fov"] == "90"  # type: ignore[attr-defined]
+    assert ego.blueprint.values["role_name"] == "hero"  # type: ignore[attr-defined]
+    # mounts: base_link from the bounding box, rig mount on top, y and pitch negated
+    rig = SensorRig()
+    base = cc.base_link_in_actor((0.1, 0.0, 0.7), (2.4, 0.9, 0.75))
+    cam = sensors["sensor.camera.rgb"].transform
+    assert cam.location.x == pytest.approx(rig.camera_mount.x + base[0], abs=1e-5)
+    assert cam.location.y == pytest.approx(-rig.camera_mount.y, abs=1e-6)
+    assert cam.location.z == pytest.approx(rig.camera_mount.z + base[2], abs=1e-5)
+    assert cam.rotation.pitch == pytest.approx(-math.degrees(rig.camera_mount.pitch), abs=1e-4)
+
+
+def _outputs_without_pipeline(self: Any, bridge: Any, rig: SensorRig) -> None:
+    # The closed-loop flag would load a model; this test is about the CARLA side only.
+    self.bridge, self.rig, self.ros, self.ingest, self.pipeline = bridge, rig, None, None, None
+    self.controller = self.recorder = self.assessment = None
+    from collections import Counter
+
+    self.actions = Counter()
+
+
+@needs_carla
+def test_vehicle_control_and_lanes_with_carla_types() -> None:
+    import carla
+
+    from lmm_fusion.sim.carla_control import ControlCommand
+
+    vc = cb.vehicle_control(carla, ControlCommand("pipeline", throttle=0.4, steer=-0.2, brake=0.0))
+    assert isinstance(vc, carla.VehicleControl)
+    assert (vc.throttle, vc.steer, vc.brake, vc.hand_brake) == pytest.approx((0.4, -0.2, 0.0, False))
+    lanes = cb.CarlaLanes(carla, None, base_in_actor=(-1.0, 0.0, 0.0))
+    # actor at CARLA (10, -5) heading CARLA yaw -90 deg = ENU north; base_link 1 m behind it
+    x, y, _, yaw = lanes.update(carla.Transform(carla.Location(x=10.0, y=-5.0, z=0.0), carla.Rotation(yaw=-90.0)))
+    assert (x, y, yaw) == pytest.approx((10.0, 4.0, math.pi / 2))
+    # a map point 10 m further north is 10 m ahead of base_link; one 3 m east is to its right
+    np.testing.assert_allclose(lanes.to_base(np.array([[10.0, 14.0], [13.0, 4.0]])), [[10.0, 0.0], [0.0, -3.0]],
+                               atol=1e-9)
