@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -571,5 +572,35 @@ class World:
                      (self.map_x, self.map_y, self.map_yaw), ep.kappa * self.v, inp)
 
 
+def static_scene(boxes: Sequence[dict[str, Any]] = (), *, lighting: str = "day", kappa: float = 0.0,
+                 lane_width: float = 3.5, n_lanes: int = 3, ego_lane: int = 1, ego_speed: float = 0.0,
+                 lamps: Sequence[Lamp] = (), light: tuple[float, Light] | None = None,
+                 stop_lines: Sequence[float] = (), scenario: Scenario = Scenario.FREE_ROAD) -> Scene:
+    """A hand-built scene (tests, figures). ``boxes``: dicts with ``center`` (x, y, z of the box
+    centre in base_link [m]), ``size`` (l, w, h [m]) and optionally ``yaw`` [rad], ``color`` (RGB),
+    ``kind`` (default "obstacle"), ``velocity`` (vx, vy [m/s]). The expert input is derived on a
+    straight road: gap = x - l/2 - EGO_FRONT_OFFSET, lateral = y."""
+    n = len(boxes)
+    center = np.array([b["center"] for b in boxes], float).reshape(n, 3)
+    size = np.array([b["size"] for b in boxes], float).reshape(n, 3)
+    yaw = np.array([b.get("yaw", 0.0) for b in boxes], float)
+    kinds = tuple(str(b.get("kind", "obstacle")) for b in boxes)
+    color = np.array([b.get("color", (200, 60, 40)) for b in boxes], dtype=np.uint8).reshape(n, 3)
+    vel = np.array([b.get("velocity", (0.0, 0.0)) for b in boxes], float).reshape(n, 2)
+    refl = np.array([REFLECTIVITY.get(k, REFLECTIVITY["obstacle"]) for k in kinds])
+    d_e = (ego_lane - (n_lanes - 1) / 2.0) * lane_width
+    road = RoadView(kappa, lane_width, n_lanes, ego_lane, d_e, 0.0)
+    obstacles = tuple(
+        Obstacle(gap=float(c[0] - sz[0] / 2 - EGO_FRONT_OFFSET), lateral=float(c[1]), half_width=float(sz[1] / 2),
+                 speed=float(v[0]), length=float(sz[0]), kind=k)
+        for c, sz, v, k in zip(center, size, vel, kinds) if c[2] - sz[2] / 2 < 2.0)
+    half = n_lanes * lane_width / 2
+    inp = ExpertInput(ego_speed=ego_speed, obstacles=obstacles, lane_width=lane_width,
+                      lanes_left=n_lanes - 1 - ego_lane, lanes_right=ego_lane, light=light,
+                      road_edges=(-half - d_e, half - d_e))
+    return Scene(0.0, scenario, LIGHTINGS[lighting], 1.0, road, Boxes(center, yaw, size, color, refl, kinds, vel),
+                 tuple(lamps), tuple(stop_lines), (), ego_speed, 0.0, (0.0, 0.0, 0.0), 0.0, inp)
+
+
 __all__ = ["EGO_LENGTH", "LIGHTINGS", "Actor", "Boxes", "Episode", "Lamp", "Lighting", "RoadView", "Scene",
-           "TrafficLight", "World", "road_to_base"]
+           "TrafficLight", "World", "road_to_base", "static_scene"]
