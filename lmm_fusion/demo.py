@@ -367,19 +367,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir", default="", help="model folder (default: the shipped model)")
     parser.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
     parser.add_argument("--rate-hz", type=float, default=10.0, help="node cycle rate [Hz]")
+    parser.add_argument("--camera", default="480x270", help="synthetic camera size WxH (JPEG; default 480x270)")
+    parser.add_argument("--lidar-beams", type=int, default=32, help="synthetic LiDAR beams (default 32)")
+    parser.add_argument("--lidar-columns", type=int, default=1024, help="synthetic LiDAR columns (default 1024)")
 
 
-def synthesise(out: Path, duration: float, seed: int) -> Path:
-    """Write the demo drive to ``out/drive`` with :func:`lmm_fusion.sim.synth.synthesize`."""
-    from lmm_fusion.sim.synth import synthesize
+def synthesise(out: Path, duration: float, seed: int, camera: tuple[int, int], lidar_beams: int,
+               lidar_columns: int) -> Path:
+    """Write the demo drive to ``out/drive`` with :func:`lmm_fusion.sim.synth.synthesize`: every scenario
+    family, a JPEG camera and a reduced LiDAR so the messages stay moderate over DDS."""
+    from lmm_fusion.sim.synth import rig_from_args, synthesize
 
     bag = out / "drive"
     if bag.exists():
         import shutil
 
         shutil.rmtree(bag)
-    result = synthesize(bag, duration=duration, seed=seed)
-    return Path(result) if isinstance(result, (str, Path)) else bag
+    rig = rig_from_args(camera=camera, lidar_beams=lidar_beams, lidar_columns=lidar_columns)
+    return Path(synthesize(bag, duration, seed, rig=rig, compressed=True, progress=False))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -391,10 +396,12 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     if args.bag is None:
         print(f"[demo] synthesising a {args.duration:g} s drive (seed {args.seed}) ...", flush=True)
-        bag = synthesise(out, args.duration, args.seed)
+        w, h = (int(v) for v in args.camera.lower().split("x"))
+        bag = synthesise(out, args.duration, args.seed, (w, h), args.lidar_beams, args.lidar_columns)
     else:
         bag = args.bag
     counts = bag_counts(bag)
+    transport = "compressed" if topics.CAMERA_COMPRESSED in counts else "raw"
     print(f"[demo] bag {bag}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
     env = loopback_env()
     domain = use_env_here(env)
@@ -402,7 +409,9 @@ def run(args: argparse.Namespace) -> int:
     collector: OutputCollector | None = None
     try:
         params = [f"rate_hz:={args.rate_hz}", "use_sim_time:=true", f"backend:={args.backend}",
-                  "threads:=1", f"model_dir:={args.model_dir}"]
+                  "threads:=1", f"camera_transport:={transport}"]
+        if args.model_dir:  # an empty override cannot be written on the command line
+            params.append(f"model_dir:={args.model_dir}")
         procs.start("node", node_command(*params, params_file=find_shared("config/fusion.yaml")), env)
         collector = OutputCollector(domain)
         print(f"[demo] node started (ROS_DOMAIN_ID={domain}, loopback); waiting for its subscriptions ...",

@@ -413,7 +413,11 @@ def run_node(ros_args: list[str] | None = None) -> int:
     from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
     from rclpy.lifecycle import TransitionCallbackReturn
 
-    rclpy.init(args=ros_args)
+    try:
+        rclpy.init(args=ros_args)
+    except Exception as exc:  # rcl rejects malformed --ros-args (RCLError); say so, not a traceback
+        logging.getLogger(__name__).error("cannot start: %s", exc)
+        return 2
     node = None
     executor = None
     try:
