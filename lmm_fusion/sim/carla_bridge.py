@@ -673,13 +673,18 @@ def world_actors(world: Any, ego_id: int, centre_xy: tuple[float, float]) -> lis
         if actor.id == ego_id or not (type_id.startswith("vehicle.") or type_id.startswith("walker.")):
             continue
         tf = actor.get_transform()
-        centre = tf.transform(actor.bounding_box.location)  # box centre in the world (CARLA axes)
-        x, y = centre.x, -centre.y
+        box = actor.bounding_box
+        # Box centre in the world (CARLA axes). Computed here rather than with Transform.transform(),
+        # which overwrites the Location it is given.
+        loc, rot = tf.location, tf.rotation
+        pose = cc.CarlaPose(loc.x, loc.y, loc.z, rot.roll, rot.pitch, rot.yaw)
+        centre = pose.matrix() @ np.array([box.location.x, box.location.y, box.location.z, 1.0])
+        x, y = float(centre[0]), -float(centre[1])
         if math.hypot(x - centre_xy[0], y - centre_xy[1]) > GT_RADIUS:
             continue
         v = actor.get_velocity()
-        ext = actor.bounding_box.extent
-        yaw = -math.radians(tf.rotation.yaw + actor.bounding_box.rotation.yaw)
+        ext = box.extent
+        yaw = -math.radians(rot.yaw + box.rotation.yaw)
         out.append(Actor(id=actor.id, kind=actor_kind(type_id), x=x, y=y, yaw=yaw, length=2 * ext.x,
                          width=2 * ext.y, vx=v.x, vy=-v.y))
     return out

@@ -165,7 +165,8 @@ def sensor_schedule(seconds: float, rig: SensorRig, rng: np.random.Generator) ->
         t = phase + np.arange(max(n, 0)) / rate
         if jitter > 0:
             t = t + np.clip(rng.standard_normal(t.shape) * jitter, -3 * jitter, 3 * jitter)
-        events += [(float(max(tt, 0.0)), name) for tt in t]
+        # whole microseconds: stamps read back identically from header and bag index
+        events += [(round(max(float(tt), 0.0), 6), name) for tt in t]
     order = {"lidar": 0, "gnss": 1, "camera": 2}
     events.sort(key=lambda e: (e[0], order[e[1]]))
     return events

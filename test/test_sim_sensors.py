@@ -1,0 +1,181 @@
+"""Sensor models of the synthetic world: LiDAR ray casting, camera projection, GNSS fixes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pymap3d
+import pytest
+
+from lmm_fusion.labels import Light
+from lmm_fusion.rig import CameraModel, LidarModel, Mount, SensorRig
+from lmm_fusion.sim.camera import CameraRenderer, camera_info_arrays
+from lmm_fusion.sim.gnss import STATUS_FIX, STATUS_GBAS_FIX, GnssSimulator
+from lmm_fusion.sim.lidar import POINT_DTYPE, LidarSimulator
+from lmm_fusion.sim.world import Lamp, World, static_scene
+
+
+def _rig(beams: int = 16, columns: int = 256, **lidar: float) -> SensorRig:
+    return SensorRig(camera=CameraModel(width=320, height=180),
+                     lidar=LidarModel(beams=beams, columns=columns, **lidar))
+
+
+BOX = {"center": (15.0, 2.0, 0.9), "size": (4.0, 2.0, 1.8), "yaw": 0.4, "kind": "vehicle"}
+
+
+def _box_distance(p: np.ndarray, box: dict) -> np.ndarray:
+    """Distance of base_link points (N, 3) to the surface of an oriented box [m]."""
+    c = np.asarray(box["center"], float)
+    h = np.asarray(box["size"], float) / 2
+    yaw = box.get("yaw", 0.0)
+    d = p - c
+    u = np.stack([math.cos(yaw) * d[:, 0] + math.sin(yaw) * d[:, 1],
+                  -math.sin(yaw) * d[:, 0] + math.cos(yaw) * d[:, 1], d[:, 2]], -1)
+    q = np.abs(u) - h
+    outside = np.linalg.norm(np.maximum(q, 0.0), axis=1)
+    inside = np.minimum(q.max(axis=1), 0.0)
+    return outside + np.abs(inside)
+
+
+def _to_base(rig: SensorRig, pts: np.ndarray) -> np.ndarray:
+    t = rig.lidar_mount.matrix()
+    xyz = np.stack([pts["x"], pts["y"], pts["z"]], -1).astype(float)
+    return np.einsum("ij,nj->ni", t[:3, :3], xyz) + t[:3, 3]
+
+
+@pytest.mark.parametrize("mount", [Mount(x=1.2, z=1.85), Mount(x=1.0, y=0.3, z=1.9, roll=0.03, pitch=-0.05, yaw=0.2)])
+def test_lidar_points_on_surfaces(mount: Mount) -> None:
+    rig = replace(_rig(beams=32, columns=512, dropout=0.0), lidar_mount=mount)
+    sim = LidarSimulator(rig)
+    scene = static_scene([BOX])
+    pts = sim.scan(scene, np.random.default_rng(0))
+    assert pts.dtype == POINT_DTYPE and len(pts) > 1000
+    p = _to_base(rig, pts)
+    noise = 5 * rig.lidar.range_noise_std + 1e-4
+    on_box = _box_distance(p, BOX) < noise
+    on_ground = np.abs(p[:, 2]) < noise
+    assert on_box.sum() > 20
+    assert np.all(on_box | on_ground)  # every return lies on the box or the ground within the noise
+    r = np.linalg.norm(np.stack([pts["x"], pts["y"], pts["z"]], -1), axis=1)
+    assert r.min() >= rig.lidar.min_range - noise and r.max() <= rig.lidar.max_range + noise
+    assert set(np.unique(pts["ring"])) <= set(range(rig.lidar.beams))
+    assert np.all((pts["intensity"] >= 0) & (pts["intensity"] <= 1))
+
+
+def test_lidar_level_fast_path_matches_generic() -> None:
+    rig = _rig(beams=16, columns=256)
+    sim = LidarSimulator(rig)
+    w = World(np.random.default_rng(2))
+    for t in (0.5, 7.0, 14.0):
+        w.advance(t)
+        scene = w.scene()
+        a, b = sim._cast_level(scene), sim._cast_generic(scene)
+        np.testing.assert_array_equal(np.isfinite(a[0]), np.isfinite(b[0]))
+        fin = np.isfinite(a[0])
+        np.testing.assert_allclose(a[0][fin], b[0][fin], atol=1e-6)
+        np.testing.assert_array_equal(a[1], b[1])
+
+
+def test_lidar_does_not_see_lamp_colour() -> None:
+    rig = _rig(beams=32, columns=512)
+    sim = LidarSimulator(rig)
+    housing = {"center": (20.0, 0.0, 5.0), "size": (0.3, 0.4, 1.0), "kind": "housing", "color": (25, 25, 25)}
+    clouds = []
+    for state in (Light.RED, Light.GREEN):
+        lamps = tuple(Lamp(np.array([19.84, 0.0, 5.0 + 0.3 * (1 - k)]), np.array([-1.0, 0, 0]), colour, state == on)
+                      for k, (colour, on) in enumerate((("red", Light.RED), ("yellow", Light.YELLOW),
+                                                       ("green", Light.GREEN))))
+        scene = static_scene([housing], lamps=lamps, light=(18.0, state))
+        clouds.append(sim.scan(scene, np.random.default_rng(3)))
+    assert clouds[0].tobytes() == clouds[1].tobytes()
+
+
+def test_lidar_intensity_by_material_not_colour() -> None:
+    rig = _rig(beams=32, columns=512, dropout=0.0)
+    sim = LidarSimulator(rig)
+    clouds = [sim.scan(static_scene([dict(BOX, color=c)]), np.random.default_rng(4))
+              for c in ((255, 0, 0), (0, 0, 255))]
+    assert clouds[0].tobytes() == clouds[1].tobytes()
+
+
+def _project(rig: SensorRig, p_base: np.ndarray) -> np.ndarray:
+    """Pinhole projection written out from K and the mount (independent of the renderer)."""
+    t = np.linalg.inv(rig.camera_optical_to_base())
+    p = t[:3, :3] @ p_base + t[:3, 3]
+    k = rig.camera.k()
+    return np.array([k[0, 0] * p[0] / p[2] + k[0, 2], k[1, 1] * p[1] / p[2] + k[1, 2]])
+
+
+@pytest.mark.parametrize("center", [(20.0, 0.0, 1.0), (12.0, -3.0, 0.8), (30.0, 4.0, 2.5)])
+def test_camera_box_lands_where_pinhole_says(center: tuple[float, float, float]) -> None:
+    rig = _rig()
+    # a thin panel facing the camera with a colour nothing else in the world has
+    box = {"center": center, "size": (0.05, 1.6, 1.2), "color": (255, 0, 255)}
+    img = CameraRenderer(rig).render(static_scene([box]), rng=None)
+    assert img.shape == (180, 320, 3) and img.dtype == np.uint8
+    r, g, b = (img[..., i].astype(int) for i in range(3))
+    mask = (g < 30) & (r > 100) & (np.abs(r - b) < 12)
+    assert mask.sum() > 20
+    ys, xs = np.nonzero(mask)
+    uv = _project(rig, np.asarray(center))
+    assert abs(xs.mean() + 0.5 - uv[0]) < 1.0 and abs(ys.mean() + 0.5 - uv[1]) < 1.0
+    # and its extent matches the projected panel width
+    half = np.array([0.0, 0.8, 0.0])
+    left, right = _project(rig, np.array(center) + half), _project(rig, np.array(center) - half)
+    assert abs((xs.max() - xs.min() + 1) - (right[0] - left[0])) < 2.0
+
+
+def test_camera_near_plane_clipping_and_occlusion() -> None:
+    rig = _rig()
+    near = {"center": (8.0, 0.0, 1.0), "size": (0.5, 2.0, 2.0), "color": (0, 255, 0)}
+    far = {"center": (20.0, 0.0, 1.0), "size": (0.5, 2.0, 2.0), "color": (255, 0, 255)}
+    # a long wall to the right that reaches from behind the camera to 10 m ahead: must be clipped
+    wall = {"center": (-5.0, -3.0, 1.0), "size": (30.0, 0.5, 2.0), "color": (255, 255, 0)}
+    img = CameraRenderer(rig).render(static_scene([far, near, wall]), rng=None)
+    uv = _project(rig, np.array(far["center"])).astype(int)
+    px = img[uv[1], uv[0]]
+    assert px[1] > 100 and px[0] < 40  # the near green panel hides the far one (painter's order)
+    r, g, b = (img[..., i].astype(int) for i in range(3))
+    _, xs = np.nonzero((r > 100) & (g > 100) & (b < 40) & (np.abs(r - g) < 10))
+    assert len(xs) > 100
+    tip = _project(rig, np.array([10.0, -2.75, 1.0]))
+    assert xs.min() >= tip[0] - 2  # the wall appears right of its near-side tip only
+
+
+def test_camera_info_and_lamp_colours() -> None:
+    rig = _rig()
+    a = camera_info_arrays(rig)
+    np.testing.assert_allclose(a["k"].reshape(3, 3), rig.camera.k())
+    np.testing.assert_allclose(a["p"].reshape(3, 4)[:, :3], rig.camera.k())
+    assert not a["d"].any()
+    housing = {"center": (12.0, 0.0, 4.0), "size": (0.3, 0.4, 1.0), "kind": "housing", "color": (25, 25, 25)}
+    means = {}
+    for state, colour in ((Light.RED, "red"), (Light.GREEN, "green")):
+        lamps = (Lamp(np.array([11.84, 0.0, 4.3]), np.array([-1.0, 0, 0]), "red", state == Light.RED),
+                 Lamp(np.array([11.84, 0.0, 3.7]), np.array([-1.0, 0, 0]), "green", state == Light.GREEN))
+        img = CameraRenderer(rig).render(static_scene([housing], lamps=lamps), rng=None)
+        means[colour] = img.reshape(-1, 3).astype(int)
+    red_px = ((means["red"][:, 0] > 200) & (means["red"][:, 1] < 80)).sum()
+    green_px = ((means["green"][:, 1] > 200) & (means["green"][:, 0] < 80)).sum()
+    assert red_px > 0 and green_px > 0
+    assert ((means["green"][:, 0] > 200) & (means["green"][:, 1] < 80)).sum() == 0
+
+
+def test_gnss_fix_around_origin_and_degraded() -> None:
+    rig = replace(_rig(), gnss=replace(SensorRig().gnss, degraded_probability=0.05))
+    sim = GnssSimulator(rig, np.random.default_rng(0))
+    errs, statuses = [], []
+    for k in range(2000):
+        f = sim.fix(k * 0.1, (100.0, -50.0, 0.0))
+        e, n, _ = pymap3d.geodetic2enu(f.lat, f.lon, f.alt, rig.gnss.origin_lat, rig.gnss.origin_lon,
+                                       rig.gnss.origin_alt)
+        errs.append((e - 100.0 - rig.gnss_mount.x, n + 50.0, f.covariance[0], f.degraded))
+        statuses.append(f.status)
+    arr = np.array(errs)
+    good = arr[:, 3] == 0
+    assert 0.03 < arr[good, 0].std() < 0.07
+    assert np.allclose(np.sqrt(arr[good, 2]), rig.gnss.horizontal_std)
+    assert (~good).any() and arr[~good, 0].std() > 0.3 and (np.sqrt(arr[~good, 2]) > 0.5).all()
+    assert set(statuses) == {STATUS_FIX, STATUS_GBAS_FIX}

@@ -1,0 +1,177 @@
+"""Synthesised drives: topics, types, rates, frames, stamps, ground truth, determinism, readers, CLI."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmm_fusion import topics
+from lmm_fusion.bags import bag_topics, read_bag
+from lmm_fusion.grid import OCCUPANCY_GRID
+from lmm_fusion.io.common import stamp_to_sec
+from lmm_fusion.io.gnss import read_fix
+from lmm_fusion.io.image import read_image
+from lmm_fusion.io.pointcloud import read_points
+from lmm_fusion.labels import MODALITIES, Scenario
+from lmm_fusion.rig import CameraModel, LidarModel, SensorRig
+from lmm_fusion.sim.synth import START_TIME, synthesize
+
+SECONDS = 2.0
+RIG = SensorRig(camera=CameraModel(width=320, height=180), lidar=LidarModel(beams=16, columns=256))
+
+EXPECTED_TYPES = {
+    topics.CAMERA_IMAGE: "sensor_msgs/msg/Image",
+    topics.CAMERA_INFO: "sensor_msgs/msg/CameraInfo",
+    topics.LIDAR_POINTS: "sensor_msgs/msg/PointCloud2",
+    topics.GNSS_FIX: "sensor_msgs/msg/NavSatFix",
+    topics.TF_STATIC: "tf2_msgs/msg/TFMessage",
+    topics.GT_SCENE: "lmm_fusion_msgs/msg/SceneAssessment",
+    topics.GT_ACTION: "lmm_fusion_msgs/msg/ActionSuggestion",
+    topics.GT_OCCUPANCY: "nav_msgs/msg/OccupancyGrid",
+    topics.GT_SCENARIO: "std_msgs/msg/String",
+    topics.GT_EGO: "nav_msgs/msg/Odometry",
+}
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "drive"
+    return synthesize(out, SECONDS, seed=7, rig=RIG, progress=False)
+
+
+@pytest.fixture(scope="module")
+def messages(drive: Path) -> dict[str, list]:
+    by_topic: dict[str, list] = defaultdict(list)
+    for m in read_bag(drive):
+        by_topic[m.topic].append(m)
+    return by_topic
+
+
+def test_topics_and_types(drive: Path) -> None:
+    assert bag_topics(drive) == EXPECTED_TYPES
+
+
+def test_rates_frames_and_stamps(messages: dict[str, list]) -> None:
+    n = {t: len(v) for t, v in messages.items()}
+    assert n[topics.CAMERA_IMAGE] == n[topics.CAMERA_INFO] == round(SECONDS * 20)
+    assert n[topics.LIDAR_POINTS] == n[topics.GNSS_FIX] == round(SECONDS * 10)
+    assert n[topics.TF_STATIC] == 1
+    for t in (topics.GT_SCENE, topics.GT_ACTION, topics.GT_OCCUPANCY, topics.GT_SCENARIO, topics.GT_EGO):
+        assert n[t] == n[topics.LIDAR_POINTS]
+    frames = {topics.CAMERA_IMAGE: "camera_optical", topics.CAMERA_INFO: "camera_optical",
+              topics.LIDAR_POINTS: "lidar", topics.GNSS_FIX: "gnss", topics.GT_SCENE: "base_link",
+              topics.GT_ACTION: "base_link", topics.GT_OCCUPANCY: "base_link", topics.GT_EGO: "map"}
+    for t, frame in frames.items():
+        assert {m.msg.header.frame_id for m in messages[t]} == {frame}, t
+        for m in messages[t]:  # bag time = header stamp
+            assert stamp_to_sec(m.msg.header.stamp) == pytest.approx(m.stamp_sec, abs=1e-6)
+    cam = np.array([m.stamp_sec for m in messages[topics.CAMERA_IMAGE]]) - START_TIME
+    lid = np.array([m.stamp_sec for m in messages[topics.LIDAR_POINTS]]) - START_TIME
+    gps = np.array([m.stamp_sec for m in messages[topics.GNSS_FIX]]) - START_TIME
+    assert np.allclose(np.diff(cam), 0.05, atol=0.003) and np.allclose(np.diff(lid), 0.1, atol=0.002)
+    assert np.allclose(np.diff(gps), 0.1, atol=1e-6)
+    # own stamps per sensor, not one shared clock tick
+    assert not set(np.round(cam, 6)) & set(np.round(lid, 6)) and not set(np.round(gps, 6)) & set(np.round(lid, 6))
+    for t in (topics.GT_SCENE, topics.GT_ACTION, topics.GT_OCCUPANCY, topics.GT_EGO):
+        assert [m.stamp_sec for m in messages[t]] == [m.stamp_sec for m in messages[topics.LIDAR_POINTS]]
+
+
+def test_sensor_payloads(messages: dict[str, list]) -> None:
+    img = read_image(messages[topics.CAMERA_IMAGE][0].msg)
+    assert img.shape == (180, 320, 3)
+    info = messages[topics.CAMERA_INFO][0].msg
+    assert info.distortion_model == "plumb_bob" and (info.width, info.height) == (320, 180)
+    np.testing.assert_allclose(np.asarray(info.k).reshape(3, 3), RIG.camera.k())
+    pts = read_points(messages[topics.LIDAR_POINTS][0].msg)
+    assert pts.shape[1] == 4 and 1000 < len(pts) <= 16 * 256
+    names = [f.name for f in messages[topics.LIDAR_POINTS][0].msg.fields]
+    assert names == ["x", "y", "z", "intensity", "ring"]
+    fix = read_fix(messages[topics.GNSS_FIX][0].msg)
+    assert abs(fix.lat - RIG.gnss.origin_lat) < 0.01 and abs(fix.lon - RIG.gnss.origin_lon) < 0.01
+    assert fix.horizontal_std > 0
+    tf = messages[topics.TF_STATIC][0].msg
+    got = {t.child_frame_id: t for t in tf.transforms}
+    assert set(got) == {"camera_optical", "lidar", "gnss"}
+    assert {t.header.frame_id for t in tf.transforms} == {"base_link"}
+    cam = got["camera_optical"].transform
+    t = RIG.camera_optical_to_base()
+    assert (cam.translation.x, cam.translation.y, cam.translation.z) == pytest.approx(tuple(t[:3, 3]))
+    q = cam.rotation  # optical z axis (forward) maps to base_link +x
+    rot_z = np.array([2 * (q.x * q.z + q.w * q.y), 2 * (q.y * q.z - q.w * q.x), 1 - 2 * (q.x ** 2 + q.y ** 2)])
+    np.testing.assert_allclose(rot_z, t[:3, 2], atol=1e-9)
+
+
+def test_ground_truth_fields(messages: dict[str, list]) -> None:
+    for m in messages[topics.GT_SCENE]:
+        sa = m.msg
+        assert [s.name for s in sa.modalities] == list(MODALITIES)
+        assert all(s.used and s.attention_share == pytest.approx(1 / 3) for s in sa.modalities)
+        assert sa.valid and not sa.degraded
+        assert np.asarray(sa.risk_probabilities).sum() == pytest.approx(1.0)
+        assert np.argmax(sa.risk_probabilities) == sa.risk_level
+        assert np.argmax(sa.traffic_light_probabilities) == sa.traffic_light_state
+        assert sa.time_to_collision > 0 and sa.nearest_obstacle_distance >= 0
+    for m in messages[topics.GT_ACTION]:
+        a = m.msg
+        assert np.argmax(a.action_probabilities) == a.action and a.target_speed >= 0 and a.rationale
+    grid = messages[topics.GT_OCCUPANCY][0].msg
+    g = OCCUPANCY_GRID
+    assert (grid.info.width, grid.info.height, grid.info.resolution) == (g.nx, g.ny, g.cell)
+    assert (grid.info.origin.position.x, grid.info.origin.position.y) == (g.x_min, g.y_min)
+    assert set(np.unique(grid.data)) <= {0, 100}
+    assert {m.msg.data for m in messages[topics.GT_SCENARIO]} <= {s.name for s in Scenario}
+    odo = [m.msg for m in messages[topics.GT_EGO]]
+    assert odo[0].child_frame_id == "base_link" and all(o.twist.twist.linear.x >= 0 for o in odo)
+
+
+def test_same_seed_same_bytes(tmp_path: Path, drive: Path) -> None:
+    # same folder name (the bag name is recorded inside the files), different parents
+    again = synthesize(tmp_path / "a" / "drive", SECONDS, seed=7, rig=RIG, progress=False)
+    other = synthesize(tmp_path / "b" / "drive", SECONDS, seed=8, rig=RIG, progress=False)
+    files = sorted(p.name for p in drive.iterdir())
+    assert files == sorted(p.name for p in again.iterdir()) == ["drive.mcap", "metadata.yaml"]
+    for name in files:
+        assert (drive / name).read_bytes() == (again / name).read_bytes(), name
+    assert (drive / "drive.mcap").read_bytes() != (other / "drive.mcap").read_bytes()
+
+
+def test_mcap_reader_and_sqlite_and_compressed(tmp_path: Path, drive: Path) -> None:
+    from mcap.reader import make_reader
+    from mcap_ros2.decoder import DecoderFactory
+
+    (mcap_file,) = drive.glob("*.mcap")
+    with open(mcap_file, "rb") as f:
+        reader = make_reader(f, decoder_factories=[DecoderFactory()])
+        kinds = {}
+        for schema, channel, _, decoded in reader.iter_decoded_messages(
+                topics=[topics.GT_ACTION, topics.LIDAR_POINTS, topics.GT_SCENE]):
+            kinds[channel.topic] = schema.name
+            if channel.topic == topics.GT_SCENE:
+                assert len(decoded.modalities) == 3
+    assert kinds == {t: EXPECTED_TYPES[t] for t in (topics.GT_ACTION, topics.LIDAR_POINTS, topics.GT_SCENE)}
+
+    sq = synthesize(tmp_path / "sq", 0.5, seed=1, rig=RIG, storage="sqlite3", compressed=True, progress=False)
+    assert list(sq.glob("*.db3"))
+    types = bag_topics(sq)
+    assert types[topics.CAMERA_COMPRESSED] == "sensor_msgs/msg/CompressedImage"
+    assert topics.CAMERA_IMAGE not in types
+    img = read_image(next(read_bag(sq, [topics.CAMERA_COMPRESSED])).msg)
+    assert img.shape == (180, 320, 3)
+
+
+def test_scenario_cycle_and_cli(tmp_path: Path) -> None:
+    from lmm_fusion.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["synth", str(out), "--seconds", "14", "--seed", "3", "--camera", "64x36", "--lidar-beams", "4",
+               "--lidar-columns", "64", "--scenario", "traffic_light", "--scenario", "cut_in", "--no-progress"])
+    assert rc == 0
+    names = [m.msg.data for m in read_bag(out, [topics.GT_SCENARIO])]
+    assert names[0] == "TRAFFIC_LIGHT" and "CUT_IN" in names and set(names) == {"TRAFFIC_LIGHT", "CUT_IN"}
+    lights = [m.msg.traffic_light_state for m in read_bag(out, [topics.GT_SCENE])][:10]
+    assert all(s != 0 for s in lights[:3])  # a light governs the first frames of a light episode
+    assert not math.isnan(sum(m.msg.target_speed for m in read_bag(out, [topics.GT_ACTION])))
