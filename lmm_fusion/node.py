@@ -453,6 +453,7 @@ def main(args: list[str] | None = None) -> int:
     """Console script ``fusion_node`` (``ros2 run lmm_fusion fusion_node --ros-args ...``)."""
     import sys
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_node(sys.argv if args is None else args)
 
 

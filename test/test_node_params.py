@@ -1,0 +1,105 @@
+"""Node parameters: table, YAML, validation and the `lmm-fusion node` argv (no DDS)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from lmm_fusion import topics
+from lmm_fusion.node import PARAMS, _descriptor, add_arguments, ros_argv, safety_config, validate
+from lmm_fusion.safety import SafetyConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def defaults() -> dict[str, Any]:
+    return {p.name: p.default for p in PARAMS}
+
+
+def test_yaml_holds_exactly_the_declared_parameters_with_defaults() -> None:
+    doc = yaml.safe_load((ROOT / "config" / "fusion.yaml").read_text())
+    (key,) = doc
+    assert key.endswith("fusion_node")
+    values = flatten(doc[key]["ros__parameters"])
+    assert set(values) == {p.name for p in PARAMS}
+    for p in PARAMS:
+        assert values[p.name] == p.default and type(values[p.name]) is type(p.default), p.name
+    assert validate(values) == []
+
+
+def test_defaults_match_topics_and_safety_config() -> None:
+    d = defaults()
+    assert d["topics.lidar_points"] == topics.LIDAR_POINTS and d["topics.gnss_fix"] == topics.GNSS_FIX
+    assert safety_config(d) == SafetyConfig()
+    assert d["rate_hz"] == 10.0 and d["autostart"] is True and d["backend"] == "auto"
+
+
+def test_every_parameter_has_a_description_and_numbers_a_range() -> None:
+    for p in PARAMS:
+        d = _descriptor(p)
+        assert len(d.description) > 10, p.name
+        if isinstance(p.default, float):
+            assert d.floating_point_range, p.name
+            r = d.floating_point_range[0]
+            assert r.from_value <= p.default <= r.to_value
+        if isinstance(p.default, int) and not isinstance(p.default, bool):
+            assert d.integer_range, p.name
+
+
+@pytest.mark.parametrize(("name", "value", "expect"), [
+    ("rate_hz", 0.0, "rate_hz=0.0"),
+    ("backend", "cuda9", "backend='cuda9'"),
+    ("camera_transport", "theora", "camera_transport='theora'"),
+    ("threads", -1, "threads=-1"),
+    ("safety.decel", "fast", "safety.decel='fast'"),
+    ("model_dir", "/nonexistent/model", "model_dir='/nonexistent/model'"),
+])
+def test_validation_names_parameter_and_value(name: str, value: Any, expect: str) -> None:
+    v = defaults()
+    v[name] = value
+    problems = validate(v)
+    assert problems and expect in problems[0]
+
+
+def test_cross_field_validation() -> None:
+    v = defaults()
+    v["safety.ttc_stop"], v["safety.ttc_slow"] = 4.0, 2.0
+    assert any("ttc_stop" in p for p in validate(v))
+    v = defaults()
+    v["diagnostics.warn_age"], v["diagnostics.error_age"] = 2.0, 1.0
+    assert any("diagnostics.error_age" in p for p in validate(v))
+
+
+def test_cli_builds_ros_args() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["-p", "rate_hz:=20.0", "--use-sim-time", "--namespace", "car1", "--build-only",
+                              "-r", "/sensors/lidar/points:=/velodyne_points", "--", "--log-level", "debug"])
+    argv = ros_argv(args)
+    assert argv[1] == "--ros-args"
+    assert argv[argv.index("--params-file") + 1].endswith("config/fusion.yaml")
+    joined = " ".join(argv)
+    for part in ("-p rate_hz:=20.0", "-p use_sim_time:=true", "-r __ns:=car1", "-p build_only:=true",
+                 "-r /sensors/lidar/points:=/velodyne_points", "--log-level debug"):
+        assert part in joined
+
+
+def test_node_class_builds_without_init() -> None:
+    from lmm_fusion.node import node_class
+
+    cls = node_class()
+    assert cls.__name__ == "FusionNode"
