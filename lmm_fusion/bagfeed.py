@@ -8,13 +8,13 @@ Used by replay and INT8 calibration; deterministic for a given bag.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmm_fusion import topics as T
-from lmm_fusion.bags import bag_topics, read_bag
+from lmm_fusion.bags import BagMessage, bag_topics, read_bag
 from lmm_fusion.ingest import SENSOR_OF_MSGTYPE, SensorIngest
 from lmm_fusion.sync import Snapshot
 
@@ -61,32 +61,44 @@ def iter_cycles(
     rate_hz: float = 10.0,
     sensor_topics: dict[str, str] | None = None,
     with_ground_truth: bool = True,
+    passthrough: Iterable[str] = (),
+    on_passthrough: Callable[[BagMessage], None] | None = None,
 ) -> Iterator[BagCycle]:
     """Cycles at ``rate_hz`` in bag time over the whole bag (see module docstring).
 
     ``sensor_topics`` maps sensor -> topic (auto-detected by type when omitted). Ground truth is the
     latest message of each ``/ground_truth/*`` topic recorded at or before the cycle time.
+    ``passthrough`` topics (those present in the bag) are also read, and every message of them is
+    handed to ``on_passthrough`` in recorded order, after the cycles that precede it were yielded
+    (replay copies camera, points and ``/tf_static`` into its output bag this way, reading once).
     """
     if rate_hz <= 0:
         raise ValueError(f"rate_hz: must be > 0, got {rate_hz}")
     topic_types = bag_topics(paths)
     sensor_of = detect_sensor_topics(topic_types, sensor_topics)
-    wanted = set(sensor_of)
-    if with_ground_truth:
-        wanted |= {t for t in GROUND_TRUTH_TOPICS if t in topic_types}
+    gt_topics = {t for t in GROUND_TRUTH_TOPICS if t in topic_types} if with_ground_truth else set()
+    wanted = set(sensor_of) | gt_topics
+    copied = {t for t in passthrough if t in topic_types} if on_passthrough is not None else set()
+    wanted |= copied
     period = 1.0 / rate_hz
     next_t: float | None = None
     gt: dict[str, tuple[float, Any]] = {}
     for m in read_bag(paths, wanted):
+        fed = m.topic in sensor_of or m.topic in gt_topics
         if next_t is None:
+            if not fed:  # a copied-only topic does not start the clock (same cycle times as without it)
+                on_passthrough(m)  # type: ignore[misc]  # only copied topics get here
+                continue
             next_t = m.stamp_sec + period  # first cycle one period after the first message
         while m.stamp_sec >= next_t:
             yield BagCycle(next_t, ingest.sync.snapshot(next_t), dict(gt))
             next_t += period
+        if m.topic in copied:
+            on_passthrough(m)  # type: ignore[misc]  # copied is empty when it is None
         sensor = sensor_of.get(m.topic)
         if sensor is not None:
             ingest.on_message(sensor, m.msg, now=m.stamp_sec)
-        else:
+        elif m.topic in gt_topics:
             gt[m.topic] = (m.stamp_sec, m.msg)
     if next_t is not None:
         yield BagCycle(next_t, ingest.sync.snapshot(next_t), dict(gt))

@@ -1,0 +1,213 @@
+"""Offline replay end to end on tiny synthetic drives: determinism, readable outputs, masking, storages."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from lmm_fusion import topics as T
+from lmm_fusion.bagfeed import GROUND_TRUTH_TOPICS
+from lmm_fusion.bags import BagWriter, read_bag
+from lmm_fusion.io import create_compressed_image, read_image, rosbags_types
+from lmm_fusion.io.common import stamp_to_sec
+from lmm_fusion.replay import OUTPUT_TOPICS, WALL_CLOCK_KEYS, ReplayOptions, replay
+from lmm_fusion.rig import CameraModel, LidarModel, SensorRig
+
+RIG = SensorRig(camera=CameraModel(320, 180), lidar=LidarModel(beams=16, columns=256))
+SECONDS = 2.5
+
+
+def _opts(**kw: Any) -> ReplayOptions:
+    # One thread: much faster than two on a shared, busy CPU (no spinning workers).
+    return ReplayOptions(backend="torch", progress=False, rig=RIG, threads=1, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads() -> Any:
+    """The torch backend sets the process-wide thread count; give other test modules theirs back."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _derive(src: Path, dst: Path, storage: str, drop: set[str], rename: dict[str, str] | None = None,
+            compress_camera: bool = False) -> Path:
+    """Copy a bag, dropping topics, renaming others and optionally JPEG-compressing the camera
+    (the shape of a real bag: other topic names, CompressedImage, no ground truth)."""
+    rename = rename or {}
+    types = rosbags_types()
+    with BagWriter(dst, storage=storage) as w:
+        for m in read_bag(src):
+            if m.topic in drop:
+                continue
+            msg = m.msg
+            if compress_camera and m.topic == T.CAMERA_IMAGE:
+                msg = create_compressed_image(types, msg.header, read_image(msg), quality=80)
+            w.write(rename.get(m.topic, m.topic), m.stamp_sec, msg)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lmm_fusion.sim.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("drive") / "bag", SECONDS, seed=3, rig=RIG, progress=False)
+
+
+@pytest.fixture(scope="module")
+def runs(drive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same bag replayed twice (the first with rendering, which must not change any output)."""
+    base = tmp_path_factory.mktemp("replay")
+    replay(drive, base / "a", _opts(render=True, keyframe_every_s=1.0))
+    replay(drive, base / "b", _opts())
+    return base / "a", base / "b"
+
+
+def _mcap_messages(path: Path) -> list[tuple[str, int, bytes]]:
+    from mcap.reader import make_reader
+
+    with path.open("rb") as f:
+        return [(ch.topic, msg.log_time, bytes(msg.data)) for _, ch, msg in make_reader(f).iter_messages()]
+
+
+def _without_wall_clock(m: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in m.items() if k not in WALL_CLOCK_KEYS}
+    out.pop("outputs", None)  # holds the output path
+    out.pop("render", None)
+    return out
+
+
+def test_replay_is_deterministic(runs: tuple[Path, Path]) -> None:
+    a, b = runs
+    msgs_a, msgs_b = _mcap_messages(a / "outputs.mcap"), _mcap_messages(b / "outputs.mcap")
+    outputs = [m for m in msgs_a if m[0] in OUTPUT_TOPICS.values()]
+    assert len(outputs) >= 4 * 20
+    assert msgs_a == msgs_b
+    ma = json.loads((a / "metrics.json").read_text())
+    mb = json.loads((b / "metrics.json").read_text())
+    assert _without_wall_clock(ma) == _without_wall_clock(mb)
+    assert ma["outputs"]["messages"] == mb["outputs"]["messages"]
+
+
+def test_outputs_readable_by_mcap_with_types_and_stamps(runs: tuple[Path, Path]) -> None:
+    from mcap.reader import make_reader
+    from mcap_ros2.decoder import DecoderFactory
+
+    expected = {OUTPUT_TOPICS["scene"]: "lmm_fusion_msgs/msg/SceneAssessment",
+                OUTPUT_TOPICS["action"]: "lmm_fusion_msgs/msg/ActionSuggestion",
+                OUTPUT_TOPICS["occupancy"]: "nav_msgs/msg/OccupancyGrid",
+                OUTPUT_TOPICS["markers"]: "visualization_msgs/msg/MarkerArray"}
+    seen: dict[str, list[int]] = {t: [] for t in expected}
+    with (runs[0] / "outputs.mcap").open("rb") as f:
+        reader = make_reader(f, decoder_factories=[DecoderFactory()])
+        for schema, channel, message, decoded in reader.iter_decoded_messages(topics=list(expected)):
+            assert schema.name == expected[channel.topic]
+            header = decoded.markers[0].header if channel.topic == OUTPUT_TOPICS["markers"] else decoded.header
+            assert header.frame_id == T.BASE_FRAME
+            stamp_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
+            assert abs(stamp_ns - message.log_time) <= 1  # bag time = cycle time
+            seen[channel.topic].append(message.log_time)
+    counts = {t: len(v) for t, v in seen.items()}
+    assert len(set(counts.values())) == 1 and counts[OUTPUT_TOPICS["scene"]] >= 20
+    times = np.diff(np.array(seen[OUTPUT_TOPICS["scene"]])) * 1e-9
+    assert np.allclose(times, 0.1, atol=1e-6)  # 10 Hz in bag time
+
+
+def test_outputs_readable_by_rosbags_with_inputs_to_view_them(runs: tuple[Path, Path], drive: Path) -> None:
+    out = runs[0]
+    msgs = list(read_bag(out))  # the output folder is itself a rosbag2 (metadata.yaml + outputs.mcap)
+    types = {m.topic: m.msgtype for m in msgs}
+    assert types[OUTPUT_TOPICS["scene"]] == "lmm_fusion_msgs/msg/SceneAssessment"
+    for topic in (T.CAMERA_IMAGE, T.LIDAR_POINTS, T.TF_STATIC):
+        assert topic in types
+    scenes = [m for m in msgs if m.topic == OUTPUT_TOPICS["scene"]]
+    assert all(abs(stamp_to_sec(m.msg.header.stamp) - m.stamp_sec) < 1e-6 for m in scenes)
+    assert all(m.msg.valid for m in scenes[5:])
+    # Inputs are copied unchanged, at their recorded times (float seconds: sub-microsecond rounding).
+    src = [m for m in read_bag(drive, [T.LIDAR_POINTS])]
+    dst = [m for m in msgs if m.topic == T.LIDAR_POINTS]
+    assert len(src) == len(dst) > 0
+    assert np.allclose([m.stamp_sec for m in src], [m.stamp_sec for m in dst], rtol=0, atol=1e-6)
+    assert all(bytes(x.msg.data) == bytes(y.msg.data) for x, y in zip(src, dst))
+
+
+def test_metrics_with_ground_truth(runs: tuple[Path, Path]) -> None:
+    m = json.loads((runs[0] / "metrics.json").read_text())
+    assert m["cycles"]["total"] == pytest.approx(SECONDS * 10, abs=2)
+    assert m["frames"]["lidar"]["accepted"] >= 20 and m["frames"]["camera"]["accepted"] >= 40
+    lat = m["timing"]["latency_ms"]
+    for stage in ("preprocess", "inference", "total", "write", "render"):
+        assert 0 <= lat[stage]["p50"] <= lat[stage]["p99"]
+    assert m["timing"]["throughput_x_realtime"] > 0
+    acc = m["accuracy"]
+    overall = acc["overall"]
+    assert overall["n"] >= 20
+    for k in ("action_accuracy", "risk_accuracy", "light_accuracy", "occupancy_iou"):
+        assert 0.0 <= overall[k] <= 1.0
+    for k in ("target_speed_mae", "ttc_mae", "distance_mae"):
+        assert overall[k] >= 0.0
+    assert sum(t["n"] for t in acc["per_scenario"].values()) == overall["n"]
+    assert sum(t["n"] for t in acc["per_window"]["windows"].values()) == overall["n"]
+
+
+def test_render_outputs(runs: tuple[Path, Path]) -> None:
+    out = runs[0]
+    m = json.loads((out / "metrics.json").read_text())
+    video = out / "replay.mp4"
+    assert video.stat().st_size > 0
+    cap = cv2.VideoCapture(str(video))
+    ok, frame = cap.read()
+    n = 1 if ok else 0
+    while ok:
+        ok, _ = cap.read()
+        n += ok
+    cap.release()
+    assert frame is not None and n == m["cycles"]["total"] == m["render"]["frames"]
+    keys = sorted((out / "keyframes").glob("*.png"))
+    assert len(keys) == math.floor(SECONDS - 0.1) + 1  # every 1 s of bag time from the first cycle
+    assert cv2.imread(str(keys[0])).shape == frame.shape
+    timeline = cv2.imread(str(out / "timeline.png"))
+    assert timeline is not None and timeline.shape[:2] == (900, 1300)
+
+
+def test_real_bag_shape_sqlite_compressed_renamed_no_ground_truth(drive: Path, tmp_path: Path) -> None:
+    bag = _derive(drive, tmp_path / "real", "sqlite3", drop=set(GROUND_TRUTH_TOPICS),
+                  rename={T.CAMERA_IMAGE: "/front/image/compressed", T.LIDAR_POINTS: "/velodyne_points",
+                          T.GNSS_FIX: "/fix"}, compress_camera=True)
+    m = replay(bag, tmp_path / "out", _opts())
+    assert "accuracy" not in m
+    assert m["sensor_topics"] == {"camera": "/front/image/compressed", "gnss": "/fix", "lidar": "/velodyne_points"}
+    assert m["frames"]["camera"]["accepted"] >= 40 and m["frames"]["camera"]["rejected"] == 0
+    assert m["cycles"]["degraded"] <= 3  # only while the GNSS motion estimate starts up
+    out = list(read_bag(tmp_path / "out", [OUTPUT_TOPICS["scene"], "/front/image/compressed"]))
+    assert {x.msgtype for x in out} == {"lmm_fusion_msgs/msg/SceneAssessment", "sensor_msgs/msg/CompressedImage"}
+
+
+def test_missing_lidar_replays_masked_and_degraded(drive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                   ) -> None:
+    from lmm_fusion.cli import main
+
+    bag = _derive(drive, tmp_path / "nolidar", "mcap", drop={T.LIDAR_POINTS})
+    assert main(["replay", str(bag), "--out", str(tmp_path / "out"), "--backend", "torch", "--json",
+                 "--threads", "1", "--no-progress"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["frames"]["lidar"]["received"] == 0
+    assert m["cycles"]["degraded"] == m["cycles"]["total"] > 0
+    assert "accuracy" in m  # ground truth is still there
+    scenes = [x.msg for x in read_bag(tmp_path / "out", [OUTPUT_TOPICS["scene"]])]
+    assert scenes and all(s.degraded for s in scenes)
+    assert all(not s.modalities[1].used and s.modalities[1].name == "lidar" for s in scenes)
+    assert any(s.valid and s.modalities[0].used for s in scenes)
+
+
+def test_missing_bag_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        replay(tmp_path / "nope", tmp_path / "out", _opts())
