@@ -46,14 +46,26 @@ class Preprocessor:
     # ------------------------------------------------------------------ camera
     def image(self, rgb: np.ndarray) -> np.ndarray:
         """RGB ``(H, W, 3)`` uint8 -> ``(3, image_height, image_width)`` float32, normalised."""
+        return self.normalize_image(self.resize_image(rgb))
+
+    def resize_image(self, rgb: np.ndarray) -> np.ndarray:
+        """RGB ``(H, W, 3)`` uint8 -> ``(image_height, image_width, 3)`` uint8 (area interpolation).
+
+        Split from :meth:`normalize_image` so the training cache can store compact uint8 images.
+        """
         if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
             shape = getattr(rgb, "shape", None)
             raise MessageError(f"image: expected an (H, W, 3) array, got shape {shape}")
         if rgb.dtype != np.uint8:
             raise MessageError(f"image: expected dtype uint8, got {rgb.dtype}")
         h, w = self.cfg.image_height, self.cfg.image_width
-        small = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA) if rgb.shape[:2] != (h, w) else rgb
-        chw = small.transpose(2, 0, 1).astype(np.float32) * (1.0 / 255.0)
+        if rgb.shape[:2] == (h, w):
+            return rgb
+        return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+
+    def normalize_image(self, small: np.ndarray) -> np.ndarray:
+        """``(..., Hi, Wi, 3)`` uint8 -> ``(..., 3, Hi, Wi)`` float32 normalised with the config's mean/std."""
+        chw = np.moveaxis(small, -1, -3).astype(np.float32) * (1.0 / 255.0)
         return np.ascontiguousarray((chw - self._mean) * self._inv_std, dtype=np.float32)
 
     # ------------------------------------------------------------------ LiDAR

@@ -1,0 +1,262 @@
+"""Training/evaluation samples from rosbag2 drives, through the node's own decode and preprocess path.
+
+One sample per ground-truth stamp (the stamp of the LiDAR frame it labels). Sensor messages go in
+recorded order through :class:`~lmm_fusion.ingest.SensorIngest` into a :class:`~lmm_fusion.sync.SensorSync`
+(GNSS through its ``EgoMotionEstimator``), and the sample's inputs are the sync snapshot at the
+ground-truth stamp fed through :class:`~lmm_fusion.preprocess.Preprocessor` — exactly what the node
+would have seen at that instant, masks and staleness included.
+
+Preprocessed samples are cached per bag as ``.npz`` under a cache directory, keyed by a fingerprint
+of the bag files and of every setting that changes the arrays, so later epochs and runs never decode a
+bag again. Images are cached resized as uint8 and BEV grids as float16 to keep memory small.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lmm_fusion import topics as T
+from lmm_fusion.bagfeed import detect_sensor_topics
+from lmm_fusion.bags import bag_topics, read_bag
+from lmm_fusion.grid import OCCUPANCY_GRID
+from lmm_fusion.ingest import SensorIngest
+from lmm_fusion.io.common import stamp_to_sec
+from lmm_fusion.io.errors import MessageError
+from lmm_fusion.labels import Scenario
+from lmm_fusion.model.config import ModelConfig
+from lmm_fusion.preprocess import Preprocessor
+from lmm_fusion.rig import SensorRig
+from lmm_fusion.sync import SensorSync, SyncConfig
+
+log = logging.getLogger(__name__)
+
+#: Bumped when the cached arrays change meaning.
+CACHE_VERSION = 1
+#: Ground-truth topics a sample needs (the scenario is optional: -1 when absent).
+_REQUIRED_GT = (T.GT_SCENE, T.GT_ACTION, T.GT_OCCUPANCY)
+#: Per-sample arrays of a cached bag (name -> dtype).
+ARRAYS: dict[str, Any] = {
+    "image": np.uint8, "bev": np.float16, "ego": np.float32, "mask": np.bool_,
+    "risk": np.int64, "action": np.int64, "light": np.int64,
+    "target_speed": np.float32, "ttc": np.float32, "distance": np.float32,
+    "occupancy": np.uint8, "scenario": np.int64, "stamp": np.float64,
+}
+
+
+def bag_fingerprint(path: Path | str) -> str:
+    """Cheap content hash of a bag folder: names, sizes and the first/last MiB of every file."""
+    h = hashlib.sha256()
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(root) if root.is_dir() else p.name}:{size}".encode())
+        with p.open("rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), 2)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def preprocess_fingerprint(cfg: ModelConfig, rig: SensorRig, sync_cfg: SyncConfig) -> str:
+    """Hash of everything that changes the cached arrays."""
+    keys = ("image_height", "image_width", "input_grid", "bev_channels", "bev_z_min", "bev_z_max",
+            "bev_height_scale", "bev_density_scale", "bev_intensity_scale", "ego_features", "speed_scale",
+            "accel_scale", "yaw_rate_scale", "occupancy_grid")
+    d = {k: getattr(cfg, k) for k in keys}
+    d["rig"] = asdict(rig)
+    d["sync"] = asdict(sync_cfg)
+    d["version"] = CACHE_VERSION
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _occupancy(msg: Any) -> np.ndarray:
+    """OccupancyGrid on ``OCCUPANCY_GRID`` -> ``(ny, nx)`` uint8 (1 = occupied, value >= 50)."""
+    ny, nx = OCCUPANCY_GRID.shape
+    w, h = int(msg.info.width), int(msg.info.height)
+    if (h, w) != (ny, nx):
+        raise MessageError(f"occupancy: info.height/width = {h}x{w}, expected {ny}x{nx}")
+    data = np.asarray(msg.data, dtype=np.int8)
+    if data.size != ny * nx:
+        raise MessageError(f"occupancy: data has {data.size} cells, expected {ny * nx}")
+    return (data.reshape(ny, nx) >= 50).astype(np.uint8)
+
+
+def _finite_or(v: float, cap: float) -> float:
+    v = float(v)
+    return cap if not math.isfinite(v) else min(max(v, 0.0), cap)
+
+
+def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = None,
+                    sync_cfg: SyncConfig | None = None) -> dict[str, np.ndarray]:
+    """Decode one bag into per-sample arrays (see :data:`ARRAYS`; leading axis = sample).
+
+    A sample is emitted once every sensor message stamped at or before its ground-truth stamp has
+    been fed (i.e. when the first later message arrives, or at the end of the bag).
+    """
+    rig = rig or SensorRig()
+    sync_cfg = sync_cfg or SyncConfig()
+    pre = Preprocessor(cfg, rig)
+    ingest = SensorIngest(SensorSync(sync_cfg), rig)
+    sensor_of = detect_sensor_topics(bag_topics(path))
+    gt_topics = (*_REQUIRED_GT, T.GT_SCENARIO)
+    pending: dict[float, dict[str, Any]] = {}
+    rows: dict[str, list[Any]] = {k: [] for k in ARRAYS}
+
+    def emit(stamp: float, gt: dict[str, Any]) -> None:
+        snap = ingest.sync.snapshot(stamp)
+        x = pre.inputs(snap)
+        mask = x["modality_mask"][0] > 0.5
+        cam = snap.frames.get("camera")
+        rows["image"].append(pre.resize_image(cam) if mask[0] and cam is not None else
+                             np.zeros((cfg.image_height, cfg.image_width, 3), np.uint8))
+        rows["bev"].append(x["bev"][0].astype(np.float16))
+        rows["ego"].append(x["ego"][0])
+        rows["mask"].append(mask)
+        scene, action = gt[T.GT_SCENE], gt[T.GT_ACTION]
+        rows["risk"].append(int(scene.risk_level))
+        rows["light"].append(int(scene.traffic_light_state))
+        rows["ttc"].append(_finite_or(scene.time_to_collision, cfg.ttc_max))
+        rows["distance"].append(_finite_or(scene.nearest_obstacle_distance, cfg.distance_max))
+        rows["action"].append(int(action.action))
+        rows["target_speed"].append(_finite_or(action.target_speed, cfg.speed_max))
+        rows["occupancy"].append(_occupancy(gt[T.GT_OCCUPANCY]))
+        name = gt.get(T.GT_SCENARIO)
+        rows["scenario"].append(Scenario[name.data].value if name is not None and name.data in Scenario.__members__
+                                else -1)
+        rows["stamp"].append(stamp)
+
+    def flush(before: float) -> None:
+        for stamp in sorted(s for s in pending if s < before):
+            gt = pending.pop(stamp)
+            if all(t in gt for t in _REQUIRED_GT):
+                emit(stamp, gt)
+
+    for m in read_bag(path, set(sensor_of) | set(gt_topics)):
+        flush(m.stamp_sec)
+        sensor = sensor_of.get(m.topic)
+        if sensor is not None:
+            ingest.on_message(sensor, m.msg, now=m.stamp_sec)
+            continue
+        header = getattr(m.msg, "header", None)
+        stamp = stamp_to_sec(header.stamp) if header is not None else m.stamp_sec
+        # The scenario String has no header; it is recorded at the stamp it labels.
+        pending.setdefault(round(stamp, 6), {})[m.topic] = m.msg
+    flush(math.inf)
+    n = len(rows["stamp"])
+    if n == 0:
+        log.warning("bag %s has no complete ground-truth samples", path)
+    ny, nx = cfg.input_bev_grid.shape
+    empty_shapes = {"image": (0, cfg.image_height, cfg.image_width, 3), "bev": (0, 4, ny, nx),
+                    "ego": (0, cfg.ego_features), "mask": (0, 3), "occupancy": (0, *OCCUPANCY_GRID.shape)}
+    return {k: (np.stack(v).astype(ARRAYS[k]) if n else np.zeros(empty_shapes.get(k, (0,)), ARRAYS[k]))
+            for k, v in rows.items()}
+
+
+def load_bag_samples(path: Path | str, cfg: ModelConfig, cache_dir: Path | str | None,
+                     rig: SensorRig | None = None, sync_cfg: SyncConfig | None = None) -> dict[str, np.ndarray]:
+    """:func:`extract_samples` with an on-disk cache (``cache_dir`` None = no cache)."""
+    rig = rig or SensorRig()
+    sync_cfg = sync_cfg or SyncConfig()
+    if cache_dir is None:
+        return extract_samples(path, cfg, rig, sync_cfg)
+    key = f"{Path(path).name}-{bag_fingerprint(path)}-{preprocess_fingerprint(cfg, rig, sync_cfg)}.npz"
+    file = Path(cache_dir) / key
+    if file.is_file():
+        with np.load(file, allow_pickle=False) as z:
+            return {k: z[k] for k in ARRAYS}
+    arrays = extract_samples(path, cfg, rig, sync_cfg)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(file)
+    return arrays
+
+
+class FusionDataset(Dataset):
+    """Samples of several bags, concatenated. ``item(i)`` -> dict of tensors (model inputs + targets).
+
+    Inputs: ``image (3,Hi,Wi)`` float32 normalised, ``bev (4,ny,nx)`` float32, ``ego (F,)``,
+    ``modality_mask (3,)`` float32. Targets: ``risk``/``action``/``light``/``scenario`` int64,
+    ``target_speed`` [m/s], ``ttc`` [s], ``distance`` [m] float32 (capped), ``occupancy (32,64)`` float32.
+    """
+
+    def __init__(self, bags: Sequence[Path | str], cfg: ModelConfig, cache_dir: Path | str | None = None,
+                 rig: SensorRig | None = None, sync_cfg: SyncConfig | None = None) -> None:
+        self.cfg = cfg
+        self.pre = Preprocessor(cfg, rig)
+        parts = [load_bag_samples(b, cfg, cache_dir, rig, sync_cfg) for b in bags]
+        self.arrays = {k: np.concatenate([p[k] for p in parts]) for k in ARRAYS} if parts else {}
+        self.bag_index = np.concatenate([np.full(len(p["stamp"]), i) for i, p in enumerate(parts)]) \
+            if parts else np.zeros(0, np.int64)
+        self.bags = [str(b) for b in bags]
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], cfg: ModelConfig,
+                    rig: SensorRig | None = None) -> FusionDataset:
+        """A dataset over already extracted arrays (keys of :data:`ARRAYS`)."""
+        ds = cls([], cfg, rig=rig)
+        missing = sorted(set(ARRAYS) - set(arrays))
+        if missing:
+            raise ValueError(f"arrays: missing {missing}")
+        ds.arrays = {k: np.asarray(arrays[k], ARRAYS[k]) for k in ARRAYS}
+        ds.bag_index = np.zeros(len(ds.arrays["stamp"]), np.int64)
+        return ds
+
+    def __len__(self) -> int:
+        return len(self.arrays.get("stamp", ()))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.batch(np.array([i])).items()}
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """A whole batch at once (vectorised; faster than collating ``__getitem__`` results)."""
+        a = self.arrays
+        return {
+            "image": torch.from_numpy(self.pre.normalize_image(a["image"][idx])),
+            "bev": torch.from_numpy(a["bev"][idx].astype(np.float32)),
+            "ego": torch.from_numpy(a["ego"][idx]),
+            "modality_mask": torch.from_numpy(a["mask"][idx].astype(np.float32)),
+            "risk": torch.from_numpy(a["risk"][idx]),
+            "action": torch.from_numpy(a["action"][idx]),
+            "light": torch.from_numpy(a["light"][idx]),
+            "scenario": torch.from_numpy(a["scenario"][idx]),
+            "target_speed": torch.from_numpy(a["target_speed"][idx]),
+            "ttc": torch.from_numpy(a["ttc"][idx]),
+            "distance": torch.from_numpy(a["distance"][idx]),
+            "occupancy": torch.from_numpy(a["occupancy"][idx].astype(np.float32)),
+        }
+
+
+def _is_bag(p: Path) -> bool:
+    return p.is_dir() and ((p / "metadata.yaml").is_file() or any(p.glob("*.mcap")) or any(p.glob("*.db3")))
+
+
+def expand_bags(paths: Sequence[Path | str]) -> list[Path]:
+    """Bag folders named by ``paths``: a bag folder itself, or every bag folder below a directory
+    (sorted, so the order and thus the training run are reproducible)."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if _is_bag(p):
+            out.append(p)
+        elif p.is_dir():
+            found = sorted(q for q in p.rglob("*") if _is_bag(q))
+            if not found:
+                raise FileNotFoundError(f"--data {p}: no rosbag2 folders below it")
+            out.extend(found)
+        else:
+            raise FileNotFoundError(f"--data {p}: not a rosbag2 folder or a directory of them")
+    return out

@@ -1,0 +1,190 @@
+"""Training: modality dropout, loss terms, a tiny run that learns, resume, determinism, DDP (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmm_fusion.dataset import ARRAYS, FusionDataset
+from lmm_fusion.model import FusionModel, ModelConfig, load_model
+from lmm_fusion.model.losses import FusionLoss, info_nce
+from lmm_fusion.train import lr_at, modality_dropout, train
+
+TINY = dict(image_height=32, image_width=64, camera_channels=(8, 8, 16, 16), lidar_stages=(8, 8, 16, 16),
+            d_model=32, n_heads=2, n_layers=1, head_hidden=32,
+            input_grid=dict(x_min=-8.0, x_max=56.0, y_min=-16.0, y_max=16.0, cell=1.0),
+            occupancy_grid=dict(x_min=-8.0, x_max=56.0, y_min=-16.0, y_max=16.0, cell=2.0))
+
+
+def toy_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A learnable toy task: the action is set by the ego speed (GNSS) and a bright BEV blob (LiDAR)."""
+    rng = np.random.default_rng(seed)
+    cfg = ModelConfig(**TINY)
+    ny, nx = cfg.input_bev_grid.shape
+    speed = rng.uniform(0, 2, n).astype(np.float32)
+    blob = rng.random(n) < 0.5
+    bev = np.zeros((n, 4, ny, nx), np.float16)
+    bev[blob, :, 14:18, 20:24] = 1.0
+    ego = np.zeros((n, cfg.ego_features), np.float32)
+    ego[:, 0] = speed
+    ego[:, 7] = 1.0
+    action = np.where(blob, np.where(speed > 1, 3, 2), 0).astype(np.int64)
+    occ = np.zeros((n, *cfg.occupancy_bev_grid.shape), np.uint8)
+    occ[blob, 7:9, 10:12] = 1
+    return {
+        "image": rng.integers(0, 255, (n, cfg.image_height, cfg.image_width, 3), dtype=np.uint8),
+        "bev": bev, "ego": ego, "mask": np.ones((n, 3), bool),
+        "risk": np.where(blob, 2, 0).astype(np.int64), "action": action,
+        "light": np.zeros(n, np.int64), "target_speed": np.where(blob, 0.0, 15.0).astype(np.float32),
+        "ttc": np.where(blob, 2.0, cfg.ttc_max).astype(np.float32),
+        "distance": np.where(blob, 12.0, cfg.distance_max).astype(np.float32),
+        "occupancy": occ, "scenario": np.where(blob, 2, 0).astype(np.int64), "stamp": np.arange(n, dtype=np.float64),
+    }
+
+
+def test_toy_arrays_cover_every_cached_array() -> None:
+    assert set(toy_arrays(2)) == set(ARRAYS)
+
+
+def test_modality_dropout_only_removes_present_sensors() -> None:
+    rng = np.random.default_rng(0)
+    data = np.ones((2000, 3), bool)
+    data[:500, 1] = False
+    used = modality_dropout(data, rng, 0.5)
+    assert used.dtype == np.float32
+    assert not (used[:500, 1]).any()  # an absent sensor never comes back
+    assert (used.sum(1) >= 1).all()  # something is always left
+    dropped = (used.sum(1) < data.sum(1)).mean()
+    assert 0.4 < dropped < 0.6
+    assert (modality_dropout(data, rng, 0.0) == data).all()
+
+
+def test_lr_schedule_warms_up_and_decays() -> None:
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.05)
+
+
+def test_info_nce_prefers_aligned_embeddings() -> None:
+    g = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(8, 1, 16, generator=g), dim=-1)
+    aligned = torch.cat([e, e, e], 1)
+    shuffled = torch.cat([e, e[torch.randperm(8, generator=g)], e], 1)
+    present = torch.ones(8, 3, dtype=torch.bool)
+    assert info_nce(aligned, present, 0.1) < info_nce(shuffled, present, 0.1)
+    assert info_nce(aligned, torch.zeros(8, 3, dtype=torch.bool), 0.1) == 0
+
+
+def test_cautious_term_penalises_underestimated_risk() -> None:
+    cfg = ModelConfig(**TINY)
+    loss = FusionLoss(cfg)
+    ds = FusionDataset.from_arrays(toy_arrays(4), cfg)
+    b = ds.batch(np.arange(4))
+    b["risk"] = torch.full((4,), 1)
+
+    def out(risk_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"risk_logits": risk_logits, "action_logits": torch.zeros(4, 6), "light_logits": torch.zeros(4, 4),
+                "target_speed": torch.zeros(4), "ttc": torch.zeros(4), "obstacle_distance": torch.zeros(4),
+                "occupancy_logits": torch.zeros(4, *cfg.occupancy_bev_grid.shape)}
+
+    low = torch.tensor([[5.0, 0.0, 0.0]]).repeat(4, 1)
+    high = torch.tensor([[0.0, 0.0, 5.0]]).repeat(4, 1)
+    _, p_low = loss(out(low), b)
+    _, p_high = loss(out(high), b)
+    assert p_low["cautious"] > 0.9 and p_high["cautious"] < 0.01
+
+
+def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    cfg = ModelConfig(**TINY)
+    ds = FusionDataset.from_arrays(toy_arrays(64), cfg)
+    torch.manual_seed(0)
+    before = FusionLoss(cfg)(FusionModel(cfg).eval()(**{k: ds.batch(np.arange(64))[k] for k in
+                                                       ("image", "bev", "ego", "modality_mask")}),
+                             ds.batch(np.arange(64)))[0].item()
+    train(cfg, ds, tmp_path / "m", epochs=6, batch_size=16, lr=3e-3, seed=0, p_drop=0.0, progress=False,
+          device="cpu")
+    lines = [json.loads(x) for x in (tmp_path / "m" / "train_log.jsonl").read_text().splitlines()]
+    assert len(lines) == 6
+    assert lines[-1]["train"]["loss"] < 0.6 * lines[0]["train"]["loss"]
+    model = load_model(tmp_path / "m")
+    b = ds.batch(np.arange(64))
+    with torch.no_grad():
+        o = model(b["image"], b["bev"], b["ego"], b["modality_mask"])
+    after = FusionLoss(cfg)(o, b)[0].item()
+    assert after < 0.6 * before
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = ModelConfig(**TINY)
+    ds = FusionDataset.from_arrays(toy_arrays(32), cfg)
+    kw = dict(batch_size=16, lr=3e-3, seed=3, progress=False, device="cpu")
+    train(cfg, ds, tmp_path / "a", epochs=3, **kw)
+    train(cfg, ds, tmp_path / "b", epochs=3, **kw)
+    train(cfg, ds, tmp_path / "c", epochs=3, max_steps=4, **kw)  # interrupted after 2 of 3 epochs
+    train(cfg, ds, tmp_path / "c", epochs=3, resume=True, **kw)
+    from safetensors.torch import load_file
+
+    a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in "abc")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+        torch.testing.assert_close(a[k], c[k], rtol=0, atol=1e-6, msg=k)
+    log_c = (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in log_c] == [0, 1, 2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
+    """Two ranks train over gloo; rank 0 writes the model; both shards were used."""
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train import TINY, toy_arrays
+        from lmm_fusion.dataset import FusionDataset
+        from lmm_fusion.model import ModelConfig
+        from lmm_fusion.train import train
+        torch.set_num_threads(1)
+        cfg = ModelConfig(**TINY)
+        ds = FusionDataset.from_arrays(toy_arrays(32), cfg)
+        rec = train(cfg, ds, {str(tmp_path / "out")!r}, epochs=2, batch_size=8, seed=0, progress=False,
+                    device="cpu")
+        print("STEPS", rec["step"])
+    """))
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("DDP processes did not finish within 120 s")
+        outs.append(out)
+        assert p.returncode == 0, out
+    # 32 samples / 2 ranks / batch 8 = 2 steps per epoch on each rank.
+    assert all("STEPS 4" in o for o in outs), outs
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert len((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()) == 2
