@@ -175,3 +175,21 @@ def test_scenario_cycle_and_cli(tmp_path: Path) -> None:
     lights = [m.msg.traffic_light_state for m in read_bag(out, [topics.GT_SCENE])][:10]
     assert all(s != 0 for s in lights[:3])  # a light governs the first frames of a light episode
     assert not math.isnan(sum(m.msg.target_speed for m in read_bag(out, [topics.GT_ACTION])))
+
+
+def test_dataset_one_family_per_drive_and_worker_independent(tmp_path: Path) -> None:
+    import json
+
+    from lmm_fusion.sim.synth_dataset import drive_seed, make_dataset
+
+    tiny = SensorRig(camera=CameraModel(width=64, height=36), lidar=LidarModel(beams=4, columns=64))
+    one = make_dataset(tmp_path / "one", 3, 0.5, seed=4, rig=tiny, workers=1, progress=False)
+    two = make_dataset(tmp_path / "two", 3, 0.5, seed=4, rig=tiny, workers=2, progress=False)
+    assert [s.scenario for s in one] == ["FREE_ROAD", "LEAD_VEHICLE", "STOPPED_OBSTACLE_FREE_LEFT"]
+    assert [s.seed for s in one] == [drive_seed(4, i) for i in range(3)] == [s.seed for s in two]
+    for a, b in zip(one, two):
+        assert {m.msg.data for m in read_bag(a.path, [topics.GT_SCENARIO])} == {a.scenario}
+        (fa,), (fb,) = Path(a.path).glob("*.mcap"), Path(b.path).glob("*.mcap")
+        assert fa.read_bytes() == fb.read_bytes()
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert [d["path"] for d in manifest["drives"]] == [Path(s.path).name for s in one]

@@ -637,13 +637,14 @@ class Outputs:
                 ahead = xy[xy[:, 0] > -2.0]
                 if len(ahead):
                     light = (max(float(ahead[:, 0].min()) - cc.EGO_FRONT_OFFSET, 0.0), state)
-        ego = EgoTruth(x=pose[0], y=pose[1], z=pose[2], yaw=pose[3], vx=v.x, vy=-v.y,
+        w = b.ego.get_angular_velocity()  # deg/s about CARLA's z (left-handed: + turns right)
+        ego = EgoTruth(x=pose[0], y=pose[1], z=pose[2], yaw=pose[3], vx=v.x, vy=-v.y, yaw_rate=-math.radians(w.z),
                        lane_path=ego_path if ego_path is not None else np.zeros((0, 2)),
                        lane_width=lanes.lane_width(), lanes_left=int(lanes.neighbour(1) is not None),
                        lanes_right=int(lanes.neighbour(-1) is not None), light=light)
         actors = world_actors(b.world, b.ego.id, (pose[0], pose[1]))
         gt = ground_truth(ego, actors)
-        self.recorder.write_truth(stamp, gt, ego)
+        self.recorder.write_truth(stamp, gt, ego, actors)
 
     def close(self) -> None:
         if self.recorder is not None:
@@ -686,7 +687,7 @@ def world_actors(world: Any, ego_id: int, centre_xy: tuple[float, float]) -> lis
         ext = box.extent
         yaw = -math.radians(rot.yaw + box.rotation.yaw)
         out.append(Actor(id=actor.id, kind=actor_kind(type_id), x=x, y=y, yaw=yaw, length=2 * ext.x,
-                         width=2 * ext.y, vx=v.x, vy=-v.y))
+                         width=2 * ext.y, vx=v.x, vy=-v.y, height=2 * ext.z))
     return out
 
 

@@ -29,9 +29,8 @@ from typing import Any
 import numpy as np
 
 from lmm_fusion import topics
-from lmm_fusion.assessment import Assessment, modality_states
 from lmm_fusion.grid import OCCUPANCY_GRID, BevGrid
-from lmm_fusion.labels import MODALITIES, Action, Light, Risk, Scenario
+from lmm_fusion.labels import Light, Scenario
 from lmm_fusion.rig import EGO_FRONT_OFFSET, SensorRig
 from lmm_fusion.sim.expert import DETECT_RANGE, ExpertInput, Label, Obstacle, assess, in_ego_corridor, occupancy
 
@@ -176,7 +175,7 @@ class TickAssembler:
 @dataclass(frozen=True)
 class Actor:
     """One actor of the world in the ENU ``map`` frame: box centre ``x, y`` [m], heading ``yaw``
-    [rad, 0 = east], box ``length``/``width`` [m], velocity ``vx, vy`` [m/s], ``kind``
+    [rad, 0 = east], box ``length``/``width``/``height`` [m], velocity ``vx, vy`` [m/s], ``kind``
     (``vehicle``, ``pedestrian``, ``obstacle``), CARLA ``id``."""
 
     id: int
@@ -188,6 +187,7 @@ class Actor:
     width: float
     vx: float = 0.0
     vy: float = 0.0
+    height: float = 1.5
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,7 @@ class EgoTruth:
     ``map`` (vx, vy [m/s]), ego lane centre line ``lane_path`` (N, 2) in ``base_link`` (driving order,
     from the map's waypoints), ``lane_width`` [m], neighbouring same-direction lanes
     ``lanes_left``/``lanes_right`` (0 or more), ``light`` (stop-line distance from the front bumper
-    [m], state) of the light governing the ego lane, or None."""
+    [m], state) of the light governing the ego lane, or None; ``yaw_rate`` [rad/s, + = left]."""
 
     x: float
     y: float
@@ -209,6 +209,7 @@ class EgoTruth:
     lanes_left: int = 0
     lanes_right: int = 0
     light: tuple[float, Light] | None = None
+    yaw_rate: float = 0.0
 
     @property
     def speed(self) -> float:
@@ -346,51 +347,52 @@ def ground_truth(ego: EgoTruth, actors: Iterable[Actor], grid: BevGrid = OCCUPAN
     return GroundTruth(label, occ, scenario_of(label, inp))
 
 
-def label_assessment(stamp: float, gt: GroundTruth) -> Assessment:
-    """Ground truth as an :class:`Assessment` (one-hot probabilities, every modality used, confidence
-    1), so the node's own message builders (:mod:`lmm_fusion.ros_outputs`) write it."""
-    lab = gt.label
-
-    def one_hot(n: int, i: int) -> np.ndarray:
-        v = np.zeros(n, np.float32)
-        v[int(i)] = 1.0
-        return v
-
-    mask = np.ones(len(MODALITIES), bool)
-    return Assessment(
-        stamp=stamp, valid=True, modalities=modality_states(mask, dict.fromkeys(MODALITIES, 0.0)),
-        risk=Risk(lab.risk), risk_probs=one_hot(3, lab.risk), ttc=lab.ttc, distance=lab.distance,
-        light=Light(lab.light), light_probs=one_hot(4, lab.light), action=Action(lab.action),
-        action_probs=one_hot(6, lab.action), target_speed=lab.target_speed, confidence=1.0,
-        rationale=lab.rationale, occupancy=(gt.occupancy.astype(np.float32) / 100.0),
-        model_action=Action(lab.action), model_target_speed=lab.target_speed, ego_speed=None,
-    )
-
-
 # ------------------------------------------------------------------------------------------- recorder
-def _quat_from_matrix(r: np.ndarray) -> tuple[float, float, float, float]:
-    """(x, y, z, w) of a 3x3 rotation matrix."""
-    m = np.asarray(r, np.float64)
-    w = math.sqrt(max(0.0, 1.0 + m[0, 0] + m[1, 1] + m[2, 2])) / 2.0
-    x = math.copysign(math.sqrt(max(0.0, 1.0 + m[0, 0] - m[1, 1] - m[2, 2])) / 2.0, m[2, 1] - m[1, 2])
-    y = math.copysign(math.sqrt(max(0.0, 1.0 - m[0, 0] + m[1, 1] - m[2, 2])) / 2.0, m[0, 2] - m[2, 0])
-    z = math.copysign(math.sqrt(max(0.0, 1.0 - m[0, 0] - m[1, 1] + m[2, 2])) / 2.0, m[1, 0] - m[0, 1])
-    return x, y, z, w
+@dataclass(frozen=True)
+class _Boxes:
+    """The part of :class:`lmm_fusion.sim.world.Boxes` the synthetic world's ground-truth writer reads."""
+
+    center: np.ndarray  # (N, 3) base_link [m]
+    yaw: np.ndarray  # (N,) [rad]
+    size: np.ndarray  # (N, 3) length, width, height [m]
+    kind: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.kind)
 
 
-def rig_transforms(rig: SensorRig) -> list[tuple[str, np.ndarray]]:
-    """(child frame, 4x4 child->base_link) of every sensor frame of the rig, for ``/tf_static``."""
-    from lmm_fusion.topics import CAMERA_FRAME, GNSS_FRAME, LIDAR_FRAME
+@dataclass(frozen=True)
+class _SceneView:
+    """The part of :class:`lmm_fusion.sim.world.Scene` that
+    :func:`lmm_fusion.sim.synth.ground_truth_msgs` reads, filled from a CARLA snapshot."""
 
-    return [(CAMERA_FRAME, rig.camera_optical_to_base()), (LIDAR_FRAME, rig.lidar_mount.matrix()),
-            (GNSS_FRAME, rig.gnss_mount.matrix())]
+    boxes: _Boxes
+    ego_pose: tuple[float, float, float]
+    ego_speed: float
+    ego_yaw_rate: float
+    scenario: Scenario
+
+
+def scene_view(ego: EgoTruth, actors: Iterable[Actor], scenario: Scenario) -> _SceneView:
+    """A CARLA snapshot in the synthetic world's scene terms (boxes in ``base_link`` on the ground,
+    ego pose in ``map``, forward speed [m/s], yaw rate [rad/s])."""
+    acts = list(actors)
+    centres, yaws, sizes = footprints_in_base(ego, acts)
+    heights = np.array([a.height for a in acts], np.float64)
+    centre3 = np.concatenate([centres, heights[:, None] / 2.0], axis=1) if acts else np.zeros((0, 3))
+    size3 = np.concatenate([sizes, heights[:, None]], axis=1) if acts else np.zeros((0, 3))
+    forward = math.cos(ego.yaw) * ego.vx + math.sin(ego.yaw) * ego.vy
+    return _SceneView(_Boxes(centre3, yaws, size3, tuple(a.kind for a in acts)), (ego.x, ego.y, ego.yaw),
+                      forward, ego.yaw_rate, scenario)
 
 
 class CarlaRecorder:
-    """Write a CARLA drive as a rosbag2 (sensor topics + ground truth), as the synthetic world does.
+    """Write a CARLA drive as a rosbag2 (sensor topics + ground truth) in the synthetic world's layout.
 
-    Use as a context manager. ``write_sensors`` takes the frames of one tick as project arrays,
-    ``write_truth`` the ground truth of a LiDAR frame; both stamp messages with sim time [s].
+    The static transforms and the five ground-truth messages are built by the synthetic world's own
+    writers (:func:`lmm_fusion.sim.synth.tf_static_msg`, :func:`lmm_fusion.sim.synth.ground_truth_msgs`),
+    so a CARLA bag and a synthetic bag differ only in content. Use as a context manager; stamps are
+    sim time [s].
     """
 
     def __init__(self, path: Path | str, rig: SensorRig, storage: str = "mcap") -> None:
@@ -418,48 +420,19 @@ class CarlaRecorder:
 
     def write_static(self, stamp: float) -> None:
         """``/tf_static`` with the rig's extrinsics (once)."""
-        if self._static_written:
-            return
-        from lmm_fusion.io import make_header
+        from lmm_fusion.sim.synth import tf_static_msg
 
-        t = self.types
-        tfs = []
-        for child, m in rig_transforms(self.rig):
-            qx, qy, qz, qw = _quat_from_matrix(m[:3, :3])
-            tfs.append(t.TransformStamped(
-                header=make_header(t, stamp, topics.BASE_FRAME), child_frame_id=child,
-                transform=t.Transform(translation=t.Vector3(x=float(m[0, 3]), y=float(m[1, 3]), z=float(m[2, 3])),
-                                      rotation=t.Quaternion(x=qx, y=qy, z=qz, w=qw))))
-        self.writer.write(topics.TF_STATIC, stamp, t.TFMessage(transforms=tfs))
-        self._static_written = True
+        if not self._static_written:
+            self.writer.write(topics.TF_STATIC, stamp, tf_static_msg(self.types, self.rig, stamp))
+            self._static_written = True
 
     def write_message(self, topic: str, stamp: float, msg: Any) -> None:
         self.writer.write(topic, stamp, msg)
 
-    def write_truth(self, stamp: float, gt: GroundTruth, ego: EgoTruth) -> None:
-        """The five ground-truth topics for the frame stamped ``stamp`` [s]."""
-        from lmm_fusion import ros_outputs
+    def write_truth(self, stamp: float, gt: GroundTruth, ego: EgoTruth, actors: Iterable[Actor]) -> None:
+        """The five ground-truth topics for the LiDAR frame stamped ``stamp`` [s]."""
+        from lmm_fusion.sim.synth import ground_truth_msgs
 
-        t = self.types
-        a = label_assessment(stamp, gt)
-        self.writer.write(topics.GT_SCENE, stamp, ros_outputs.scene_assessment(t, a))
-        self.writer.write(topics.GT_ACTION, stamp, ros_outputs.action_suggestion(t, a))
-        self.writer.write(topics.GT_OCCUPANCY, stamp, ros_outputs.occupancy_grid(t, a))
-        self.writer.write(topics.GT_SCENARIO, stamp, t.String(data=gt.scenario.name))
-        self.writer.write(topics.GT_EGO, stamp, ego_odometry(t, stamp, ego))
-
-
-def ego_odometry(types: Any, stamp: float, ego: EgoTruth) -> Any:
-    """nav_msgs/Odometry: pose of ``base_link`` in ``map``, twist in ``base_link`` (m/s, rad/s 0)."""
-    from lmm_fusion.io import make_header
-
-    t = types
-    c, s = math.cos(ego.yaw), math.sin(ego.yaw)
-    vx_b, vy_b = c * ego.vx + s * ego.vy, -s * ego.vx + c * ego.vy
-    cov = np.zeros(36, np.float64)
-    pose = t.Pose(position=t.Point(x=float(ego.x), y=float(ego.y), z=float(ego.z)),
-                  orientation=t.Quaternion(x=0.0, y=0.0, z=math.sin(ego.yaw / 2), w=math.cos(ego.yaw / 2)))
-    twist = t.Twist(linear=t.Vector3(x=float(vx_b), y=float(vy_b), z=0.0), angular=t.Vector3(x=0.0, y=0.0, z=0.0))
-    return t.Odometry(header=make_header(t, stamp, topics.MAP_FRAME), child_frame_id=topics.BASE_FRAME,
-                      pose=t.PoseWithCovariance(pose=pose, covariance=cov),
-                      twist=t.TwistWithCovariance(twist=twist, covariance=cov.copy()))
+        view = scene_view(ego, actors, gt.scenario)
+        for topic, msg in ground_truth_msgs(self.types, view, gt.label, stamp).items():
+            self.writer.write(topic, stamp, msg)
