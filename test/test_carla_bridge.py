@@ -425,6 +425,11 @@ class MovingActor(FakeActor):
     def get_traffic_light(self) -> None:
         return None
 
+    def get_angular_velocity(self) -> Any:
+        import carla
+
+        return carla.Vector3D(x=0.0, y=0.0, z=0.0)
+
 
 class RoadWorld(FakeWorld):
     """Ticks move every actor and call the sensors' callbacks with frames stamped by frame number;

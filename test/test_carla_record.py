@@ -225,7 +225,7 @@ def test_recorder_writes_synthetic_layout(tmp_path: Path) -> None:
             rec.write_message(topics.LIDAR_POINTS, stamp,
                               create_cloud(types, make_header(types, stamp, topics.LIDAR_FRAME), pts,
                                            ("x", "y", "z", "intensity")))
-            rec.write_truth(stamp, ground_truth(ego, [lead]), ego)
+            rec.write_truth(stamp, ground_truth(ego, [lead]), ego, [lead])
     t = bag_topics(path)
     assert t[topics.GT_SCENE] == "lmm_fusion_msgs/msg/SceneAssessment"
     assert t[topics.GT_ACTION] == "lmm_fusion_msgs/msg/ActionSuggestion"
