@@ -56,6 +56,8 @@ SENSOR_BLUEPRINTS: dict[str, str] = {
     "gnss": "sensor.other.gnss",
 }
 DEFAULT_VEHICLE = "vehicle.lincoln.mkz_2020"
+#: JPEG quality of --compressed camera frames (the synthetic world's).
+JPEG_QUALITY = 90
 #: Actors farther than this from the ego are left out of the ground truth [m].
 GT_RADIUS = 90.0
 
@@ -116,6 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", metavar="BAG", default=None,
                         help="write the drive with ground truth as a rosbag2 folder (needs --sync)")
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="bag storage for --record")
+    parser.add_argument("--compressed", action="store_true",
+                        help="camera as JPEG CompressedImage on the compressed topic (published and recorded)")
     parser.add_argument("--duration", type=_positive(float), default=60.0, help="simulated seconds to drive")
     parser.add_argument("--traffic", type=_count, default=20, help="number of Traffic Manager vehicles to spawn")
     parser.add_argument("--publish", action="store_true",
@@ -558,13 +562,16 @@ class Outputs:
 
     def messages(self, types: Any, item: SensorItem) -> list[tuple[str, Any]]:
         """(topic, message) pairs of one sensor frame built with ``types`` (rosbags or rclpy)."""
-        from lmm_fusion.io import create_cloud, create_fix, create_image, make_header
+        from lmm_fusion.io import create_cloud, create_compressed_image, create_fix, create_image, make_header
 
         if item.sensor == "camera":
             header = make_header(types, item.stamp, topics.CAMERA_FRAME)
             h, w = item.data.shape[:2]
-            return [(topics.CAMERA_IMAGE, create_image(types, header, item.data)),
-                    (topics.CAMERA_INFO, camera_info(types, header, w, h, self.rig.camera.hfov_deg))]
+            info = (topics.CAMERA_INFO, camera_info(types, header, w, h, self.rig.camera.hfov_deg))
+            if self.bridge.args.compressed:
+                return [(topics.CAMERA_COMPRESSED, create_compressed_image(types, header, item.data, "jpeg",
+                                                                           JPEG_QUALITY)), info]
+            return [(topics.CAMERA_IMAGE, create_image(types, header, item.data)), info]
         if item.sensor == "lidar":
             header = make_header(types, item.stamp, topics.LIDAR_FRAME)
             return [(topics.LIDAR_POINTS, create_cloud(types, header, item.data, ("x", "y", "z", "intensity")))]
@@ -719,7 +726,8 @@ class RosPublisher:
             rclpy.init()
         self.node = rclpy.create_node("carla_bridge")
         t = self.types
-        sensor_topics = {topics.CAMERA_IMAGE: t.Image, topics.CAMERA_INFO: t.CameraInfo,
+        sensor_topics = {topics.CAMERA_IMAGE: t.Image, topics.CAMERA_COMPRESSED: t.CompressedImage,
+                         topics.CAMERA_INFO: t.CameraInfo,
                          topics.LIDAR_POINTS: t.PointCloud2, topics.GNSS_FIX: t.NavSatFix}
         self.pubs = {name: self.node.create_publisher(cls, name, qos_profile_sensor_data)
                      for name, cls in sensor_topics.items()}
