@@ -354,6 +354,10 @@ class World:
         sc = ep.scenario
         if sc == Scenario.FREE_ROAD:
             self._lane_traffic(ep, others)
+            if rng.random() < 0.35:  # a green light: the camera must confirm it is green
+                light = TrafficLight(front + float(rng.uniform(15.0, 65.0)), [(0.0, Light.GREEN)])
+                self._light_poles(ep, light)
+                ep.lights.append(light)
         elif sc == Scenario.LEAD_VEHICLE:
             lead = _vehicle(rng, front + float(rng.uniform(8.0, 45.0)), d_e, float(rng.uniform(2.0, 14.0)))
             if rng.random() < 0.5:
@@ -393,10 +397,10 @@ class World:
                 ep.actors.append(a)
             self._lane_traffic(ep, others, p=0.3)
         elif sc == Scenario.TRAFFIC_LIGHT:
-            s_stop = front + float(rng.uniform(10.0, 75.0))
-            first = Light(int(rng.choice([Light.RED, Light.YELLOW, Light.GREEN])))
+            s_stop = front + float(rng.uniform(10.0, 65.0))
+            first = Light(int(rng.choice([Light.RED, Light.YELLOW, Light.GREEN], p=[0.35, 0.3, 0.35])))
             schedule = [(0.0, first)]
-            if rng.random() < 0.5:
+            if rng.random() < 0.35:
                 t1 = float(rng.uniform(1.0, 5.0))
                 if first == Light.GREEN:
                     schedule += [(t1, Light.YELLOW), (t1 + 3.0, Light.RED)]
