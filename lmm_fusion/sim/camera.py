@@ -99,11 +99,12 @@ class CameraRenderer:
         self._cam_pos = t[:3, 3]
         self.k = self.cam.k()
         self._backgrounds: dict[tuple[str, float], np.ndarray] = {}
-        # noise tiles: positive and negative parts of N(0, 1) * 16 as uint8 so noise is added with
-        # saturating cv2.add/subtract (much cheaper than a float round trip per frame)
+        # one N(0, 1) noise tile; per noise level it is split into positive and negative uint8 parts
+        # so a frame gets its noise with two saturating cv2.add/subtract calls (no float round trip)
         g = np.random.default_rng(noise_seed)
         h, w = self.cam.height + 16, self.cam.width + 16
         self._noise = g.standard_normal((h, w, 3)).astype(np.float32)
+        self._noise_parts: dict[float, tuple[np.ndarray, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ helpers
     def _to_opt(self, p: np.ndarray) -> np.ndarray:
@@ -289,6 +290,14 @@ class CameraRenderer:
                 col = _shade(np.array(LAMP_OFF_RGB), scene.lighting)
                 cv2.circle(img, centre, round(max(r, 0.5) * _SCALE), col, -1, cv2.LINE_AA, _SHIFT)
 
+    def _noise_tiles(self, std: float) -> tuple[np.ndarray, np.ndarray]:
+        parts = self._noise_parts.get(std)
+        if parts is None:
+            scaled = np.round(self._noise * std)
+            parts = (np.clip(scaled, 0, 255).astype(np.uint8), np.clip(-scaled, 0, 255).astype(np.uint8))
+            self._noise_parts[std] = parts
+        return parts
+
     # ------------------------------------------------------------------ frame
     def render(self, scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
         """The camera image of ``scene``: (H, W, 3) uint8 RGB. ``rng`` draws the noise offset
@@ -301,6 +310,6 @@ class CameraRenderer:
         if rng is not None and scene.lighting.noise_std > 0:
             oy, ox = (int(v) for v in rng.integers(0, 16, size=2))
             h, w = self.cam.height, self.cam.width
-            noise = self._noise[oy:oy + h, ox:ox + w]
-            img = cv2.add(img, noise * scene.lighting.noise_std, dtype=cv2.CV_8U)
+            pos, neg = self._noise_tiles(scene.lighting.noise_std)
+            img = cv2.subtract(cv2.add(img, pos[oy:oy + h, ox:ox + w]), neg[oy:oy + h, ox:ox + w])
         return img

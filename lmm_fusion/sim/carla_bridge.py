@@ -516,9 +516,9 @@ class CarlaBridge:
                 return tick
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.stop_event.is_set():
+                log.warning("tick %d incomplete after %.1f s: have %s, due %s", frame, self.args.timeout,
+                            assembler.received(frame), list(assembler.due(frame)))
                 assembler.expire(frame + 1)
-                log.warning("tick %d incomplete after %.1f s (pending %s)", frame, self.args.timeout,
-                            assembler.pending)
                 return None
             try:
                 item = self.queue.get(timeout=min(remaining, 0.1))

@@ -165,6 +165,10 @@ class TickAssembler:
         self._closed.add(frame)
         log.debug("tick %d dropped incomplete (have %s, due %s)", frame, sorted(slot), self.due(frame))
 
+    def received(self, frame: int) -> list[str]:
+        """Sensors that delivered for the pending tick of ``frame`` (empty if none or not pending)."""
+        return sorted(self._pending.get(frame, {}))
+
     @property
     def pending(self) -> list[int]:
         """Frame numbers of ticks still waiting for a sensor."""

@@ -236,10 +236,9 @@ class LidarSimulator:
         pts = self.origin + dirs * r[:, None]  # exact hit points, base_link
         ground = refl_v < 0
         if ground.any():
-            refl_v[ground] = np.where(_is_paint(scene, pts[ground]), REFLECTIVITY["paint"], REFLECTIVITY["asphalt"])
-            off_road = _off_road(scene, pts[ground])
-            g = refl_v[ground]
-            g[off_road] = REFLECTIVITY["ground"]
+            ds, d = _road_coords(scene, pts[ground])
+            g = np.where(_is_paint(scene, ds, d), REFLECTIVITY["paint"], REFLECTIVITY["asphalt"])
+            g[np.abs(d) > scene.road.n_lanes * scene.road.lane_width / 2 + 0.3] = REFLECTIVITY["ground"]
             refl_v[ground] = g
         if rng is not None:
             r_noisy = r + rng.standard_normal(r.shape[0]) * m.range_noise_std
@@ -272,10 +271,10 @@ def _road_coords(scene: Scene, pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return ang / abs(k), d
 
 
-def _is_paint(scene: Scene, pts: np.ndarray) -> np.ndarray:
-    """Whether ground points lie on lane markings, stop lines or crosswalk stripes (as the camera draws them)."""
+def _is_paint(scene: Scene, ds: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Whether ground points at road coordinates (ds, d) lie on lane markings, stop lines or crosswalk
+    stripes (as the camera draws them)."""
     r = scene.road
-    ds, d = _road_coords(scene, pts)
     half = r.n_lanes * r.lane_width / 2
     paint = (np.abs(np.abs(d) - (half - 0.15)) < 0.08)
     phase = np.remainder(ds + r.s_ego, 12.0)
@@ -288,8 +287,3 @@ def _is_paint(scene: Scene, pts: np.ndarray) -> np.ndarray:
         stripe = np.remainder(d + half - 0.3, 1.0) < 0.5
         paint |= on_road & (np.abs(ds - s_c) <= 1.5) & stripe & (d < half - 0.2)
     return paint
-
-
-def _off_road(scene: Scene, pts: np.ndarray) -> np.ndarray:
-    _, d = _road_coords(scene, pts)
-    return np.abs(d) > scene.road.n_lanes * scene.road.lane_width / 2 + 0.3
