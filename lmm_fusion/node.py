@@ -191,6 +191,7 @@ def _make_node_class() -> type:
             self.declare_errors: list[str] = []
             for p in PARAMS:
                 self._declare(p)
+            self.add_on_set_parameters_callback(self._check_set)
             self.values: dict[str, Any] = {}
             self.pipeline: Any = None
             self.sync: SensorSync | None = None
@@ -222,6 +223,18 @@ def _make_node_class() -> type:
                 self.declare_errors.append(f"{p.name}={value!r}: {reason}")
                 # Declared with its default so the node exists; configure then fails naming it.
                 self.declare_parameter(p.name, p.default, _descriptor(p), ignore_override=True)
+
+        def _check_set(self, params: list[Any]) -> Any:
+            """Refuse run-time sets of a wrong value (ranges are enforced by rclpy itself); accepted
+            values take effect at the next configure."""
+            from rcl_interfaces.msg import SetParametersResult
+
+            for prm in params:
+                spec = PARAM_BY_NAME.get(prm.name)
+                if spec is not None and spec.choices is not None and prm.value not in spec.choices:
+                    return SetParametersResult(successful=False, reason=(
+                        f"{prm.name}={prm.value!r}: must be one of {', '.join(spec.choices)}"))
+            return SetParametersResult(successful=True)
 
         def read_parameters(self) -> dict[str, Any]:
             """Current values; raises :class:`ParameterError` naming every invalid one."""

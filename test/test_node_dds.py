@@ -217,7 +217,7 @@ def test_lidar_loss_masks_and_recovers(running: Rig) -> None:
     feeder = running.feeder
     assert feeder is not None, "runs after the rate test, which starts the sensors"
     last_lidar = feeder.set_enabled("lidar", False)
-    bound = last_lidar + LIDAR_TIMEOUT + 2 * PERIOD + 0.05
+    bound = last_lidar + LIDAR_TIMEOUT + 2 * PERIOD + 0.1  # 0.1 s: timer jitter on a loaded machine
 
     def masked() -> list[dict[str, Any]]:
         return [r for r in running.collector.get("scene") if r["stamp"] > last_lidar and r["valid"]
