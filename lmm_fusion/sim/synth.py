@@ -335,8 +335,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output rosbag2 folder (must not exist)")
     parser.add_argument("--seconds", type=float, default=60.0, help="drive length [s] (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bag bytes)")
-    parser.add_argument("--scenario", type=parse_scenario, action="append", default=None, metavar="FAMILY",
-                        help="scenario family to cycle (repeatable; default all): "
+    parser.add_argument("--scenario", type=parse_scenario, action="extend", nargs="+", default=None,
+                        metavar="FAMILY", help="scenario families to cycle (default all): "
                              + ", ".join(s.name.lower() for s in Scenario))
     add_sensor_arguments(parser)
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage plugin")
