@@ -37,6 +37,7 @@ def test_complete_ticks_by_frame_number() -> None:
     assert asm.add("lidar", 100, "L100")
     assert asm.add("camera", 101, "C101")
     assert asm.complete(100) is None  # camera and gnss of 100 still missing
+    assert asm.received(100) == ["lidar"] and asm.pending == [100, 101]
     assert asm.add("camera", 100, "C100")
     assert asm.add("gnss", 100, "G100")
     tick = asm.complete(100)

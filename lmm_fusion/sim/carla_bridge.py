@@ -314,6 +314,8 @@ class CarlaBridge:
         self.geo_origin: tuple[float, float, float] | None = None
         self.ticks = 0
         self.assessments = 0
+        self._next_keep: dict[str, float] = {}
+        self.skipped: Counter[str] = Counter()  # asynchronous mode: frames above the rig rate
 
     # -------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -494,15 +496,26 @@ class CarlaBridge:
                             item = self.queue.get_nowait()
                         except queue.Empty:
                             break
-                        latest[item.sensor] = item
+                        if self._due_async(item):
+                            latest[item.sensor] = item
                     out.on_tick(now, snapshot.frame, latest, snapshot.timestamp.delta_seconds)
                     if now - t0 >= a.duration:
                         break
-                summary_ticks = {}
+                summary_ticks = {"skipped": dict(self.skipped)}
         finally:
             out.close()
         return {"ticks": self.ticks, "assembly": summary_ticks, "conversion_errors": dict(self.errors),
                 **out.summary()}
+
+    def _due_async(self, item: SensorItem) -> bool:
+        """Asynchronous mode: keep a sensor's frame when its rig period has passed since the last kept
+        one (less half a nominal tick, so stamp jitter does not skip frames); counts the others."""
+        rate = {"camera": self.rig.camera.rate_hz, "lidar": self.rig.lidar.rate_hz, "gnss": self.rig.gnss.rate_hz}
+        if item.stamp < self._next_keep.get(item.sensor, -math.inf):
+            self.skipped[item.sensor] += 1
+            return False
+        self._next_keep[item.sensor] = item.stamp + 1.0 / rate[item.sensor] - 0.5 / self.args.fps
+        return True
 
     def _collect(self, assembler: Any, frame: int) -> Any:
         """Wait (bounded by ``--timeout``) until the tick of ``frame`` is complete; None if it is not."""
