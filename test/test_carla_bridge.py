@@ -70,7 +70,7 @@ def test_cross_checks() -> None:
     cb.validate(parse(["--sync", "--fps", "20", "--record", "x"]), rig)
 
 
-def test_cli_dispatch_reaches_module(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_dispatch_reaches_module() -> None:
     from lmm_fusion.cli import main
 
     # --record without --sync is refused before any import of carla or network access
