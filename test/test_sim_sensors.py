@@ -179,3 +179,18 @@ def test_gnss_fix_around_origin_and_degraded() -> None:
     assert np.allclose(np.sqrt(arr[good, 2]), rig.gnss.horizontal_std)
     assert (~good).any() and arr[~good, 0].std() > 0.3 and (np.sqrt(arr[~good, 2]) > 0.5).all()
     assert set(statuses) == {STATUS_FIX, STATUS_GBAS_FIX}
+
+
+def test_rear_lamps_show_motion_state_to_camera_only() -> None:
+    rig = _rig(beams=32, columns=512)
+    car = {"center": (12.0, 0.0, 0.75), "size": (4.5, 1.8, 1.5), "kind": "vehicle", "color": (40, 40, 200)}
+    imgs, clouds = {}, {}
+    for signal in ("tail", "brake", "hazard"):
+        scene = static_scene([dict(car, signal=signal)], lighting="night")
+        imgs[signal] = CameraRenderer(rig).render(scene, rng=None).astype(int)
+        clouds[signal] = LidarSimulator(rig).scan(scene, np.random.default_rng(1)).tobytes()
+    assert clouds["tail"] == clouds["brake"] == clouds["hazard"]
+    amber = (imgs["hazard"][..., 0] > 200) & (imgs["hazard"][..., 1] > 120) & (imgs["hazard"][..., 2] < 60)
+    bright_red = (imgs["brake"][..., 0] > 200) & (imgs["brake"][..., 1] < 80)
+    assert amber.sum() > 0 and bright_red.sum() > 0
+    assert ((imgs["tail"][..., 0] > 200) & (imgs["tail"][..., 1] < 80)).sum() < bright_red.sum()

@@ -253,6 +253,8 @@ class CameraRenderer:
                 self._fill(img, corners_opt[i][list(_FACES[f])], _shade(b.color[i], lit, factor))
             if i in housings:
                 self._draw_lamps(img, scene, lamps_by_housing.get(int(i), []))
+            if b.signal and b.signal[i] and facing[1]:
+                self._draw_rear_lamps(img, b.center[i], rot[i], b.size[i], b.signal[i])
 
     def _lamps_by_housing(self, scene: Scene, housings: set[int]) -> dict[int, list[int]]:
         """Assign each lamp to the housing box it sits on (nearest centre)."""
@@ -265,6 +267,35 @@ class CameraRenderer:
             j = idx[int(np.argmin(np.linalg.norm(centers - lamp.center, axis=1)))]
             out.setdefault(j, []).append(li)
         return out
+
+    def _glow_dot(self, img: np.ndarray, p_base: np.ndarray, radius: float, col: tuple[int, int, int],
+                  glow: float) -> None:
+        """An emissive disc of ``radius`` [m] at a base_link point, with a halo ``glow`` times wider
+        (at least ~1 px, like a real sensor's bloom)."""
+        p = self._to_opt(p_base[None])[0]
+        if p[2] < NEAR:
+            return
+        u = self.k[0, 0] * p[0] / p[2] + self.k[0, 2]
+        v = self.k[1, 1] * p[1] / p[2] + self.k[1, 2]
+        if not (-50 < u < self.cam.width + 50 and -50 < v < self.cam.height + 50):
+            return
+        r = radius * self.k[0, 0] / p[2]
+        centre = (round(u * _SCALE), round(v * _SCALE))
+        if glow > 1.0:
+            halo = tuple(int(0.45 * x) for x in col)
+            cv2.circle(img, centre, round(max(glow * r, 2.0) * _SCALE), halo, -1, cv2.LINE_AA, _SHIFT)
+        cv2.circle(img, centre, round(max(r, 1.0) * _SCALE), col, -1, cv2.LINE_AA, _SHIFT)
+
+    def _draw_rear_lamps(self, img: np.ndarray, center: np.ndarray, rot: np.ndarray, size: np.ndarray,
+                         signal: str) -> None:
+        """Rear lamps of a vehicle (camera-only cue of its motion state): dim red tail lamps, bright
+        red brake lamps, amber hazard lamps."""
+        col, radius, glow = {"tail": ((150, 20, 20), 0.07, 1.0), "brake": ((255, 35, 35), 0.1, 2.2),
+                             "hazard": ((255, 165, 0), 0.1, 2.2)}[signal]
+        z = -size[2] / 2 + min(0.85, 0.55 * size[2])
+        for side in (-1.0, 1.0):
+            local = np.array([-size[0] / 2 - 0.02, side * (size[1] / 2 - 0.22), z])
+            self._glow_dot(img, center + rot @ local, radius, col, glow)
 
     def _draw_lamps(self, img: np.ndarray, scene: Scene, lamp_ids: list[int]) -> None:
         for li in lamp_ids:

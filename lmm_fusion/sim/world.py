@@ -46,6 +46,8 @@ A_ACCEL = 2.5
 A_DECEL = 3.5
 #: How the traffic-light housing faces the road: its lamps are on the face towards -s.
 LAMP_RADIUS = 0.11
+#: A vehicle slower than this shows brake lamps (stopped in traffic) [m/s].
+STOPPED_LAMP_SPEED = 0.5
 LAMP_SPACING = 0.3
 
 
@@ -99,6 +101,7 @@ class Actor:
     walk_at: float = math.inf
     walk_speed: float = 0.0
     d_stop: float = 0.0
+    hazard: bool = False  # a broken-down / parked vehicle: hazard lamps on
 
     def __post_init__(self) -> None:
         if not self.material:
@@ -124,6 +127,17 @@ class Actor:
                 self.walk_at = math.inf
         self.s += self.vs * dt
         self.d += self.vd * dt
+
+    def signal(self, t_rel: float) -> str:
+        """Rear lamps a vehicle shows (camera only): hazard when broken down, brake when braking or
+        stopped in traffic, tail lamps otherwise."""
+        if self.kind != "vehicle":
+            return ""
+        if self.hazard:
+            return "hazard"
+        if self.vs < STOPPED_LAMP_SPEED or (t_rel >= self.brake_at and self.decel > 0):
+            return "brake"
+        return "tail"
 
     def half_extents_sd(self) -> tuple[float, float]:
         """Half extents of the footprint along and across the road [m]."""
@@ -177,7 +191,8 @@ class Episode:
 class Boxes:
     """Oriented boxes in ``base_link``: ``center`` (N, 3) box centre [m], ``yaw`` (N,) [rad],
     ``size`` (N, 3) length/width/height [m], ``color`` (N, 3) uint8 RGB, ``reflectivity`` (N,),
-    ``kind`` names, ``velocity`` (N, 2) over ground in base_link axes [m/s]."""
+    ``kind`` names, ``velocity`` (N, 2) over ground in base_link axes [m/s], ``signal``: rear lamps
+    of vehicles ("" none, "tail", "brake", "hazard"; empty tuple = none for all)."""
 
     center: np.ndarray
     yaw: np.ndarray
@@ -186,6 +201,7 @@ class Boxes:
     reflectivity: np.ndarray
     kind: tuple[str, ...]
     velocity: np.ndarray
+    signal: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.kind)
@@ -285,6 +301,7 @@ def _static_obstacle(rng: np.random.Generator, s: float, d: float) -> Actor:
     if rng.random() < 0.5:
         a = _vehicle(rng, s, d, 0.0)
         a.yaw = rng.uniform(-0.15, 0.15)
+        a.hazard = True
         return a
     ln, wd, ht = rng.uniform(0.6, 3.0), rng.uniform(0.6, 2.2), rng.uniform(0.5, 1.8)
     return Actor("obstacle", s + ln / 2, d + rng.uniform(-0.4, 0.4), ln, wd, ht, _color(rng),
@@ -539,7 +556,8 @@ class World:
         vel = np.stack([ch * vel_road[:, 0] - sh * vel_road[:, 1], sh * vel_road[:, 0] + ch * vel_road[:, 1]],
                        axis=-1) if n else np.zeros((0, 2))
         boxes = Boxes(centers, yaw, size, np.array([a.color for a in acts], dtype=np.uint8).reshape(n, 3),
-                      np.array([REFLECTIVITY[a.material] for a in acts]), tuple(a.kind for a in acts), vel)
+                      np.array([REFLECTIVITY[a.material] for a in acts]), tuple(a.kind for a in acts), vel,
+                      tuple(a.signal(t_rel) for a in acts))
         lamps: list[Lamp] = []
         light_in: tuple[float, Light] | None = None
         stop_lines: list[float] = []
@@ -582,8 +600,8 @@ def static_scene(boxes: Sequence[dict[str, Any]] = (), *, lighting: str = "day",
                  stop_lines: Sequence[float] = (), scenario: Scenario = Scenario.FREE_ROAD) -> Scene:
     """A hand-built scene (tests, figures). ``boxes``: dicts with ``center`` (x, y, z of the box
     centre in base_link [m]), ``size`` (l, w, h [m]) and optionally ``yaw`` [rad], ``color`` (RGB),
-    ``kind`` (default "obstacle"), ``velocity`` (vx, vy [m/s]). The expert input is derived on a
-    straight road: gap = x - l/2 - EGO_FRONT_OFFSET, lateral = y."""
+    ``kind`` (default "obstacle"), ``velocity`` (vx, vy [m/s]), ``signal`` (rear lamps). The expert
+    input is derived on a straight road: gap = x - l/2 - EGO_FRONT_OFFSET, lateral = y."""
     n = len(boxes)
     center = np.array([b["center"] for b in boxes], float).reshape(n, 3)
     size = np.array([b["size"] for b in boxes], float).reshape(n, 3)
@@ -602,7 +620,9 @@ def static_scene(boxes: Sequence[dict[str, Any]] = (), *, lighting: str = "day",
     inp = ExpertInput(ego_speed=ego_speed, obstacles=obstacles, lane_width=lane_width,
                       lanes_left=n_lanes - 1 - ego_lane, lanes_right=ego_lane, light=light,
                       road_edges=(-half - d_e, half - d_e))
-    return Scene(0.0, scenario, LIGHTINGS[lighting], 1.0, road, Boxes(center, yaw, size, color, refl, kinds, vel),
+    signal = tuple(str(b.get("signal", "")) for b in boxes)
+    return Scene(0.0, scenario, LIGHTINGS[lighting], 1.0, road,
+                 Boxes(center, yaw, size, color, refl, kinds, vel, signal),
                  tuple(lamps), tuple(stop_lines), (), ego_speed, 0.0, (0.0, 0.0, 0.0), 0.0, inp)
 
 
