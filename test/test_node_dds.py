@@ -355,3 +355,14 @@ def test_bad_parameter_fails_naming_it() -> None:
     assert out.returncode != 0
     text = out.stdout + out.stderr
     assert "rate_hz=500.0" in text and "backend='gpu9000'" in text
+
+
+def test_cli_build_only_builds_and_exits(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lmm_fusion.cli", "node", "--build-only", "-p", "backend:=torch",
+                          "-p", "threads:=1"], env=loopback_env(), capture_output=True, text=True, timeout=180,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "build-only: engine ready: torch" in out.stdout + out.stderr
