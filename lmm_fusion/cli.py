@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("lmm_fusion.runtime.quantize", "INT8 Q/DQ ONNX calibrated on a bag"),
     "build-engine": ("lmm_fusion.runtime.engine", "build (or validate) a cached TensorRT engine"),
     "bench": ("lmm_fusion.bench", "benchmark every stage (JSON)"),
+    "load": ("lmm_fusion.loadtest", "drive the real node with full-size sensors; rate, latency, CPU, RSS"),
     "node": ("lmm_fusion.node", "run the ROS 2 fusion node"),
     "play": ("lmm_fusion.player", "publish a rosbag2 over DDS at its recorded pace with /clock"),
     "replay": ("lmm_fusion.replay", "replay bags offline through the pipeline: outputs, metrics, video"),
