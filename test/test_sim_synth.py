@@ -1,4 +1,4 @@
-"""Synthesised drives: topics, types, rates, frames, stamps, ground truth, determinism, readers, CLI."""
+"""Synthesised drives: topics, types, rates, frames, stamps, ground truth, determinism, readers, CLIs."""
 
 from __future__ import annotations
 
@@ -193,3 +193,16 @@ def test_dataset_one_family_per_drive_and_worker_independent(tmp_path: Path) -> 
         assert fa.read_bytes() == fb.read_bytes()
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert [d["path"] for d in manifest["drives"]] == [Path(s.path).name for s in one]
+
+
+def test_contact_sheet_and_existing_output(tmp_path: Path, drive: Path) -> None:
+    import cv2
+
+    from lmm_fusion.sim.contact_sheet import contact_sheet
+
+    tiny = SensorRig(camera=CameraModel(width=96, height=54), lidar=LidarModel(beams=8, columns=128))
+    png = contact_sheet(tmp_path / "sheet.png", seed=1, rig=tiny, per_family=1)
+    img = cv2.imread(str(png))
+    assert img is not None and img.shape[0] >= 7 * 54 and img.shape[1] > 96
+    with pytest.raises(FileExistsError, match="exists"):
+        synthesize(drive, 0.2, seed=1, rig=RIG, progress=False)

@@ -191,6 +191,8 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
         raise ValueError(f"seconds must be a positive number, got {seconds!r}")
     rig = rig or SensorRig()
     out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"output bag {out} exists already; remove it or choose another path")
     types = rosbags_types()
     seq = np.random.SeedSequence(int(seed))
     world_ss, cam_ss, lidar_ss, gnss_ss, stamp_ss = seq.spawn(5)
