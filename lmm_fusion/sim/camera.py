@@ -341,6 +341,6 @@ class CameraRenderer:
         if rng is not None and scene.lighting.noise_std > 0:
             oy, ox = (int(v) for v in rng.integers(0, 16, size=2))
             h, w = self.cam.height, self.cam.width
-            pos, neg = self._noise_tiles(scene.lighting.noise_std)
+            pos, neg = self._noise_tiles(round(scene.lighting.noise_std * scene.noise_scale, 2))
             img = cv2.subtract(cv2.add(img, pos[oy:oy + h, ox:ox + w]), neg[oy:oy + h, ox:ox + w])
         return img

@@ -244,8 +244,10 @@ class LidarSimulator:
             refl_v[ground] = g
         n = r.shape[0]
         if rng is not None:
-            r_noisy = r + rng.standard_normal(n, dtype=np.float32) * np.float32(m.range_noise_std)
-            keep = rng.random(n, dtype=np.float32) >= m.dropout
+            std = m.range_noise_std * scene.noise_scale
+            dropout = m.dropout if scene.lidar_dropout is None else scene.lidar_dropout
+            r_noisy = r + rng.standard_normal(n, dtype=np.float32) * np.float32(std)
+            keep = rng.random(n, dtype=np.float32) >= dropout
             inten_noise = rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)
         else:
             r_noisy, keep, inten_noise = r, np.ones(n, bool), np.zeros(n)

@@ -178,6 +178,8 @@ class Episode:
     lights: list[TrafficLight]
     crosswalks: list[float]
     camera_exposure: float = 1.0
+    noise_scale: float = 1.0  # multiplies camera pixel noise and LiDAR range noise
+    lidar_dropout: float | None = None  # None: the rig's dropout
 
     def lane_centre(self, lane: int) -> float:
         return (lane - (self.n_lanes - 1) / 2.0) * self.lane_width
@@ -271,6 +273,8 @@ class Scene:
     ego_pose: tuple[float, float, float]  # map x, y [m], yaw [rad]
     ego_yaw_rate: float  # [rad/s]
     expert_input: ExpertInput
+    noise_scale: float = 1.0  # multiplies camera pixel noise and LiDAR range noise
+    lidar_dropout: float | None = None  # None: the rig's dropout
 
     def label(self) -> Label:
         return assess(self.expert_input)
@@ -344,7 +348,10 @@ class World:
         kappa = 0.0 if rng.random() < 0.5 else float(rng.choice([-1, 1]) * rng.uniform(1 / 1200, 1 / 300))
         lighting = LIGHTINGS[str(rng.choice(["day", "day", "dusk", "night"]))]
         ep = Episode(scenario, t_start, float(rng.uniform(6.0, 10.0)), kappa, lane_width, n_lanes, ego_lane,
-                     lighting, [], [], [], camera_exposure=float(rng.uniform(0.85, 1.15)))
+                     lighting, [], [], [], camera_exposure=float(rng.uniform(0.85, 1.15)),
+                     # sensor noise varies per episode; 0.1 steps keep the camera's noise-tile cache small
+                     noise_scale=round(float(rng.uniform(0.7, 1.5)), 1),
+                     lidar_dropout=float(rng.uniform(0.005, 0.03)))
         # redraw the ego's target speed: independent of whatever the scene will be
         self.v_target = float(rng.uniform(V_MIN, V_MAX)) if rng.random() > 0.1 else 0.0
         self.next_target_change = t_start + float(rng.uniform(2.0, 5.0))
@@ -591,7 +598,8 @@ class World:
                           road_edges=(-ep.half_road - d_e, ep.half_road - d_e))
         return Scene(self.t, ep.scenario, ep.lighting, ep.camera_exposure, road, boxes, tuple(lamps),
                      tuple(stop_lines), tuple(c - self.s for c in ep.crosswalks), self.v, self.a,
-                     (self.map_x, self.map_y, self.map_yaw), ep.kappa * self.v, inp)
+                     (self.map_x, self.map_y, self.map_yaw), ep.kappa * self.v, inp, ep.noise_scale,
+                     ep.lidar_dropout)
 
 
 def static_scene(boxes: Sequence[dict[str, Any]] = (), *, lighting: str = "day", kappa: float = 0.0,
