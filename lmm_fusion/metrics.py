@@ -76,15 +76,18 @@ def occupancy_from_msg(msg: Any, grid: BevGrid = OCCUPANCY_GRID) -> np.ndarray:
     """
     w, h = int(msg.info.width), int(msg.info.height)
     if (h, w) != grid.shape:
-        raise MessageError(f"occupancy.info: width x height {w}x{h} differs from the grid {grid.nx}x{grid.ny}")
+        raise MessageError(
+            f"occupancy.info: width x height {w}x{h} differs from the grid {grid.nx}x{grid.ny}"
+        )
     data = np.asarray(msg.data, dtype=np.int8).reshape(-1)
     if data.size != w * h:
         raise MessageError(f"occupancy.data: {data.size} cells, expected width*height = {w * h}")
     return np.clip(data.astype(np.float32), 0.0, 100.0).reshape(h, w) / 100.0
 
 
-def ground_truth_from_messages(latest: Mapping[str, tuple[float, Any]], grid: BevGrid = OCCUPANCY_GRID
-                               ) -> GroundTruth | None:
+def ground_truth_from_messages(
+    latest: Mapping[str, tuple[float, Any]], grid: BevGrid = OCCUPANCY_GRID
+) -> GroundTruth | None:
     """``{topic: (bag time [s], msg)}`` of ``/ground_truth/*`` -> :class:`GroundTruth` (None if empty).
 
     The stamp is that of the scene assessment label when present, else the newest of the others.
@@ -96,8 +99,12 @@ def ground_truth_from_messages(latest: Mapping[str, tuple[float, Any]], grid: Be
     if T.GT_SCENE in latest:
         _, m = latest[T.GT_SCENE]
         stamp = stamp_to_sec(m.header.stamp)
-        fields.update(risk=Risk(int(m.risk_level)), light=Light(int(m.traffic_light_state)),
-                      ttc=_finite_or_inf(m.time_to_collision), distance=_finite_or_inf(m.nearest_obstacle_distance))
+        fields.update(
+            risk=Risk(int(m.risk_level)),
+            light=Light(int(m.traffic_light_state)),
+            ttc=_finite_or_inf(m.time_to_collision),
+            distance=_finite_or_inf(m.nearest_obstacle_distance),
+        )
     if T.GT_ACTION in latest:
         _, m = latest[T.GT_ACTION]
         fields.update(action=Action(int(m.action)), target_speed=float(m.target_speed))
@@ -138,14 +145,23 @@ def _capped_abs_error(pred: float, true: float | None, cap: float) -> float | No
     return abs(min(pred, cap) - min(true, cap))  # min(inf, cap) == cap
 
 
-def score(a: Assessment, gt: GroundTruth, t: float | None = None, ttc_cap: float = TTC_CAP,
-          distance_cap: float = DISTANCE_CAP) -> SampleScore:
+def score(
+    a: Assessment,
+    gt: GroundTruth,
+    t: float | None = None,
+    ttc_cap: float = TTC_CAP,
+    distance_cap: float = DISTANCE_CAP,
+) -> SampleScore:
     """Compare one assessment with its ground truth (an invalid assessment is scored as it is:
     its STOP at 0 m/s and empty occupancy count against it)."""
     inter = union = None
     if gt.occupancy is not None:
         true_occ = gt.occupancy > 0.5
-        pred = a.occupancy if a.valid and a.occupancy is not None and a.occupancy.shape == true_occ.shape else None
+        pred = (
+            a.occupancy
+            if a.valid and a.occupancy is not None and a.occupancy.shape == true_occ.shape
+            else None
+        )
         pred_occ = pred > OCCUPIED_PROBABILITY if pred is not None else np.zeros_like(true_occ)
         inter = int(np.count_nonzero(pred_occ & true_occ))
         union = int(np.count_nonzero(pred_occ | true_occ))
@@ -188,8 +204,9 @@ def accuracy_table(samples: Iterable[SampleScore]) -> dict[str, float | int | No
     }
 
 
-def grouped_tables(samples: Iterable[SampleScore], key: Callable[[SampleScore], str | None]
-                   ) -> dict[str, dict[str, float | int | None]]:
+def grouped_tables(
+    samples: Iterable[SampleScore], key: Callable[[SampleScore], str | None]
+) -> dict[str, dict[str, float | int | None]]:
     """:func:`accuracy_table` per group (``key`` -> group name; None = skipped), groups in sorted order."""
     groups: dict[str, list[SampleScore]] = {}
     for x in samples:
@@ -212,5 +229,15 @@ def window_key(t0: float, window_s: float) -> Callable[[SampleScore], str]:
     return key
 
 
-__all__ = ["DISTANCE_CAP", "TTC_CAP", "GroundTruth", "SampleScore", "accuracy_table", "ground_truth_from_messages",
-           "grouped_tables", "occupancy_from_msg", "score", "window_key"]
+__all__ = [
+    "DISTANCE_CAP",
+    "TTC_CAP",
+    "GroundTruth",
+    "SampleScore",
+    "accuracy_table",
+    "ground_truth_from_messages",
+    "grouped_tables",
+    "occupancy_from_msg",
+    "score",
+    "window_key",
+]

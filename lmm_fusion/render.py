@@ -39,16 +39,28 @@ CAMERA_WIDTH = 854
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 #: RGB colours (0..255).
-RISK_RGB: dict[Risk, tuple[int, int, int]] = {Risk.LOW: (40, 200, 60), Risk.MEDIUM: (255, 180, 0),
-                                              Risk.HIGH: (230, 30, 30)}
+RISK_RGB: dict[Risk, tuple[int, int, int]] = {
+    Risk.LOW: (40, 200, 60),
+    Risk.MEDIUM: (255, 180, 0),
+    Risk.HIGH: (230, 30, 30),
+}
 WHITE, GREY, BLACK = (255, 255, 255), (140, 140, 140), (0, 0, 0)
 CYAN, GREEN, RED = (0, 200, 255), (60, 230, 90), (255, 60, 50)
-MODALITY_RGB: dict[str, tuple[int, int, int]] = {"camera": (255, 160, 60), "lidar": (80, 170, 255),
-                                                 "gnss": (200, 120, 255)}
+MODALITY_RGB: dict[str, tuple[int, int, int]] = {
+    "camera": (255, 160, 60),
+    "lidar": (80, 170, 255),
+    "gnss": (200, 120, 255),
+}
 
 
-def _text(img: np.ndarray, text: str, org: tuple[int, int], scale: float = 0.6,
-          colour: tuple[int, int, int] = WHITE, thickness: int = 1) -> None:
+def _text(
+    img: np.ndarray,
+    text: str,
+    org: tuple[int, int],
+    scale: float = 0.6,
+    colour: tuple[int, int, int] = WHITE,
+    thickness: int = 1,
+) -> None:
     """Text with a 1 px drop shadow, readable on any background. ``org`` is the baseline-left corner.
 
     (The shadow has the text's own thickness: a thicker outline changes glyph spacing in OpenCV 5.)"""
@@ -73,7 +85,7 @@ def _letterbox(rgb: np.ndarray, width: int, height: int) -> np.ndarray:
     out = np.zeros((height, width, 3), np.uint8)
     small = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
     y0, x0 = (height - nh) // 2, (width - nw) // 2
-    out[y0:y0 + nh, x0:x0 + nw] = small
+    out[y0 : y0 + nh, x0 : x0 + nw] = small
     return out
 
 
@@ -81,8 +93,14 @@ def _fmt(x: float, unit: str) -> str:
     return f"{x:.1f} {unit}" if math.isfinite(x) else "none"
 
 
-def camera_panel(rgb: np.ndarray | None, a: Assessment, gt: GroundTruth | None = None, t: float | None = None,
-                 width: int = CAMERA_WIDTH, height: int = PANEL_HEIGHT) -> np.ndarray:
+def camera_panel(
+    rgb: np.ndarray | None,
+    a: Assessment,
+    gt: GroundTruth | None = None,
+    t: float | None = None,
+    width: int = CAMERA_WIDTH,
+    height: int = PANEL_HEIGHT,
+) -> np.ndarray:
     """Camera image with the assessment drawn on it -> (height, width, 3) uint8 RGB.
 
     ``rgb`` None (camera masked) gives a grey placeholder. ``t`` [s] is printed when given.
@@ -107,8 +125,14 @@ def camera_panel(rgb: np.ndarray | None, a: Assessment, gt: GroundTruth | None =
     _shade(img, width - 330, 0, width, 92)
     action = a.action.name.replace("_", " ")
     _text(img, f"{action}", (width - 320, 30), 0.8, colour, 2)
-    _text(img, f"{a.target_speed:4.1f} m/s" + ("  [guard]" if a.safety_override else ""), (width - 320, 58), 0.65,
-          WHITE, 2)
+    _text(
+        img,
+        f"{a.target_speed:4.1f} m/s" + ("  [guard]" if a.safety_override else ""),
+        (width - 320, 58),
+        0.65,
+        WHITE,
+        2,
+    )
     ego = f"ego {a.ego_speed:.1f} m/s" if a.ego_speed is not None else "ego ?"
     _text(img, f"conf {a.confidence:.2f}  light {a.light.name.lower()}  {ego}", (width - 320, 82), 0.45)
 
@@ -154,8 +178,13 @@ def _grid_image(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(turned.astype(np.float32), size, interpolation=cv2.INTER_NEAREST)
 
 
-def bev_panel(points_base: np.ndarray | None, a: Assessment, gt_occupancy: np.ndarray | None = None,
-              height: int = PANEL_HEIGHT, grid: BevGrid = OCCUPANCY_GRID) -> np.ndarray:
+def bev_panel(
+    points_base: np.ndarray | None,
+    a: Assessment,
+    gt_occupancy: np.ndarray | None = None,
+    height: int = PANEL_HEIGHT,
+    grid: BevGrid = OCCUPANCY_GRID,
+) -> np.ndarray:
     """Top view -> (height, width, 3) uint8 RGB, width = height × (y extent / x extent).
 
     ``points_base``: (N, >=3) LiDAR points in ``base_link`` [m] or None (LiDAR masked); points below
@@ -202,8 +231,9 @@ def bev_panel(points_base: np.ndarray | None, a: Assessment, gt_occupancy: np.nd
         path = np.asarray(_path_points(a), np.float64)
         pc, pr = _to_px(path[:, 0], path[:, 1], grid, scale)
         colour = RISK_RGB[a.risk]
-        cv2.arrowedLine(img, (int(pc[0]), int(pr[0])), (int(pc[-1]), int(pr[-1])), colour, 3, cv2.LINE_AA,
-                        tipLength=0.15)
+        cv2.arrowedLine(
+            img, (int(pc[0]), int(pr[0])), (int(pc[-1]), int(pr[-1])), colour, 3, cv2.LINE_AA, tipLength=0.15
+        )
     _shade(img, 0, 0, width, 40)
     _text(img, "BEV (base_link)", (6, 16), 0.45)
     _text(img, "pred occ", (6, 34), 0.42, RED)
@@ -214,8 +244,13 @@ def bev_panel(points_base: np.ndarray | None, a: Assessment, gt_occupancy: np.nd
     return img
 
 
-def compose_frame(rgb: np.ndarray | None, points_base: np.ndarray | None, a: Assessment,
-                  gt: GroundTruth | None = None, t: float | None = None) -> np.ndarray:
+def compose_frame(
+    rgb: np.ndarray | None,
+    points_base: np.ndarray | None,
+    a: Assessment,
+    gt: GroundTruth | None = None,
+    t: float | None = None,
+) -> np.ndarray:
     """Camera panel and BEV panel side by side -> (PANEL_HEIGHT, W, 3) uint8 RGB (W even)."""
     occ = gt.occupancy if gt is not None else None
     return np.concatenate([camera_panel(rgb, a, gt, t), bev_panel(points_base, a, occ)], axis=1)
@@ -242,11 +277,13 @@ class VideoRenderer:
         self._next_key = 0.0
 
     def add(self, frame_rgb: np.ndarray, t: float) -> None:
-        """Write one (H, W, 3) uint8 RGB frame stamped ``t`` [s, bag time]; every frame has the first's size."""
+        """Write one (H, W, 3) uint8 RGB frame at bag time ``t`` [s]; all frames have the first one's size."""
         h, w = frame_rgb.shape[:2]
         if self._writer is None:
             self._size = (w, h)
-            self._writer = cv2.VideoWriter(str(self.video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            self._writer = cv2.VideoWriter(
+                str(self.video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h)
+            )
             if not self._writer.isOpened():
                 raise RuntimeError(f"cv2.VideoWriter could not open {self.video_path} (mp4v, {w}x{h})")
             self._t0 = t
@@ -256,7 +293,7 @@ class VideoRenderer:
         self._writer.write(bgr)
         self.frames += 1
         rel = t - (self._t0 or 0.0)
-        if rel >= self._next_key - 1e-6:
+        if rel >= self._next_key - 0.5 / self.fps:  # half a frame: bag times accumulate rounding
             path = self.keyframe_dir / f"frame_{rel:07.2f}s.png"
             cv2.imwrite(str(path), bgr)
             self.keyframes.append(path)
@@ -308,13 +345,23 @@ def timeline_plot(records: Sequence[CycleRecord], path: Path | str, title: str =
     if not records:
         raise ValueError("timeline_plot: no cycles to plot")
     t = np.array([r.t for r in records]) - records[0].t
-    fig, axes = plt.subplots(4, 1, figsize=(13, 9), sharex=True, gridspec_kw={"height_ratios": [1, 1.4, 1.6, 1]})
+    fig, axes = plt.subplots(
+        4, 1, figsize=(13, 9), sharex=True, gridspec_kw={"height_ratios": [1, 1.4, 1.6, 1]}
+    )
     ax_risk, ax_action, ax_speed, ax_att = axes
     degraded = np.array([r.degraded or not r.valid for r in records])
     for ax in axes:
         if degraded.any():
-            ax.fill_between(t, 0, 1, where=degraded, transform=ax.get_xaxis_transform(), color="0.85", step="mid",
-                            label="degraded" if ax is ax_risk else None)
+            ax.fill_between(
+                t,
+                0,
+                1,
+                where=degraded,
+                transform=ax.get_xaxis_transform(),
+                color="0.85",
+                step="mid",
+                label="degraded" if ax is ax_risk else None,
+            )
         ax.grid(True, alpha=0.3)
 
     ax_risk.step(t, _series(records, "risk"), where="post", color="tab:red", lw=1.8, label="predicted")
@@ -327,28 +374,43 @@ def timeline_plot(records: Sequence[CycleRecord], path: Path | str, title: str =
 
     ax_action.step(t, _series(records, "action"), where="post", color="tab:blue", lw=1.8, label="suggested")
     if any(r.gt_action is not None for r in records):
-        ax_action.step(t, _series(records, "gt_action"), where="post", color="k", ls="--", lw=1.2, label="truth")
+        ax_action.step(
+            t, _series(records, "gt_action"), where="post", color="k", ls="--", lw=1.2, label="truth"
+        )
     ov = np.array([r.override for r in records])
     if ov.any():
-        ax_action.plot(t[ov], _series(records, "action")[ov], "v", color="tab:orange", ms=4, label="guard override")
-    ax_action.set_yticks([int(a) for a in Action], [a.name.lower().replace("_", " ") for a in Action], fontsize=8)
+        ax_action.plot(
+            t[ov], _series(records, "action")[ov], "v", color="tab:orange", ms=4, label="guard override"
+        )
+    ax_action.set_yticks(
+        [int(a) for a in Action], [a.name.lower().replace("_", " ") for a in Action], fontsize=8
+    )
     ax_action.set_ylim(-0.4, len(Action) - 0.6)
     ax_action.set_ylabel("action")
     ax_action.legend(loc="upper right", fontsize=8, ncol=3)
 
     ax_speed.plot(t, _series(records, "target_speed"), color="tab:blue", lw=1.8, label="target (suggested)")
     if any(r.gt_target_speed is not None for r in records):
-        ax_speed.plot(t, _series(records, "gt_target_speed"), color="k", ls="--", lw=1.2, label="target (truth)")
+        ax_speed.plot(
+            t, _series(records, "gt_target_speed"), color="k", ls="--", lw=1.2, label="target (truth)"
+        )
     ax_speed.plot(t, _series(records, "ego_speed"), color="tab:green", lw=1.4, label="ego (GNSS estimate)")
     if any(r.gt_ego_speed is not None for r in records):
-        ax_speed.plot(t, _series(records, "gt_ego_speed"), color="tab:green", ls=":", lw=1.4, label="ego (truth)")
+        ax_speed.plot(
+            t, _series(records, "gt_ego_speed"), color="tab:green", ls=":", lw=1.4, label="ego (truth)"
+        )
     ax_speed.set_ylabel("speed [m/s]")
     ax_speed.set_ylim(bottom=0)
     ax_speed.legend(loc="upper right", fontsize=8, ncol=2)
 
     att = np.array([r.attention for r in records], dtype=np.float64).reshape(len(records), len(MODALITIES))
-    ax_att.stackplot(t, att.T, labels=list(MODALITIES),
-                     colors=[np.asarray(MODALITY_RGB[m]) / 255.0 for m in MODALITIES], alpha=0.85)
+    ax_att.stackplot(
+        t,
+        att.T,
+        labels=list(MODALITIES),
+        colors=[np.asarray(MODALITY_RGB[m]) / 255.0 for m in MODALITIES],
+        alpha=0.85,
+    )
     ax_att.set_ylim(0, 1)
     ax_att.set_ylabel("attention")
     ax_att.set_xlabel("bag time since first cycle [s]")
@@ -362,5 +424,13 @@ def timeline_plot(records: Sequence[CycleRecord], path: Path | str, title: str =
     return path
 
 
-__all__ = ["CAMERA_WIDTH", "PANEL_HEIGHT", "CycleRecord", "VideoRenderer", "bev_panel", "camera_panel",
-           "compose_frame", "timeline_plot"]
+__all__ = [
+    "CAMERA_WIDTH",
+    "PANEL_HEIGHT",
+    "CycleRecord",
+    "VideoRenderer",
+    "bev_panel",
+    "camera_panel",
+    "compose_frame",
+    "timeline_plot",
+]

@@ -71,7 +71,9 @@ LATENCY_STAGES: tuple[str, ...] = ("preprocess", "inference", "decode", "safety"
 class ReplayOptions:
     """What :func:`replay` does. ``sensor_topics`` maps sensor -> topic (others auto-detected by type);
     ``window_s`` [s] is the width of the accuracy-over-time windows; ``keyframe_every_s`` [s] the key
-    frame spacing of ``--render``; ``threads`` the backend's CPU threads (None = its default)."""
+    frame spacing of ``--render``; ``threads`` the backend's CPU threads (None = its default);
+    ``copy_sensors`` False leaves the camera, LiDAR and GNSS messages out of the output bag (it is then
+    small; ``/tf_static``, camera info and ground truth are still copied)."""
 
     model_dir: str | Path | None = None
     backend: str = "auto"
@@ -83,6 +85,7 @@ class ReplayOptions:
     threads: int | None = None
     progress: bool = True
     rig: SensorRig | None = None
+    copy_sensors: bool = True
 
 
 def bag_time_range(paths: Sequence[Path]) -> tuple[float, float]:
@@ -101,8 +104,11 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "mean": None}
     v = np.asarray(values, np.float64)
-    return {"p50": round(float(np.percentile(v, 50)), 3), "p99": round(float(np.percentile(v, 99)), 3),
-            "mean": round(float(v.mean()), 3)}
+    return {
+        "p50": round(float(np.percentile(v, 50)), 3),
+        "p99": round(float(np.percentile(v, 99)), 3),
+        "mean": round(float(v.mean()), 3),
+    }
 
 
 def _rig_tf_static(stamp: float, rig: SensorRig) -> Any:
@@ -114,10 +120,16 @@ def _rig_tf_static(stamp: float, rig: SensorRig) -> Any:
     tfs = []
     for child, m in rig_transforms(rig):
         qx, qy, qz, qw = _quat_from_matrix(m[:3, :3])
-        tfs.append(t.TransformStamped(
-            header=make_header(t, stamp, T.BASE_FRAME), child_frame_id=child,
-            transform=t.Transform(translation=t.Vector3(x=float(m[0, 3]), y=float(m[1, 3]), z=float(m[2, 3])),
-                                  rotation=t.Quaternion(x=qx, y=qy, z=qz, w=qw))))
+        tfs.append(
+            t.TransformStamped(
+                header=make_header(t, stamp, T.BASE_FRAME),
+                child_frame_id=child,
+                transform=t.Transform(
+                    translation=t.Vector3(x=float(m[0, 3]), y=float(m[1, 3]), z=float(m[2, 3])),
+                    rotation=t.Quaternion(x=qx, y=qy, z=qz, w=qw),
+                ),
+            )
+        )
     return t.TFMessage(transforms=tfs)
 
 
@@ -149,17 +161,25 @@ def _record(a: Assessment, gt: GroundTruth | None) -> Any:
     from lmm_fusion.render import CycleRecord
 
     return CycleRecord(
-        t=a.stamp, valid=a.valid, degraded=a.degraded, risk=int(a.risk), action=int(a.action),
-        target_speed=float(a.target_speed), ego_speed=a.ego_speed,
-        attention=tuple(float(m.attention) for m in a.modalities), override=a.safety_override,
+        t=a.stamp,
+        valid=a.valid,
+        degraded=a.degraded,
+        risk=int(a.risk),
+        action=int(a.action),
+        target_speed=float(a.target_speed),
+        ego_speed=a.ego_speed,
+        attention=tuple(float(m.attention) for m in a.modalities),
+        override=a.safety_override,
         gt_risk=None if gt is None or gt.risk is None else int(gt.risk),
         gt_action=None if gt is None or gt.action is None else int(gt.action),
         gt_target_speed=None if gt is None else gt.target_speed,
-        gt_ego_speed=None if gt is None else gt.ego_speed)
+        gt_ego_speed=None if gt is None else gt.ego_speed,
+    )
 
 
-def replay(paths: Path | str | Sequence[Path | str], out_dir: Path | str, options: ReplayOptions | None = None
-           ) -> dict[str, Any]:
+def replay(
+    paths: Path | str | Sequence[Path | str], out_dir: Path | str, options: ReplayOptions | None = None
+) -> dict[str, Any]:
     """Replay ``paths`` (one or more rosbag2 folders) into ``out_dir``; returns the metrics dict that is
     also written to ``out_dir/metrics.json`` (see the module docstring)."""
     from tqdm import tqdm
@@ -184,7 +204,9 @@ def replay(paths: Path | str | Sequence[Path | str], out_dir: Path | str, option
     sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None)
     missing = sorted({"camera", "lidar", "gnss"} - set(sensor_of.values()))
     if missing:
-        log.warning("no topic for %s in the bag: replaying with %s masked", ", ".join(missing), ", ".join(missing))
+        log.warning(
+            "no topic for %s in the bag: replaying with %s masked", ", ".join(missing), ", ".join(missing)
+        )
     has_gt = any(t in topic_types for t in GROUND_TRUTH_TOPICS)
     start, end = bag_time_range(bags)
     duration = max(end - start, 0.0)
@@ -196,7 +218,7 @@ def replay(paths: Path | str | Sequence[Path | str], out_dir: Path | str, option
     bag = _OutputBag(out)
     lidar_to_base = rig.lidar_mount.matrix().astype(np.float32)
 
-    copied = set(sensor_of) | set(VIEW_TOPICS)
+    copied = (set(sensor_of) if opts.copy_sensors else set()) | set(VIEW_TOPICS)
     wrote_tf = T.TF_STATIC in topic_types
 
     def copy_input(m: BagMessage) -> None:
@@ -215,12 +237,25 @@ def replay(paths: Path | str | Sequence[Path | str], out_dir: Path | str, option
     first_t: float | None = None
     # iter_cycles emits one cycle per period after the first message, plus a final one.
     expected = math.floor(duration * opts.rate_hz) + 1 if duration > 0 else None
-    bar = tqdm(total=expected, unit="cycle", desc="replay", disable=not opts.progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=expected,
+        unit="cycle",
+        desc="replay",
+        disable=not opts.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     wall0 = time.perf_counter()
     try:
-        for c in iter_cycles(bags, ingest, opts.rate_hz, sensor_topics=opts.sensor_topics or None,
-                             with_ground_truth=has_gt, passthrough=sorted(copied), on_passthrough=copy_input):
+        for c in iter_cycles(
+            bags,
+            ingest,
+            opts.rate_hz,
+            sensor_topics=opts.sensor_topics or None,
+            with_ground_truth=has_gt,
+            passthrough=sorted(copied),
+            on_passthrough=copy_input,
+        ):
             if first_t is None:
                 first_t = c.t
                 if not wrote_tf:  # RViz needs the sensor frames to place the points and image
@@ -271,14 +306,24 @@ def replay(paths: Path | str | Sequence[Path | str], out_dir: Path | str, option
         "rate_hz": opts.rate_hz,
         "sensor_topics": {s: t for t, s in sorted(sensor_of.items(), key=lambda kv: kv[1])},
         "bag_duration_s": round(duration, 3),
-        "frames": {s: {"received": counters[s].received, "accepted": int(ingest.stats.accepted[s]),
-                       "rejected": int(ingest.stats.rejected[s])} for s in ("camera", "lidar", "gnss")},
+        "frames": {
+            s: {
+                "received": counters[s].received,
+                "accepted": int(ingest.stats.accepted[s]),
+                "rejected": int(ingest.stats.rejected[s]),
+            }
+            for s in ("camera", "lidar", "gnss")
+        },
         "cycles": {"total": cycles, "valid": valid, "degraded": degraded, "safety_override": overrides},
         "outputs": {"bag": str(bag_path), "messages": dict(sorted(bag.writer.counts.items()))},
         "timing": {
             "wall_s": round(wall, 3),
             "throughput_x_realtime": round(duration / wall, 3) if wall > 0 else None,
             "cycles_per_s": round(cycles / wall, 2) if wall > 0 else None,
+            # The rest of the wall time: reading, deserialising, decoding and copying the inputs.
+            "read_decode_copy_s": round(
+                wall - sum(sum(latencies[k]) for k in ("total", "write", "render")) / 1e3, 3
+            ),
             "latency_ms": {s: _percentiles(v) for s, v in latencies.items() if v},
         },
     }
@@ -287,16 +332,22 @@ def replay(paths: Path | str | Sequence[Path | str], out_dir: Path | str, option
         metrics["accuracy"] = {
             "overall": accuracy_table(samples),
             "per_scenario": grouped_tables(samples, lambda x: x.scenario),
-            "per_window": {"window_s": opts.window_s,
-                           "windows": grouped_tables(samples, window_key(t0, opts.window_s))},
+            "per_window": {
+                "window_s": opts.window_s,
+                "windows": grouped_tables(samples, window_key(t0, opts.window_s)),
+            },
         }
     if renderer is not None:
         from lmm_fusion.render import timeline_plot
 
         title = f"{', '.join(b.name for b in bags)} — {pipeline.describe()}"
         timeline = timeline_plot(records, out / "timeline.png", title=title)
-        metrics["render"] = {"video": str(renderer.video_path), "frames": renderer.frames,
-                             "keyframes": [str(p) for p in renderer.keyframes], "timeline": str(timeline)}
+        metrics["render"] = {
+            "video": str(renderer.video_path),
+            "frames": renderer.frames,
+            "keyframes": [str(p) for p in renderer.keyframes],
+            "timeline": str(timeline),
+        }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return metrics
 
@@ -308,45 +359,78 @@ WALL_CLOCK_KEYS: tuple[str, ...] = ("timing",)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bags", nargs="+", type=Path, metavar="BAG", help="rosbag2 folders (MCAP or SQLite3)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    p.add_argument("--model", type=Path, default=None, metavar="DIR",
-                   help="model folder (default: shipped models/fusion_small, else a random model)")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "onnxruntime", "tensorrt"),
-                   help="inference backend (default auto; use a CPU backend for bit-identical reruns)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="model folder (default: shipped models/fusion_small, else a random model)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        help="inference backend (default auto; use a CPU backend for bit-identical reruns)",
+    )
     p.add_argument("--rate-hz", type=float, default=10.0, help="cycle rate in bag time [Hz] (default 10)")
     p.add_argument("--render", action="store_true", help="write replay.mp4, key-frame PNGs and timeline.png")
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout")
-    p.add_argument("--camera-topic", default=None, help="camera topic (Image or CompressedImage; default: by type)")
+    p.add_argument(
+        "--camera-topic", default=None, help="camera topic (Image or CompressedImage; default: by type)"
+    )
     p.add_argument("--lidar-topic", default=None, help="LiDAR topic (PointCloud2; default: by type)")
     p.add_argument("--gnss-topic", default=None, help="GNSS topic (NavSatFix; default: by type)")
     p.add_argument("--window-s", type=float, default=10.0, help="accuracy-over-time window [s] (default 10)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the backend")
+    p.add_argument(
+        "--no-sensors",
+        action="store_true",
+        help="do not copy camera/LiDAR/GNSS messages into outputs.mcap (small output bag)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _summary(m: dict[str, Any]) -> str:
     c, tm = m["cycles"], m["timing"]
     lat = tm["latency_ms"].get("total", {})
-    lines = [f"replayed {m['bag_duration_s']:.1f} s of bag: {c['total']} cycles ({c['valid']} valid, "
-             f"{c['degraded']} degraded) in {tm['wall_s']:.1f} s = {tm['throughput_x_realtime']}x real time",
-             f"cycle latency p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms; backend {m['backend']}",
-             f"outputs: {m['outputs']['bag']}"]
+    lines = [
+        f"replayed {m['bag_duration_s']:.1f} s of bag: {c['total']} cycles ({c['valid']} valid, "
+        f"{c['degraded']} degraded) in {tm['wall_s']:.1f} s = {tm['throughput_x_realtime']}x real time",
+        f"cycle latency p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms; backend {m['backend']}",
+        f"outputs: {m['outputs']['bag']}",
+    ]
     acc = m.get("accuracy", {}).get("overall")
     if acc:
-        lines.append(f"accuracy: action {acc['action_accuracy']}, risk {acc['risk_accuracy']}, light "
-                     f"{acc['light_accuracy']}, speed MAE {acc['target_speed_mae']} m/s, occupancy IoU "
-                     f"{acc['occupancy_iou']}")
+        lines.append(
+            f"accuracy: action {acc['action_accuracy']}, risk {acc['risk_accuracy']}, light "
+            f"{acc['light_accuracy']}, speed MAE {acc['target_speed_mae']} m/s, occupancy IoU "
+            f"{acc['occupancy_iou']}"
+        )
     if "render" in m:
-        lines.append(f"video: {m['render']['video']} ({m['render']['frames']} frames), timeline: "
-                     f"{m['render']['timeline']}")
+        lines.append(
+            f"video: {m['render']['video']} ({m['render']['frames']} frames), timeline: "
+            f"{m['render']['timeline']}"
+        )
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    topics = {s: t for s, t in (("camera", args.camera_topic), ("lidar", args.lidar_topic),
-                                ("gnss", args.gnss_topic)) if t}
-    opts = ReplayOptions(model_dir=args.model, backend=args.backend, rate_hz=args.rate_hz, render=args.render,
-                         sensor_topics=topics, window_s=args.window_s, threads=args.threads,
-                         progress=not args.no_progress)
+    topics = {
+        s: t
+        for s, t in (("camera", args.camera_topic), ("lidar", args.lidar_topic), ("gnss", args.gnss_topic))
+        if t
+    }
+    opts = ReplayOptions(
+        model_dir=args.model,
+        backend=args.backend,
+        rate_hz=args.rate_hz,
+        render=args.render,
+        sensor_topics=topics,
+        window_s=args.window_s,
+        threads=args.threads,
+        progress=not args.no_progress,
+        copy_sensors=not args.no_sensors,
+    )
     try:
         metrics = replay(args.bags, args.out, opts)
     except (FileNotFoundError, ValueError) as exc:
@@ -359,4 +443,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["OUTPUT_TOPICS", "VIEW_TOPICS", "WALL_CLOCK_KEYS", "ReplayOptions", "add_arguments", "replay", "run"]
+__all__ = [
+    "OUTPUT_TOPICS",
+    "VIEW_TOPICS",
+    "WALL_CLOCK_KEYS",
+    "ReplayOptions",
+    "add_arguments",
+    "replay",
+    "run",
+]

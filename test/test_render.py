@@ -26,14 +26,27 @@ from lmm_fusion.render import (
 AGES = {"camera": 0.01, "lidar": 0.02, "gnss": 0.05}
 
 
-def sample(mask: tuple[bool, bool, bool] = (True, True, True), occupied: tuple[int, int] | None = None) -> Assessment:
+def sample(
+    mask: tuple[bool, bool, bool] = (True, True, True), occupied: tuple[int, int] | None = None
+) -> Assessment:
     occ = np.zeros(OCCUPANCY_GRID.shape, np.float32)
     if occupied is not None:
         occ[occupied] = 1.0
-    return Assessment(stamp=5.0, valid=True, modalities=modality_states(np.array(mask), AGES, np.array([0.5, 0.3, 0.2])),
-                      risk=Risk.HIGH, risk_probs=np.array([0.1, 0.2, 0.7], np.float32), ttc=2.0, distance=12.0,
-                      action=Action.SLOW_DOWN, target_speed=4.0, confidence=0.6, rationale="slow down: obstacle",
-                      occupancy=occ, ego_speed=9.0)
+    return Assessment(
+        stamp=5.0,
+        valid=True,
+        modalities=modality_states(np.array(mask), AGES, np.array([0.5, 0.3, 0.2])),
+        risk=Risk.HIGH,
+        risk_probs=np.array([0.1, 0.2, 0.7], np.float32),
+        ttc=2.0,
+        distance=12.0,
+        action=Action.SLOW_DOWN,
+        target_speed=4.0,
+        confidence=0.6,
+        rationale="slow down: obstacle",
+        occupancy=occ,
+        ego_speed=9.0,
+    )
 
 
 def test_camera_panel_size_and_aspect() -> None:
@@ -68,7 +81,7 @@ def test_bev_panel_points_occupancy_and_truth() -> None:
     row_pt, col_pt = int((56 - 30.0) * scale), int((16 - 0.0) * scale)
     assert img[row_pt, col_pt].min() > 200  # an obstacle return in white
     green = (img[..., 1] > 200) & (img[..., 0] < 100)
-    assert green[int((56 - 33) * scale):int((56 - 31) * scale) + 1].any()  # truth outline around x = 32.5 m
+    assert green[int((56 - 33) * scale) : int((56 - 31) * scale) + 1].any()  # truth outline around x = 32.5 m
     masked = bev_panel(None, a, None)
     assert masked.shape == img.shape
 
@@ -94,10 +107,24 @@ def test_compose_and_video_with_keyframes(tmp_path: Path) -> None:
 
 
 def test_timeline_plot(tmp_path: Path) -> None:
-    recs = [CycleRecord(t=10.0 + 0.1 * i, valid=True, degraded=i > 20, risk=i % 3, action=i % 6,
-                        target_speed=float(i % 7), ego_speed=None if i < 3 else 5.0, attention=(0.5, 0.3, 0.2),
-                        override=i % 5 == 0, gt_risk=1, gt_action=2, gt_target_speed=4.0, gt_ego_speed=5.1)
-            for i in range(40)]
+    recs = [
+        CycleRecord(
+            t=10.0 + 0.1 * i,
+            valid=True,
+            degraded=i > 20,
+            risk=i % 3,
+            action=i % 6,
+            target_speed=float(i % 7),
+            ego_speed=None if i < 3 else 5.0,
+            attention=(0.5, 0.3, 0.2),
+            override=i % 5 == 0,
+            gt_risk=1,
+            gt_action=2,
+            gt_target_speed=4.0,
+            gt_ego_speed=5.1,
+        )
+        for i in range(40)
+    ]
     path = timeline_plot(recs, tmp_path / "t.png", title="test")
     img = cv2.imread(str(path))
     assert img is not None and img.shape[:2] == (900, 1300)

@@ -23,9 +23,25 @@ RIG = SensorRig(camera=CameraModel(320, 180), lidar=LidarModel(beams=16, columns
 SECONDS = 2.5
 
 
+MODEL_DIR: Path | None = None  # set by the model fixture
+
+
 def _opts(**kw: Any) -> ReplayOptions:
     # One thread: much faster than two on a shared, busy CPU (no spinning workers).
-    return ReplayOptions(backend="torch", progress=False, rig=RIG, threads=1, **kw)
+    return ReplayOptions(model_dir=MODEL_DIR, backend="torch", progress=False, rig=RIG, threads=1, **kw)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded, randomly initialised model of the current architecture (replay needs any model)."""
+    import torch
+
+    from lmm_fusion.model import FusionModel, ModelConfig, save_model
+
+    global MODEL_DIR
+    torch.manual_seed(0)
+    MODEL_DIR = save_model(FusionModel(ModelConfig()), tmp_path_factory.mktemp("model") / "random")
+    return MODEL_DIR
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,8 +54,14 @@ def _restore_torch_threads() -> Any:
     torch.set_num_threads(n)
 
 
-def _derive(src: Path, dst: Path, storage: str, drop: set[str], rename: dict[str, str] | None = None,
-            compress_camera: bool = False) -> Path:
+def _derive(
+    src: Path,
+    dst: Path,
+    storage: str,
+    drop: set[str],
+    rename: dict[str, str] | None = None,
+    compress_camera: bool = False,
+) -> Path:
     """Copy a bag, dropping topics, renaming others and optionally JPEG-compressing the camera
     (the shape of a real bag: other topic names, CompressedImage, no ground truth)."""
     rename = rename or {}
@@ -63,7 +85,7 @@ def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(drive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def runs(drive: Path, model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same bag replayed twice (the first with rendering, which must not change any output)."""
     base = tmp_path_factory.mktemp("replay")
     replay(drive, base / "a", _opts(render=True, keyframe_every_s=1.0))
@@ -101,16 +123,20 @@ def test_outputs_readable_by_mcap_with_types_and_stamps(runs: tuple[Path, Path])
     from mcap.reader import make_reader
     from mcap_ros2.decoder import DecoderFactory
 
-    expected = {OUTPUT_TOPICS["scene"]: "lmm_fusion_msgs/msg/SceneAssessment",
-                OUTPUT_TOPICS["action"]: "lmm_fusion_msgs/msg/ActionSuggestion",
-                OUTPUT_TOPICS["occupancy"]: "nav_msgs/msg/OccupancyGrid",
-                OUTPUT_TOPICS["markers"]: "visualization_msgs/msg/MarkerArray"}
+    expected = {
+        OUTPUT_TOPICS["scene"]: "lmm_fusion_msgs/msg/SceneAssessment",
+        OUTPUT_TOPICS["action"]: "lmm_fusion_msgs/msg/ActionSuggestion",
+        OUTPUT_TOPICS["occupancy"]: "nav_msgs/msg/OccupancyGrid",
+        OUTPUT_TOPICS["markers"]: "visualization_msgs/msg/MarkerArray",
+    }
     seen: dict[str, list[int]] = {t: [] for t in expected}
     with (runs[0] / "outputs.mcap").open("rb") as f:
         reader = make_reader(f, decoder_factories=[DecoderFactory()])
         for schema, channel, message, decoded in reader.iter_decoded_messages(topics=list(expected)):
             assert schema.name == expected[channel.topic]
-            header = decoded.markers[0].header if channel.topic == OUTPUT_TOPICS["markers"] else decoded.header
+            header = (
+                decoded.markers[0].header if channel.topic == OUTPUT_TOPICS["markers"] else decoded.header
+            )
             assert header.frame_id == T.BASE_FRAME
             stamp_ns = header.stamp.sec * 1_000_000_000 + header.stamp.nanosec
             assert abs(stamp_ns - message.log_time) <= 1  # bag time = cycle time
@@ -179,25 +205,60 @@ def test_render_outputs(runs: tuple[Path, Path]) -> None:
 
 
 def test_real_bag_shape_sqlite_compressed_renamed_no_ground_truth(drive: Path, tmp_path: Path) -> None:
-    bag = _derive(drive, tmp_path / "real", "sqlite3", drop=set(GROUND_TRUTH_TOPICS),
-                  rename={T.CAMERA_IMAGE: "/front/image/compressed", T.LIDAR_POINTS: "/velodyne_points",
-                          T.GNSS_FIX: "/fix"}, compress_camera=True)
+    bag = _derive(
+        drive,
+        tmp_path / "real",
+        "sqlite3",
+        drop=set(GROUND_TRUTH_TOPICS),
+        rename={
+            T.CAMERA_IMAGE: "/front/image/compressed",
+            T.LIDAR_POINTS: "/velodyne_points",
+            T.GNSS_FIX: "/fix",
+        },
+        compress_camera=True,
+    )
     m = replay(bag, tmp_path / "out", _opts())
     assert "accuracy" not in m
-    assert m["sensor_topics"] == {"camera": "/front/image/compressed", "gnss": "/fix", "lidar": "/velodyne_points"}
+    assert m["sensor_topics"] == {
+        "camera": "/front/image/compressed",
+        "gnss": "/fix",
+        "lidar": "/velodyne_points",
+    }
     assert m["frames"]["camera"]["accepted"] >= 40 and m["frames"]["camera"]["rejected"] == 0
     assert m["cycles"]["degraded"] <= 3  # only while the GNSS motion estimate starts up
     out = list(read_bag(tmp_path / "out", [OUTPUT_TOPICS["scene"], "/front/image/compressed"]))
-    assert {x.msgtype for x in out} == {"lmm_fusion_msgs/msg/SceneAssessment", "sensor_msgs/msg/CompressedImage"}
+    assert {x.msgtype for x in out} == {
+        "lmm_fusion_msgs/msg/SceneAssessment",
+        "sensor_msgs/msg/CompressedImage",
+    }
 
 
-def test_missing_lidar_replays_masked_and_degraded(drive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                                   ) -> None:
+def test_missing_lidar_replays_masked_and_degraded(
+    drive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from lmm_fusion.cli import main
 
     bag = _derive(drive, tmp_path / "nolidar", "mcap", drop={T.LIDAR_POINTS})
-    assert main(["replay", str(bag), "--out", str(tmp_path / "out"), "--backend", "torch", "--json",
-                 "--threads", "1", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "replay",
+                str(bag),
+                "--out",
+                str(tmp_path / "out"),
+                "--backend",
+                "torch",
+                "--json",
+                "--threads",
+                "1",
+                "--no-progress",
+                "--no-sensors",
+                "--model",
+                str(MODEL_DIR),
+            ]
+        )
+        == 0
+    )
     m = json.loads(capsys.readouterr().out)
     assert m["frames"]["lidar"]["received"] == 0
     assert m["cycles"]["degraded"] == m["cycles"]["total"] > 0
@@ -206,6 +267,8 @@ def test_missing_lidar_replays_masked_and_degraded(drive: Path, tmp_path: Path, 
     assert scenes and all(s.degraded for s in scenes)
     assert all(not s.modalities[1].used and s.modalities[1].name == "lidar" for s in scenes)
     assert any(s.valid and s.modalities[0].used for s in scenes)
+    copied = set(m["outputs"]["messages"])  # --no-sensors: outputs, /tf_static and truth only
+    assert T.CAMERA_IMAGE not in copied and T.GNSS_FIX not in copied and T.TF_STATIC in copied
 
 
 def test_missing_bag_is_an_error(tmp_path: Path) -> None:

@@ -28,31 +28,73 @@ from lmm_fusion.metrics import (
 ALL = np.ones(3, bool)
 
 
-def assessment(action: Action = Action.FOLLOW, risk: Risk = Risk.MEDIUM, light: Light = Light.NONE,
-               speed: float = 8.0, ttc: float = 4.0, distance: float = 20.0, occ: np.ndarray | None = None,
-               valid: bool = True, t: float = 100.0) -> Assessment:
-    return Assessment(stamp=t, valid=valid, modalities=modality_states(ALL, dict.fromkeys(("camera", "lidar", "gnss"),
-                                                                                          0.0)),
-                      risk=risk, light=light, action=action, model_action=action, target_speed=speed, ttc=ttc,
-                      distance=distance, occupancy=occ)
+def assessment(
+    action: Action = Action.FOLLOW,
+    risk: Risk = Risk.MEDIUM,
+    light: Light = Light.NONE,
+    speed: float = 8.0,
+    ttc: float = 4.0,
+    distance: float = 20.0,
+    occ: np.ndarray | None = None,
+    valid: bool = True,
+    t: float = 100.0,
+) -> Assessment:
+    return Assessment(
+        stamp=t,
+        valid=valid,
+        modalities=modality_states(ALL, dict.fromkeys(("camera", "lidar", "gnss"), 0.0)),
+        risk=risk,
+        light=light,
+        action=action,
+        model_action=action,
+        target_speed=speed,
+        ttc=ttc,
+        distance=distance,
+        occupancy=occ,
+    )
 
 
 def truth_messages(t: float = 100.0, occ: np.ndarray | None = None) -> dict[str, tuple[float, object]]:
     ty = rosbags_types()
     h = make_header(ty, t, T.BASE_FRAME)
-    scene = ty.SceneAssessment(header=h, risk_level=1, risk_probabilities=np.zeros(3, np.float32),
-                               time_to_collision=math.inf, nearest_obstacle_distance=25.0, traffic_light_state=1,
-                               traffic_light_probabilities=np.zeros(4, np.float32), modalities=[], degraded=False,
-                               valid=True)
-    action = ty.ActionSuggestion(header=h, action=2, action_probabilities=np.zeros(6, np.float32), target_speed=5.0,
-                                 confidence=1.0, safety_override=False, rationale="")
+    scene = ty.SceneAssessment(
+        header=h,
+        risk_level=1,
+        risk_probabilities=np.zeros(3, np.float32),
+        time_to_collision=math.inf,
+        nearest_obstacle_distance=25.0,
+        traffic_light_state=1,
+        traffic_light_probabilities=np.zeros(4, np.float32),
+        modalities=[],
+        degraded=False,
+        valid=True,
+    )
+    action = ty.ActionSuggestion(
+        header=h,
+        action=2,
+        action_probabilities=np.zeros(6, np.float32),
+        target_speed=5.0,
+        confidence=1.0,
+        safety_override=False,
+        rationale="",
+    )
     grid = np.zeros(OCCUPANCY_GRID.shape, np.int8) if occ is None else occ
-    info = ty.MapMetaData(map_load_time=h.stamp, resolution=1.0, width=OCCUPANCY_GRID.nx, height=OCCUPANCY_GRID.ny,
-                          origin=ty.Pose(position=ty.Point(x=-8.0, y=-16.0, z=0.0),
-                                         orientation=ty.Quaternion(x=0.0, y=0.0, z=0.0, w=1.0)))
+    info = ty.MapMetaData(
+        map_load_time=h.stamp,
+        resolution=1.0,
+        width=OCCUPANCY_GRID.nx,
+        height=OCCUPANCY_GRID.ny,
+        origin=ty.Pose(
+            position=ty.Point(x=-8.0, y=-16.0, z=0.0), orientation=ty.Quaternion(x=0.0, y=0.0, z=0.0, w=1.0)
+        ),
+    )
     occ_msg = ty.OccupancyGrid(header=h, info=info, data=grid.reshape(-1))
-    return {T.GT_SCENE: (t, scene), T.GT_ACTION: (t, action), T.GT_OCCUPANCY: (t, occ_msg),
-            T.GT_SCENARIO: (t, ty.String(data="LEAD_VEHICLE"))}
+    return {
+        T.GT_SCENE: (t, scene),
+        T.GT_ACTION: (t, action),
+        T.GT_OCCUPANCY: (t, occ_msg),
+        T.GT_SCENARIO: (t, ty.String(data="LEAD_VEHICLE")),
+    }
 
 
 def test_ground_truth_from_messages() -> None:
@@ -83,8 +125,17 @@ def test_score_errors_with_caps_and_iou() -> None:
     true[0, 0:4] = 1.0  # four occupied cells
     pred = np.zeros(OCCUPANCY_GRID.shape, np.float32)
     pred[0, 2:6] = 0.9  # two right, two wrong
-    gt = GroundTruth(stamp=1.0, risk=Risk.MEDIUM, light=Light.RED, action=Action.SLOW_DOWN, target_speed=5.0,
-                     ttc=math.inf, distance=25.0, occupancy=true, scenario="CUT_IN")
+    gt = GroundTruth(
+        stamp=1.0,
+        risk=Risk.MEDIUM,
+        light=Light.RED,
+        action=Action.SLOW_DOWN,
+        target_speed=5.0,
+        ttc=math.inf,
+        distance=25.0,
+        occupancy=true,
+        scenario="CUT_IN",
+    )
     s = score(assessment(ttc=4.0, distance=math.inf, speed=8.0, occ=pred), gt)
     assert s.action_ok is False and s.risk_ok is True and s.light_ok is False
     assert s.speed_error == pytest.approx(3.0)
@@ -100,14 +151,20 @@ def test_missing_labels_are_none_not_zero() -> None:
     s = score(assessment(), GroundTruth(stamp=0.0, action=Action.FOLLOW))
     assert s.action_ok is True and s.risk_ok is None and s.speed_error is None and s.occ_union is None
     table = accuracy_table([s])
-    assert table["action_accuracy"] == 1.0 and table["risk_accuracy"] is None and table["occupancy_iou"] is None
+    assert (
+        table["action_accuracy"] == 1.0 and table["risk_accuracy"] is None and table["occupancy_iou"] is None
+    )
 
 
 def test_accuracy_table_groups_and_windows() -> None:
     samples = []
     for i in range(30):
-        gt = GroundTruth(stamp=float(i), action=Action.FOLLOW if i % 3 else Action.STOP, target_speed=10.0,
-                         scenario="A" if i < 20 else "B")
+        gt = GroundTruth(
+            stamp=float(i),
+            action=Action.FOLLOW if i % 3 else Action.STOP,
+            target_speed=10.0,
+            scenario="A" if i < 20 else "B",
+        )
         samples.append(score(assessment(action=Action.FOLLOW, speed=9.0, t=100.0 + i), gt, t=100.0 + i))
     table = accuracy_table(samples)
     assert table["n"] == 30 and table["action_accuracy"] == pytest.approx(20 / 30, abs=1e-4)
