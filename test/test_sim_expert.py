@@ -134,3 +134,15 @@ def test_ego_speed_not_determined_by_scene() -> None:
         w.advance(k * 1.0)
         speeds.append(w.scene().ego_speed)
     assert np.std(speeds) > 3.0 and max(speeds) - min(speeds) > 10.0
+
+
+def test_ego_never_drives_through_objects() -> None:
+    from lmm_fusion.rig import EGO_LENGTH, EGO_WIDTH
+
+    for seed in range(3):
+        w = World(np.random.default_rng(seed))
+        for k in range(1, 450):
+            w.advance(k * 0.1)
+            for o in w.scene().expert_input.obstacles:
+                overlap = abs(o.lateral) < o.half_width + EGO_WIDTH / 2 and o.gap + o.length > -EGO_LENGTH
+                assert not (overlap and o.gap < -0.05), (seed, k, o)

@@ -46,6 +46,8 @@ A_ACCEL = 2.5
 A_DECEL = 3.5
 #: How the traffic-light housing faces the road: its lamps are on the face towards -s.
 LAMP_RADIUS = 0.11
+#: A cutting-in vehicle starts its lane change only with its rear at least this far ahead of the ego [m].
+CUT_IN_GAP = 3.0
 #: A vehicle slower than this shows brake lamps (stopped in traffic) [m/s].
 STOPPED_LAMP_SPEED = 0.5
 LAMP_SPACING = 0.3
@@ -520,17 +522,51 @@ class World:
         if self.v > cap:
             a = max(-9.0, min(a, (cap - self.v) / max(dt, 0.25)))
         v_new = max(0.0, self.v + a * dt)
-        self.a = (v_new - self.v) / dt
         v_mid = 0.5 * (self.v + v_new)
+        # an object that appeared closer than the ego can stop (or cut in too close) is hit: the
+        # ego stops at contact (matching the object's speed) instead of driving through it
+        contact = self._contact_limit()
+        if self.s + v_mid * dt > contact:
+            v_mid = max(0.0, (contact - self.s) / dt)
+            v_new = min(v_new, v_mid)
+        self.a = (v_new - self.v) / dt
         self.v = v_new
         self.s += v_mid * dt
         yaw_rate = ep.kappa * v_mid
         self.map_x += v_mid * dt * math.cos(self.map_yaw + 0.5 * yaw_rate * dt)
         self.map_y += v_mid * dt * math.sin(self.map_yaw + 0.5 * yaw_rate * dt)
         self.map_yaw = math.remainder(self.map_yaw + yaw_rate * dt, 2 * math.pi)
+        front = self.s + EGO_FRONT_OFFSET
         for actor in ep.actors:
+            if actor.cut_at <= t_rel < actor.cut_at + dt and actor.s - actor.half_extents_sd()[0] - front < CUT_IN_GAP:
+                # a driver cuts in only ahead of the ego: if the ego is alongside, wait (maybe forever)
+                actor.cut_at += dt
+            d_before = actor.d
             actor.step(t_rel, dt)
+            if actor.d != d_before and self._touches_ego(actor):
+                actor.d = d_before  # nobody walks or steers into the side of the ego: wait a step
         self.t += dt
+
+    def _contact_limit(self) -> float:
+        """Largest ego ``s`` [m] that keeps its front bumper 0.2 m short of every object in its path."""
+        ep = self.episode
+        d_e = ep.lane_centre(ep.ego_lane)
+        front = self.s + EGO_FRONT_OFFSET
+        limit = math.inf
+        for a in ep.actors:
+            hs, hd = a.half_extents_sd()
+            near = a.s - hs
+            if abs(a.d - d_e) < hd + EGO_WIDTH / 2 and near >= front - 0.5 and a.z0 < 1.5:
+                limit = min(limit, near - 0.2 - EGO_FRONT_OFFSET)
+        return max(limit, self.s)
+
+    def _touches_ego(self, a: Actor, margin: float = 0.3) -> bool:
+        """Whether an actor's footprint overlaps the ego's (grown by ``margin`` [m])."""
+        ep = self.episode
+        hs, hd = a.half_extents_sd()
+        front = self.s + EGO_FRONT_OFFSET
+        along = a.s + hs > front - EGO_LENGTH - margin and a.s - hs < front + margin
+        return along and abs(a.d - ep.lane_centre(ep.ego_lane)) < hd + EGO_WIDTH / 2 + margin
 
     def advance(self, t: float) -> None:
         """Step the world to time ``t`` [s] (>= current time), starting new episodes on the way."""
