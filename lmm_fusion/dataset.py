@@ -31,7 +31,6 @@ from lmm_fusion.bagfeed import detect_sensor_topics
 from lmm_fusion.bags import bag_topics, read_bag
 from lmm_fusion.grid import OCCUPANCY_GRID
 from lmm_fusion.ingest import SensorIngest
-from lmm_fusion.io.common import stamp_to_sec
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.labels import Scenario
 from lmm_fusion.model.config import ModelConfig
@@ -106,6 +105,8 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
     A sample is emitted once every sensor message stamped at or before its ground-truth stamp has
     been fed (i.e. when the first later message arrives, or at the end of the bag).
     """
+    if cfg.occupancy_bev_grid != OCCUPANCY_GRID:
+        raise ValueError(f"occupancy_grid={cfg.occupancy_grid}: ground truth comes on {OCCUPANCY_GRID.as_dict()}")
     rig = rig or SensorRig()
     sync_cfg = sync_cfg or SyncConfig()
     pre = Preprocessor(cfg, rig)
@@ -139,10 +140,11 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
         rows["stamp"].append(stamp)
 
     def flush(before: float) -> None:
-        for stamp in sorted(s for s in pending if s < before):
-            gt = pending.pop(stamp)
+        # Stamps within 0.1 ms count as the same instant (float seconds near 1.7e9 keep ~0.2 us).
+        for key in sorted(k for k, gt in pending.items() if gt["_stamp"] < before - 1e-4):
+            gt = pending.pop(key)
             if all(t in gt for t in _REQUIRED_GT):
-                emit(stamp, gt)
+                emit(gt["_stamp"], gt)
 
     for m in read_bag(path, set(sensor_of) | set(gt_topics)):
         flush(m.stamp_sec)
@@ -150,10 +152,9 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
         if sensor is not None:
             ingest.on_message(sensor, m.msg, now=m.stamp_sec)
             continue
-        header = getattr(m.msg, "header", None)
-        stamp = stamp_to_sec(header.stamp) if header is not None else m.stamp_sec
-        # The scenario String has no header; it is recorded at the stamp it labels.
-        pending.setdefault(round(stamp, 6), {})[m.topic] = m.msg
+        # Ground truth is recorded at the stamp of the frame it labels (the scenario String has no
+        # header); the key is rounded to 0.1 ms because float seconds near 1.7e9 keep only ~0.2 us.
+        pending.setdefault(round(m.stamp_sec, 4), {"_stamp": m.stamp_sec})[m.topic] = m.msg
     flush(math.inf)
     n = len(rows["stamp"])
     if n == 0:

@@ -23,11 +23,11 @@ class ModelConfig:
     """
 
     # --- camera
-    image_height: int = 96
-    image_width: int = 160
+    image_height: int = 128
+    image_width: int = 224
     image_mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
     image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
-    camera_channels: tuple[int, ...] = (16, 32, 48, 64)  # one stride-2 stage each
+    camera_channels: tuple[int, ...] = (8, 16, 32, 64)  # one stride-2 stage each
     # --- LiDAR BEV pseudo-image
     input_grid: dict[str, float] = field(default_factory=INPUT_GRID.as_dict)
     bev_channels: int = 4  # max height, mean height, log-density, mean intensity
@@ -36,7 +36,9 @@ class ModelConfig:
     bev_height_scale: float = 2.0  # heights are divided by this [m]
     bev_density_scale: float = 4.0  # log1p(count) is divided by this
     bev_intensity_scale: float = 1.0  # intensity is divided by this
-    lidar_stages: tuple[int, ...] = (16, 32, 48, 64)  # one stride-2 stage each
+    lidar_stages: tuple[int, ...] = (16, 24, 48, 64)  # one stride-2 stage each
+    refine_from_stage: int = 2  # stages >= this add a residual 3x3 conv (camera and BEV)
+    occupancy_channels: int = 16
     # --- GNSS / ego motion
     ego_features: int = 8
     ego_tokens: int = 2

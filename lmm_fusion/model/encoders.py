@@ -22,24 +22,27 @@ def conv_bn(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class _StridedCnn(nn.Module):
-    """A stack of stages, each a stride-2 conv followed by a stride-1 conv (residual)."""
+    """A stack of stages, each a stride-2 conv; stages from ``refine_from`` on add a residual
+    stride-1 conv (the early, high-resolution stages skip it: they dominate the CPU cost)."""
 
-    def __init__(self, c_in: int, channels: tuple[int, ...]) -> None:
+    def __init__(self, c_in: int, channels: tuple[int, ...], refine_from: int) -> None:
         super().__init__()
         self.down = nn.ModuleList()
         self.refine = nn.ModuleList()
         prev = c_in
-        for c in channels:
+        for i, c in enumerate(channels):
             self.down.append(conv_bn(prev, c, 2))
-            self.refine.append(conv_bn(c, c, 1))
+            self.refine.append(conv_bn(c, c, 1) if i >= refine_from else nn.Identity())
             prev = c
+        self.refine_from = refine_from
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Returns the feature map after every stage (strides 2, 4, 8, ...)."""
         feats = []
-        for down, refine in zip(self.down, self.refine):
+        for i, (down, refine) in enumerate(zip(self.down, self.refine)):
             x = down(x)
-            x = x + refine(x)
+            if i >= self.refine_from:
+                x = x + refine(x)
             feats.append(x)
         return feats
 
@@ -49,7 +52,7 @@ class CameraEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cnn = _StridedCnn(3, tuple(cfg.camera_channels))
+        self.cnn = _StridedCnn(3, tuple(cfg.camera_channels), cfg.refine_from_stage)
         self.proj = nn.Conv2d(cfg.camera_channels[-1], cfg.d_model, 1)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
@@ -63,7 +66,7 @@ class BevEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cnn = _StridedCnn(cfg.bev_channels, tuple(cfg.lidar_stages))
+        self.cnn = _StridedCnn(cfg.bev_channels, tuple(cfg.lidar_stages), cfg.refine_from_stage)
         self.proj = nn.Conv2d(cfg.lidar_stages[-1], cfg.d_model, 1)
 
     def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ class OccupancyHead(nn.Module):
         self.tok_hw = bev_tokens
         self.up = (self.ny // bev_tokens[0], self.nx // bev_tokens[1])
         c0, h, d = cfg.lidar_stages[0], cfg.head_hidden, cfg.d_model
-        c = 32
+        c = cfg.occupancy_channels
         self.coarse = nn.Linear(h, bev_tokens[0] * bev_tokens[1])
         self.film = nn.Linear(h, c)
         self.skip = nn.Conv2d(c0, c, 3, padding=1)

@@ -1,0 +1,135 @@
+"""Dataset extraction from a synthesised drive, the sample cache, and the evaluation report / CLI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmm_fusion.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples
+from lmm_fusion.evaluate import ABLATION_MASKS, compute_metrics, ece, evaluate, macro_f1
+from lmm_fusion.labels import Scenario
+from lmm_fusion.model import FusionModel, ModelConfig, save_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import TINY
+
+SECONDS = 1.0
+#: Tiny networks on the contract grids (ground-truth occupancy comes on OCCUPANCY_GRID).
+SMALL = {k: v for k, v in TINY.items() if k not in ("input_grid", "occupancy_grid")}
+
+
+@pytest.fixture(scope="module")
+def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1 s synthetic drive with a small camera and a sparse LiDAR (fast to make and read)."""
+    from lmm_fusion.sim.synth import rig_from_args, synthesize
+
+    root = tmp_path_factory.mktemp("drives")
+    rig = rig_from_args(camera=(160, 90), lidar_beams=16, lidar_columns=256)
+    return synthesize(root / "drive_ped", SECONDS, seed=11, scenarios=[Scenario.PEDESTRIAN_CROSSING], rig=rig,
+                      compressed=True, progress=False)
+
+
+def test_one_sample_per_ground_truth_stamp(drive: Path) -> None:
+    cfg = ModelConfig(**SMALL)
+    a = extract_samples(drive, cfg)
+    n = len(a["stamp"])
+    assert n == pytest.approx(SECONDS * 10, abs=1)  # ground truth at the LiDAR rate (10 Hz)
+    assert np.all(np.diff(a["stamp"]) > 0)
+    assert a["image"].shape == (n, cfg.image_height, cfg.image_width, 3)
+    assert a["bev"].shape == (n, 4, *cfg.input_bev_grid.shape)
+    assert a["occupancy"].shape == (n, *OCC_SHAPE)
+    assert a["mask"][:, 1].all()  # the LiDAR frame labelled is always there
+    assert a["bev"][:, 2].max() > 0  # points landed in the grid
+    assert (a["scenario"] == Scenario.PEDESTRIAN_CROSSING).all()
+    assert ((a["ttc"] >= 0) & (a["ttc"] <= cfg.ttc_max)).all()
+    assert ((a["distance"] >= 0) & (a["distance"] <= cfg.distance_max)).all()
+
+
+OCC_SHAPE = (32, 64)
+
+
+def test_cache_is_reused_and_keyed_by_config(drive: Path, tmp_path: Path) -> None:
+    cfg = ModelConfig(**SMALL)
+    a = load_bag_samples(drive, cfg, tmp_path)
+    files = list(tmp_path.glob("*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    b = load_bag_samples(drive, cfg, tmp_path)
+    assert files[0].stat().st_mtime_ns == mtime
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    load_bag_samples(drive, ModelConfig.from_dict({**cfg.to_dict(), "bev_z_max": 3.0}), tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2
+
+
+def test_expand_bags(drive: Path, tmp_path: Path) -> None:
+    assert expand_bags([drive]) == [drive]
+    assert expand_bags([drive.parent]) == [drive]
+    with pytest.raises(FileNotFoundError, match="--data"):
+        expand_bags([tmp_path / "nope"])
+
+
+def test_metric_helpers() -> None:
+    t = np.array([0, 0, 1, 2])
+    assert macro_f1(t, t, 3) == 1.0
+    assert macro_f1(t, np.array([0, 0, 1, 1]), 3) == pytest.approx((1 + 2 / 3 + 0) / 3)
+    sure = np.eye(3)[t]
+    assert ece(sure, t) == pytest.approx(0.0)
+    assert ece(np.full((4, 3), 1 / 3), t) == pytest.approx(0.5 - 1 / 3)
+
+
+def test_evaluate_report_keys_and_ablation(drive: Path) -> None:
+    cfg = ModelConfig(**SMALL)
+    torch.manual_seed(0)
+    model = FusionModel(cfg).eval()
+    ds = FusionDataset([drive], cfg)
+    r = evaluate(model, ds)
+    for k in ("action_accuracy", "risk_accuracy", "risk_macro_f1", "light_accuracy", "target_speed_mae", "ttc_mae",
+              "distance_mae", "occupancy_iou", "action_ece", "risk_ece", "per_scenario", "ablation",
+              "confusion_action", "fusion_gain_action_accuracy", "min_action_accuracy_one_sensor_masked"):
+        assert k in r, k
+    assert set(r["ablation"]) == set(ABLATION_MASKS) == {"camera", "lidar", "gnss", "camera+lidar",
+                                                         "camera+gnss", "lidar+gnss", "all"}
+    assert set(r["per_scenario"]) == {"PEDESTRIAN_CROSSING"}
+    assert r["ablation"]["all"]["action_accuracy"] == r["action_accuracy"]
+    assert np.asarray(r["confusion_action"]).sum() == r["n"] == len(ds)
+    # GNSS-only: the camera's and LiDAR's attention shares are zero.
+    att = r["ablation"]["gnss"]["mean_attention"]
+    assert att["camera"] == 0 and att["lidar"] == 0
+
+
+def test_compute_metrics_perfect_prediction() -> None:
+    n = 5
+    arrays = {"risk": np.arange(n) % 3, "action": np.arange(n) % 6, "light": np.arange(n) % 4,
+              "target_speed": np.ones(n), "ttc": np.ones(n), "distance": np.ones(n)}
+    pred = {"risk_prob": np.eye(3)[arrays["risk"]], "action_prob": np.eye(6)[arrays["action"]],
+            "light_prob": np.eye(4)[arrays["light"]], "target_speed": np.ones(n), "ttc": np.ones(n),
+            "distance": np.ones(n), "occ_inter": np.ones(n), "occ_union": np.ones(n), "attention": np.ones((n, 3)) / 3}
+    m = compute_metrics(pred, arrays)
+    assert m["action_accuracy"] == m["risk_accuracy"] == m["occupancy_iou"] == 1.0
+    assert m["ttc_mae"] == 0.0 and m["risk_under_rate"] == 0.0
+
+
+@pytest.mark.slow
+def test_eval_cli_prints_one_json_object_and_writes_plots(drive: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from lmm_fusion.cli import main
+
+    cfg = ModelConfig(**SMALL)
+    torch.manual_seed(0)
+    save_model(FusionModel(cfg), tmp_path / "model")
+    rc = main(["eval", "--data", str(drive), "--model", str(tmp_path / "model"), "--json", "--plots",
+               str(tmp_path / "plots"), "--cache", str(tmp_path / "cache")])
+    assert rc == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    report = json.loads(out[0])
+    assert report["n"] > 0 and "ablation" in report
+    for name in ("confusion.png", "ablation.png"):
+        png = tmp_path / "plots" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
