@@ -391,6 +391,10 @@ class World:
                 lead.decel = float(rng.uniform(2.0, 6.0))
             ep.actors.append(lead)
             self._lane_traffic(ep, others, p=0.4)
+            if rng.random() < 0.3:  # the lead drives through a green light ahead
+                light = TrafficLight(front + float(rng.uniform(20.0, 65.0)), [(0.0, Light.GREEN)])
+                self._light_poles(ep, light)
+                ep.lights.append(light)
         elif sc in (Scenario.STOPPED_OBSTACLE_FREE_LEFT, Scenario.STOPPED_OBSTACLE_BLOCKED):
             s_obs = front + float(rng.uniform(15.0, 60.0))
             obs = _static_obstacle(rng, s_obs, d_e)
@@ -411,6 +415,10 @@ class World:
         elif sc == Scenario.PEDESTRIAN_CROSSING:
             s_c = front + float(rng.uniform(15.0, 55.0))
             ep.crosswalks.append(s_c)
+            if rng.random() < 0.4:  # a signalised crossing: red for the traffic while people cross
+                light = TrafficLight(s_c - 3.0, [(0.0, Light.RED)])
+                self._light_poles(ep, light)
+                ep.lights.append(light)
             for _ in range(int(rng.integers(1, 4))):
                 side = 1 if rng.random() < 0.5 else -1
                 start = side * (ep.half_road + float(rng.uniform(0.4, 1.5)))
@@ -424,7 +432,7 @@ class World:
             self._lane_traffic(ep, others, p=0.3)
         elif sc == Scenario.TRAFFIC_LIGHT:
             s_stop = front + float(rng.uniform(10.0, 65.0))
-            first = Light(int(rng.choice([Light.RED, Light.YELLOW, Light.GREEN], p=[0.35, 0.3, 0.35])))
+            first = Light(int(rng.choice([Light.RED, Light.YELLOW, Light.GREEN], p=[0.3, 0.4, 0.3])))
             schedule = [(0.0, first)]
             if rng.random() < 0.35:
                 t1 = float(rng.uniform(1.0, 5.0))
@@ -433,7 +441,7 @@ class World:
                 elif first == Light.RED:
                     schedule += [(t1, Light.GREEN)]
                 else:
-                    schedule += [(float(rng.uniform(1.0, 3.0)), Light.RED)]
+                    schedule += [(float(rng.uniform(2.5, 5.0)), Light.RED)]
             light = TrafficLight(s_stop, schedule)
             self._light_poles(ep, light)
             ep.lights.append(light)
