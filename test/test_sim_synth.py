@@ -206,3 +206,18 @@ def test_contact_sheet_and_existing_output(tmp_path: Path, drive: Path) -> None:
     assert img is not None and img.shape[0] >= 7 * 54 and img.shape[1] > 96
     with pytest.raises(FileExistsError, match="exists"):
         synthesize(drive, 0.2, seed=1, rig=RIG, progress=False)
+
+
+def test_gnss_agrees_with_true_ego_pose(messages: dict[str, list]) -> None:
+    import pymap3d
+
+    odo = [(m.stamp_sec, m.msg) for m in messages[topics.GT_EGO]]
+    g = RIG.gnss
+    for m in messages[topics.GNSS_FIX]:
+        fix = read_fix(m.msg)
+        e, n, _ = pymap3d.geodetic2enu(fix.lat, fix.lon, fix.alt, g.origin_lat, g.origin_lon, g.origin_alt)
+        t, o = min(odo, key=lambda x: abs(x[0] - m.stamp_sec))
+        p, yaw = o.pose.pose.position, 2 * math.atan2(o.pose.pose.orientation.z, o.pose.pose.orientation.w)
+        ant = (p.x + math.cos(yaw) * RIG.gnss_mount.x, p.y + math.sin(yaw) * RIG.gnss_mount.x)
+        moved = o.twist.twist.linear.x * abs(t - m.stamp_sec) + 0.1
+        assert math.hypot(e - ant[0], n - ant[1]) < moved + 6 * fix.horizontal_std
