@@ -267,6 +267,8 @@ class VideoRenderer:
         self.video_path = self.out_dir / "replay.mp4"
         self.keyframe_dir = self.out_dir / "keyframes"
         self.keyframe_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.keyframe_dir.glob("frame_*s.png"):  # a rerun into the same folder starts clean
+            old.unlink()
         self.fps = float(fps)
         self.keyframe_every_s = keyframe_every_s
         self.keyframes: list[Path] = []
@@ -370,7 +372,7 @@ def timeline_plot(records: Sequence[CycleRecord], path: Path | str, title: str =
     ax_risk.set_yticks([int(r) for r in Risk], [r.name.lower() for r in Risk])
     ax_risk.set_ylim(-0.3, 2.3)
     ax_risk.set_ylabel("risk")
-    ax_risk.legend(loc="upper right", fontsize=8, ncol=3)
+    ax_risk.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
 
     ax_action.step(t, _series(records, "action"), where="post", color="tab:blue", lw=1.8, label="suggested")
     if any(r.gt_action is not None for r in records):
@@ -379,15 +381,16 @@ def timeline_plot(records: Sequence[CycleRecord], path: Path | str, title: str =
         )
     ov = np.array([r.override for r in records])
     if ov.any():
+        # A rug below the classes: marking every overridden cycle on its line would hide the line.
         ax_action.plot(
-            t[ov], _series(records, "action")[ov], "v", color="tab:orange", ms=4, label="guard override"
+            t[ov], np.full(int(ov.sum()), -0.55), "|", color="tab:orange", ms=7, label="guard override"
         )
     ax_action.set_yticks(
         [int(a) for a in Action], [a.name.lower().replace("_", " ") for a in Action], fontsize=8
     )
-    ax_action.set_ylim(-0.4, len(Action) - 0.6)
+    ax_action.set_ylim(-0.8, len(Action) - 0.4)
     ax_action.set_ylabel("action")
-    ax_action.legend(loc="upper right", fontsize=8, ncol=3)
+    ax_action.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
 
     ax_speed.plot(t, _series(records, "target_speed"), color="tab:blue", lw=1.8, label="target (suggested)")
     if any(r.gt_target_speed is not None for r in records):
@@ -401,7 +404,7 @@ def timeline_plot(records: Sequence[CycleRecord], path: Path | str, title: str =
         )
     ax_speed.set_ylabel("speed [m/s]")
     ax_speed.set_ylim(bottom=0)
-    ax_speed.legend(loc="upper right", fontsize=8, ncol=2)
+    ax_speed.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
 
     att = np.array([r.attention for r in records], dtype=np.float64).reshape(len(records), len(MODALITIES))
     ax_att.stackplot(
@@ -414,7 +417,7 @@ def timeline_plot(records: Sequence[CycleRecord], path: Path | str, title: str =
     ax_att.set_ylim(0, 1)
     ax_att.set_ylabel("attention")
     ax_att.set_xlabel("bag time since first cycle [s]")
-    ax_att.legend(loc="upper right", fontsize=8, ncol=3)
+    ax_att.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
