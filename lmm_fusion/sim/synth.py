@@ -326,11 +326,23 @@ def rig_from_args(camera: tuple[int, int] | None = None, lidar_beams: int | None
     return replace(rig, camera=cam, lidar=lid)
 
 
+def _int_in(lo: int, hi: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{v} outside {lo}..{hi}")
+        return v
+    return parse
+
+
 def add_sensor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera", type=parse_size, default=None, metavar="WxH",
                         help="camera resolution (default 1280x720)")
-    parser.add_argument("--lidar-beams", type=int, default=None, metavar="N", help="LiDAR beams (default 64)")
-    parser.add_argument("--lidar-columns", type=int, default=None, metavar="N",
+    parser.add_argument("--lidar-beams", type=_int_in(1, 512), default=None, metavar="N", help="LiDAR beams (default 64)")
+    parser.add_argument("--lidar-columns", type=_int_in(8, 8192), default=None, metavar="N",
                         help="LiDAR columns per revolution (default 2048)")
     parser.add_argument("--compressed", action="store_true", help="write JPEG CompressedImage instead of Image")
 
