@@ -341,7 +341,8 @@ def _int_in(lo: int, hi: int) -> Any:
 def add_sensor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera", type=parse_size, default=None, metavar="WxH",
                         help="camera resolution (default 1280x720)")
-    parser.add_argument("--lidar-beams", type=_int_in(1, 512), default=None, metavar="N", help="LiDAR beams (default 64)")
+    parser.add_argument("--lidar-beams", type=_int_in(1, 512), default=None, metavar="N",
+                        help="LiDAR beams (default 64)")
     parser.add_argument("--lidar-columns", type=_int_in(8, 8192), default=None, metavar="N",
                         help="LiDAR columns per revolution (default 2048)")
     parser.add_argument("--compressed", action="store_true", help="write JPEG CompressedImage instead of Image")
