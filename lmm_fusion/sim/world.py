@@ -678,5 +678,5 @@ def static_scene(boxes: Sequence[dict[str, Any]] = (), *, lighting: str = "day",
                  tuple(lamps), tuple(stop_lines), (), ego_speed, 0.0, (0.0, 0.0, 0.0), 0.0, inp)
 
 
-__all__ = ["EGO_LENGTH", "LIGHTINGS", "Actor", "Boxes", "Episode", "Lamp", "Lighting", "RoadView", "Scene",
+__all__ = ["LIGHTINGS", "Actor", "Boxes", "Episode", "Lamp", "Lighting", "RoadView", "Scene",
            "TrafficLight", "World", "road_to_base", "static_scene"]
