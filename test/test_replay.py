@@ -274,3 +274,21 @@ def test_missing_lidar_replays_masked_and_degraded(
 def test_missing_bag_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         replay(tmp_path / "nope", tmp_path / "out", _opts())
+
+
+def test_passthrough_does_not_move_the_cycle_clock(drive: Path) -> None:
+    from lmm_fusion.bagfeed import iter_cycles
+    from lmm_fusion.ingest import SensorIngest
+    from lmm_fusion.sync import SensorSync
+
+    plain = [c.t for c in iter_cycles(drive, SensorIngest(SensorSync(), RIG), 10.0)]
+    seen: list[str] = []
+    copied = iter_cycles(
+        drive,
+        SensorIngest(SensorSync(), RIG),
+        10.0,
+        passthrough=[T.TF_STATIC, T.CAMERA_INFO],
+        on_passthrough=lambda m: seen.append(m.topic),
+    )
+    assert [c.t for c in copied] == plain
+    assert seen.count(T.TF_STATIC) == 1 and seen.count(T.CAMERA_INFO) >= 40
