@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from lmm_fusion import topics as T
 from lmm_fusion.bench import padded_cloud_array, synthetic_image, synthetic_points
+from lmm_fusion.dds import use_large_data_profile
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +155,30 @@ def run_load(
     backend: str,
     out_dir: Path,
     warmup_s: float = 20.0,
+    transport: str = "shm",
 ) -> dict[str, Any]:
-    """Run the node under load for ``seconds`` (after it starts publishing) and return the report."""
+    """Run the node under load for ``seconds`` (after it starts publishing) and return the report.
+
+    ``transport``: ``shm`` = the shipped Fast DDS profile (config/fastdds_large_data.xml: a shared-memory
+    segment that holds whole multi-MB samples); ``large_data`` = Fast DDS's builtin LARGE_DATA mode;
+    ``default`` = Fast DDS defaults (UDP fragments: multi-MB best-effort samples are mostly lost).
+    """
+    import os
+
     import psutil
 
     from lmm_fusion.demo import OutputCollector, Processes, loopback_env, node_command, wait_until
 
     out_dir.mkdir(parents=True, exist_ok=True)
     env = loopback_env()
+    if transport == "shm":
+        use_large_data_profile(env)
+        use_large_data_profile(os.environ)
+    elif transport == "large_data":
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
     domain = int(env["ROS_DOMAIN_ID"])
     procs = Processes(out_dir / "logs")
-    collector = publisher = None
+    collector = None
     try:
         node = procs.start(
             "node", node_command(f"rate_hz:={rate_hz}", f"backend:={backend}", "use_camera_info:=false"), env
@@ -173,13 +188,25 @@ def run_load(
             raise RuntimeError("the node published nothing within 120 s; see " + str(out_dir / "logs/node.log"))
         if node.poll() is not None:
             raise RuntimeError(f"the node exited with {node.returncode}; see {out_dir / 'logs/node.log'}")
-        publisher = SensorPublisher(domain, width, height, points, camera_hz, lidar_hz, 10.0)
-        publisher.start()
+        # The publisher is its own process: sharing this one with the collector's executor (and its GIL)
+        # made it the bottleneck, and a vehicle's drivers are separate processes too.
+        procs.start(
+            "publisher",
+            [
+                sys.executable,
+                "-m",
+                "lmm_fusion.loadtest",
+                str(domain),
+                str(width),
+                str(height),
+                str(points),
+                str(camera_hz),
+                str(lidar_hz),
+            ],
+            env,
+        )
         wait_until(lambda: False, min(5.0, warmup_s))  # let discovery settle before counting
         collector.clear()
-        sent0 = dict(publisher.sent)
-        for v in publisher.publish_ms.values():
-            v.clear()
         proc = psutil.Process(node.pid)
         proc.cpu_percent(None)
         rss: list[tuple[float, float]] = []
@@ -194,14 +221,15 @@ def run_load(
         elapsed = time.monotonic() - t0
         scenes = collector.get("scene")
         diags = collector.get("diagnostics")
-        sent = {k: v - sent0[k] for k, v in publisher.sent.items()}
-        publish_ms = {k: _percentiles(v) for k, v in publisher.publish_ms.items()}
+        procs.stop("publisher")
+        pub_report = json.loads(procs.log_text("publisher").strip().splitlines()[-1])
     finally:
-        if publisher is not None:
-            publisher.stop()
         if collector is not None:
             collector.close()
         procs.stop_all()
+    sent = pub_report["sent"]
+    publish_ms = pub_report["publish_ms"]
+    pub_seconds = pub_report["seconds"]
 
     cycle: dict[str, str] = {}
     sensor_rates: dict[str, list[float]] = {s: [] for s in ("camera", "lidar", "gnss")}
@@ -230,6 +258,7 @@ def run_load(
             "gnss": "NavSatFix @ 10 Hz",
             "backend": backend,
             "warmup_s": warmup_s,
+            "transport": transport,
         },
         "outputs": {
             "assessments": len(scenes),
@@ -249,8 +278,9 @@ def run_load(
         "sensors": {
             s: {
                 "published": sent[s],
-                "published_hz": round(sent[s] / elapsed, 2),
+                "published_hz": round(sent[s] / pub_seconds, 2),
                 "received_hz_median": round(float(np.median(v)), 2) if v else None,
+                "received_hz_p10_p90": [round(float(np.percentile(v, q)), 2) for q in (10, 90)] if v else None,
                 "publish_ms": publish_ms[s],
             }
             for s, v in sensor_rates.items()
@@ -301,9 +331,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=float, default=20.0, help="seconds excluded from memory growth [s]")
     p.add_argument(
         "--transport",
-        choices=("default", "large_data"),
-        default="default",
-        help="Fast DDS builtin transports for node and publisher",
+        choices=("shm", "large_data", "default"),
+        default="shm",
+        help="Fast DDS transports for node and publisher (see run_load)",
     )
     p.add_argument("--out", default="out/load", help="folder for load.json, rss.png and logs")
 
@@ -322,9 +352,45 @@ def run(args: argparse.Namespace) -> int:
         args.backend,
         out,
         min(args.warmup, args.seconds / 2),
+        args.transport,
     )
     plot_rss(report, out / "rss.png")
     brief = {k: v for k, v in report.items() if k != "node_process"}
     brief["node_process"] = {k: v for k, v in report["node_process"].items() if k != "rss_mib_series"}
     print(json.dumps(brief, indent=2))
     return 0
+
+
+def publisher_main(argv: list[str]) -> int:
+    """``python -m lmm_fusion.loadtest DOMAIN W H POINTS CAMERA_HZ LIDAR_HZ``: publish until SIGINT, then
+    print one JSON line with the counts and publish times (read back by :func:`run_load`)."""
+    import signal
+
+    domain, w, h, n = (int(v) for v in argv[:4])
+    cam_hz, lidar_hz = float(argv[4]), float(argv[5])
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    pub = SensorPublisher(domain, w, h, n, cam_hz, lidar_hz, 10.0)
+    pub.start()
+    t0 = time.monotonic()
+    stop.wait()
+    seconds = time.monotonic() - t0
+    pub.stop()
+    print(
+        json.dumps(
+            {
+                "sent": pub.sent,
+                "seconds": seconds,
+                "publish_ms": {k: _percentiles(v) for k, v in pub.publish_ms.items()},
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    import sys as _sys
+
+    raise SystemExit(publisher_main(_sys.argv[1:]))
