@@ -7,11 +7,16 @@
 The node is a managed (lifecycle) node; with ``autostart:=true`` (default) it configures and
 activates itself, with ``autostart:=false`` it waits for lifecycle ChangeState requests.
 ``bag:=PATH`` plays a rosbag2 with ``lmm-fusion play --clock`` (use it with ``use_sim_time:=true``).
+``dds_profile:=PATH`` is the Fast DDS profile for every process started here; the default
+(config/fastdds_large_data.xml) gives shared memory large enough for whole full-size point clouds and
+images, which Fast DDS's default UDP fragments lose under the sensor-data QoS. Sensor drivers on the
+same computer should use the same profile (FASTRTPS_DEFAULT_PROFILES_FILE); ``dds_profile:=''`` keeps
+the environment's.
 """
 
 # `launch` is the ROS 2 package, not this repository's launch/ folder (which isort sees as first-party).
 from launch import LaunchDescription  # noqa: I001
-from launch.actions import DeclareLaunchArgument, ExecuteProcess
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import FindExecutable, LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import LifecycleNode, Node
@@ -28,6 +33,7 @@ def generate_launch_description() -> LaunchDescription:
     rviz = LaunchConfiguration("rviz")
     bag = LaunchConfiguration("bag")
     bag_rate = LaunchConfiguration("bag_rate")
+    dds_profile = LaunchConfiguration("dds_profile")
 
     arguments = [
         DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution(
@@ -39,6 +45,14 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("rviz", default_value="false", description="start RViz with config/lmm_fusion.rviz"),
         DeclareLaunchArgument("bag", default_value="", description="rosbag2 folder to play (empty: none)"),
         DeclareLaunchArgument("bag_rate", default_value="1.0", description="bag playback speed factor"),
+        DeclareLaunchArgument("dds_profile", default_value=PathJoinSubstitution(
+            [FindPackageShare(PACKAGE), "config", "fastdds_large_data.xml"]),
+            description="Fast DDS profile XML for the processes started here ('' = keep the environment's)"),
+    ]
+    has_profile = IfCondition(PythonExpression(["'", dds_profile, "' != ''"]))
+    dds_env = [
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", dds_profile, condition=has_profile),  # Fast DDS 2.x
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", dds_profile, condition=has_profile),  # Fast DDS 3.x
     ]
 
     fusion_node = LifecycleNode(
@@ -68,4 +82,4 @@ def generate_launch_description() -> LaunchDescription:
         condition=IfCondition(PythonExpression(["'", bag, "' != ''"])),
     )
 
-    return LaunchDescription([*arguments, fusion_node, rviz_node, player])
+    return LaunchDescription([*arguments, *dds_env, fusion_node, rviz_node, player])

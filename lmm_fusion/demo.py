@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from lmm_fusion import topics
+from lmm_fusion.dds import PROFILE_VARS, use_large_data_profile
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,17 @@ def loopback_env(domain_id: int | None = None) -> dict[str, str]:
     env.pop("ROS_STATIC_PEERS", None)
     env.pop("ROS_LOCALHOST_ONLY", None)  # deprecated in Jazzy; conflicts with the range above
     env["PYTHONUNBUFFERED"] = "1"
+    # Shared memory sized for whole full-size samples (config/fastdds_large_data.xml): with Fast DDS's
+    # default UDP fragments most multi-MB clouds and images are lost under the sensor-data QoS.
+    use_large_data_profile(env)
     return env
 
 
 def use_env_here(env: dict[str, str]) -> int:
     """Apply the DDS variables of ``env`` to this process (before ``rclpy.init``); returns the domain id."""
-    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE"):
-        os.environ[key] = env[key]
+    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", *PROFILE_VARS):
+        if key in env:
+            os.environ[key] = env[key]
     os.environ.pop("ROS_LOCALHOST_ONLY", None)
     return int(env["ROS_DOMAIN_ID"])
 

@@ -41,21 +41,33 @@ def resolve_model_dir(model_dir: str | Path | None) -> tuple[Path, bool]:
         shipped = None
     if shipped is not None and (shipped / "config.json").is_file():
         return shipped, False
-    return _random_model_dir(cache_dir() / f"random_model_seed{RANDOM_MODEL_SEED}"), True
+    return _random_model_dir(cache_dir()), True
 
 
-def _random_model_dir(directory: Path) -> Path:
+def _architecture_tag(model: Any) -> str:
+    """Short hash of the model's config and parameter names/shapes: a cached random model is reused only
+    by code that builds exactly the same network."""
+    import hashlib
+    import json
+
+    spec = [(k, list(v.shape)) for k, v in sorted(model.state_dict().items())]
+    blob = json.dumps([model.cfg.to_dict(), spec], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _random_model_dir(cache: Path) -> Path:
     import torch
 
     from lmm_fusion.model import FusionModel, ModelConfig, save_model
 
+    torch.manual_seed(RANDOM_MODEL_SEED)
+    model = FusionModel(ModelConfig())
+    directory = cache / f"random_model_seed{RANDOM_MODEL_SEED}_{_architecture_tag(model)}"
     log.warning("!!! NO TRAINED MODEL FOUND: using a RANDOMLY INITIALISED FusionModel (seed %d). "
                 "Its suggestions are meaningless; only the safety guard's rules are real. "
                 "Train one with `lmm-fusion train` and ship it as models/fusion_small. !!!", RANDOM_MODEL_SEED)
     if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
         return directory
-    torch.manual_seed(RANDOM_MODEL_SEED)
-    model = FusionModel(ModelConfig())
     tmp = directory.with_name(directory.name + f".tmp{id(model)}")
     save_model(model, tmp, metadata={"random_init": True, "seed": RANDOM_MODEL_SEED})
     try:

@@ -36,7 +36,8 @@ def fake_launch_modules() -> dict[str, types.ModuleType]:
     names = {
         "launch": ["LaunchDescription"],
         "launch.actions": ["DeclareLaunchArgument", "ExecuteProcess", "IncludeLaunchDescription", "LogInfo",
-                           "GroupAction", "TimerAction", "RegisterEventHandler", "EmitEvent"],
+                           "GroupAction", "TimerAction", "RegisterEventHandler", "EmitEvent",
+                           "SetEnvironmentVariable"],
         "launch.conditions": ["IfCondition", "UnlessCondition"],
         "launch.substitutions": ["LaunchConfiguration", "PathJoinSubstitution", "PythonExpression",
                                  "FindExecutable", "TextSubstitution", "EnvironmentVariable"],
@@ -124,6 +125,9 @@ def test_launch_description_with_stand_ins(monkeypatch: pytest.MonkeyPatch) -> N
     player = next(e for e in entities if type(e).__name__ == "ExecuteProcess")
     cmd = [c for c in player.kwargs["cmd"] if isinstance(c, str)]
     assert cmd[:3] == ["-m", "lmm_fusion.cli", "play"] and "--clock" in cmd
+    env = {e.args[0] for e in entities if type(e).__name__ == "SetEnvironmentVariable"}
+    assert env == {"FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE"}
+    assert "config/fastdds_large_data.xml" in files
 
 
 def _walk(obj: Any) -> list[Any]:
