@@ -17,7 +17,7 @@ import numpy as np
 
 from lmm_fusion.assessment import Assessment, decode, invalid
 from lmm_fusion.labels import MODALITIES
-from lmm_fusion.rig import SensorRig
+from lmm_fusion.rig import SensorRig, transform_points
 from lmm_fusion.safety import SafetyConfig, apply_guard, lane_free_distance
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class FusionPipeline:
         pts = np.asarray(points_lidar, np.float32)
         if pts.ndim != 2 or pts.shape[0] == 0:
             return math.inf
-        base = pts[:, :3] @ self._lidar_to_base[:3, :3].T + self._lidar_to_base[:3, 3]
+        base = transform_points(self._lidar_to_base, pts)
         return lane_free_distance(base, self.safety_cfg)
 
     def cycle(self, snapshot: Any) -> Assessment:

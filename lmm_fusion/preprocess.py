@@ -18,7 +18,7 @@ import numpy as np
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.labels import MODALITIES
 from lmm_fusion.model.config import ModelConfig
-from lmm_fusion.rig import SensorRig
+from lmm_fusion.rig import SensorRig, transform_points
 
 #: BEV channel order.
 BEV_CHANNELS: tuple[str, ...] = ("max_height", "mean_height", "log_density", "mean_intensity")
@@ -37,9 +37,7 @@ class Preprocessor:
         self.cfg = model_cfg
         self.rig = rig or SensorRig()
         self.grid = model_cfg.input_bev_grid
-        t = self.rig.lidar_mount.matrix()
-        self._rot = t[:3, :3].astype(np.float32)
-        self._trans = t[:3, 3].astype(np.float32)
+        self._lidar_to_base = self.rig.lidar_mount.matrix()
         self._mean = np.asarray(model_cfg.image_mean, np.float32).reshape(3, 1, 1)
         self._inv_std = (1.0 / np.asarray(model_cfg.image_std, np.float32)).reshape(3, 1, 1)
 
@@ -71,8 +69,7 @@ class Preprocessor:
     # ------------------------------------------------------------------ LiDAR
     def points_to_base(self, points_lidar: np.ndarray) -> np.ndarray:
         """``(N, >=3)`` points in the LiDAR frame -> ``(N, 3)`` float32 xyz in ``base_link`` [m]."""
-        xyz = np.asarray(points_lidar[:, :3], dtype=np.float32)
-        return xyz @ self._rot.T + self._trans
+        return transform_points(self._lidar_to_base, points_lidar)
 
     def bev(self, points_lidar: np.ndarray) -> np.ndarray:
         """Points ``(N, >=3)`` (x, y, z[, intensity]) in the LiDAR frame -> ``(4, ny, nx)`` float32.

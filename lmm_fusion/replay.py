@@ -48,7 +48,7 @@ from lmm_fusion.metrics import (
 )
 from lmm_fusion.metrics import score as score_sample
 from lmm_fusion.node import NODE_NAME  # the node's ``~/...`` publishers live under ``/<NODE_NAME>/``
-from lmm_fusion.rig import SensorRig
+from lmm_fusion.rig import SensorRig, transform_points
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ def replay(
                 pts = None
                 if lidar is not None:
                     xyz = np.asarray(lidar, np.float32)[:, :3]
-                    pts = xyz @ lidar_to_base[:3, :3].T + lidar_to_base[:3, 3]
+                    pts = transform_points(lidar_to_base, xyz)
                 renderer.add(compose_frame(c.snapshot.frames.get("camera"), pts, a, gt, c.t - first_t), c.t)
                 latencies["render"].append((time.perf_counter() - t1) * 1e3)
             bar.update(1)

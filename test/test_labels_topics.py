@@ -33,3 +33,16 @@ def test_camera_intrinsics_follow_fov() -> None:
     assert np.isclose(rig.camera.fx, 640.0)  # 90 deg horizontal FOV at 1280 px
     t = rig.camera_optical_to_base()
     assert t.shape == (4, 4) and np.isclose(t[2, 3], rig.camera_mount.z)
+
+
+def test_transform_points_matches_homogeneous_product() -> None:
+    from lmm_fusion.rig import transform_points
+
+    rng = np.random.default_rng(0)
+    t = Mount(x=1.2, y=-0.3, z=1.8, roll=0.05, pitch=-0.1, yaw=0.4).matrix()
+    pts = rng.uniform(-50, 50, (1000, 4)).astype(np.float32)
+    homog = np.c_[pts[:, :3].astype(np.float64), np.ones(len(pts))]
+    expected = (homog @ t.T)[:, :3]
+    got = transform_points(t, pts)
+    assert got.dtype == np.float32 and got.shape == (1000, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -158,6 +158,9 @@ class OnnxRuntimeBackend(Backend):
         opts.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle worker threads sleep instead of spinning: on a small vehicle computer the spin steals the
+        # core that the sensor callbacks need between cycles.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ort_providers(ort.get_available_providers(), prefer_gpu)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         active = self.session.get_providers()
