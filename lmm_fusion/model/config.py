@@ -112,12 +112,16 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict; unknown keys are an error (a typo must not silently use a default)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ModelConfig: expected a JSON object, got {type(data).__name__}")
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
         kwargs: dict[str, Any] = {}
+        defaults = asdict(cls())
         for k, v in data.items():
+            _check_type(k, v, defaults[k])
             kwargs[k] = tuple(v) if isinstance(v, list) else v
         cfg = cls(**kwargs)
         if cfg.version != CONFIG_VERSION:
@@ -130,4 +134,30 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read ``path``; raises ``ValueError`` naming the file (and field) for any invalid content."""
+        try:
+            return cls.from_dict(json.loads(Path(path).read_text()))
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: invalid model config: {exc}") from exc
+
+
+def _check_type(name: str, value: Any, default: Any) -> None:
+    """Raise ``ValueError`` naming ``name`` when ``value`` does not have the JSON type of ``default``
+    (a number where a list is expected would otherwise fail deep inside the model constructor)."""
+    def ok(v: Any, d: Any) -> bool:
+        if isinstance(d, bool) or isinstance(v, bool):
+            return isinstance(v, bool) and isinstance(d, bool)
+        if isinstance(d, int):
+            return isinstance(v, int)
+        if isinstance(d, float):
+            return isinstance(v, int | float)
+        if isinstance(d, str):
+            return isinstance(v, str)
+        if isinstance(d, tuple | list):
+            return isinstance(v, list | tuple) and all(ok(x, d[0]) for x in v) if d else isinstance(v, list)
+        if isinstance(d, dict):
+            return isinstance(v, dict) and set(v) == set(d) and all(ok(v[k], d[k]) for k in d)
+        return True
+
+    if not ok(value, default):
+        raise ValueError(f"{name}={value!r}: expected a value like {default!r}")

@@ -52,7 +52,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Fus
     if not weights.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in model directory {directory}")
     model = FusionModel(cfg)
-    state = load_file(str(weights), device="cpu")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as exc:  # SafetensorError (truncated/garbage file) names no file itself
+        raise ValueError(f"{weights}: not a valid safetensors file ({exc})") from exc
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
