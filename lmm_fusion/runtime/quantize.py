@@ -41,7 +41,10 @@ def calibration_inputs(
     for cycle in iter_cycles(bags, ingest, rate_hz, with_ground_truth=False):
         if not cycle.snapshot.mask.all():
             continue
-        yield pre.inputs(cycle.snapshot)
+        inputs = pre.inputs(cycle.snapshot)
+        if not inputs["modality_mask"].all():  # e.g. GNSS before the motion estimate is valid
+            continue
+        yield inputs
         n += 1
         if n >= max_frames:
             return
