@@ -62,3 +62,17 @@ def test_quantized_graph_is_qdq_symmetric_and_close_to_fp32(setup: tuple[Path, P
     # Quantization changes values a little, not the decision on the calibration-like frame.
     assert np.argmax(got["action_logits"]) == np.argmax(ref["action_logits"])
     np.testing.assert_allclose(got["modality_attention"], ref["modality_attention"], atol=0.1)
+
+
+def test_precision_deltas_compare_the_same_samples(setup: tuple[Path, Path]) -> None:
+    from lmm_fusion.runtime.quantize import precision_deltas
+
+    model_dir, bag = setup
+    out = model_dir / "model.int8.onnx"
+    if not out.exists():
+        quantize(model_dir, [bag], out, max_frames=8)
+    report = precision_deltas(model_dir, out, [bag])
+    assert report["n"] > 10
+    for k, d in report["delta"].items():
+        assert d == pytest.approx(report["int8"][k] - report["fp32"][k], abs=1e-3), k
+        assert abs(d) <= 1.0 or k.endswith("_mae"), k

@@ -14,6 +14,7 @@ import argparse
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -99,11 +100,80 @@ def quantize(model_dir: Path, calib_bags: Sequence[Path | str], out: Path, max_f
     return out
 
 
+class BackendModule:
+    """Make a batch-1 :class:`~lmm_fusion.runtime.backends.Backend` callable like ``FusionModel`` on a
+    batch of torch tensors, so :func:`lmm_fusion.evaluate.predict` scores it with the same code."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+
+    def eval(self) -> BackendModule:
+        return self
+
+    def __call__(self, image: Any, bev: Any, ego: Any, modality_mask: Any) -> dict[str, Any]:
+        import torch
+
+        batch = {"image": image, "bev": bev, "ego": ego, "modality_mask": modality_mask}
+        outs = [
+            self.backend.infer({k: v[i : i + 1].cpu().numpy() for k, v in batch.items()}) for i in range(image.shape[0])
+        ]
+        return {k: torch.from_numpy(np.concatenate([o[k] for o in outs])) for k in outs[0]}
+
+
+#: Metrics compared between precisions (accuracies: higher is better; errors: lower is better).
+COMPARED = (
+    "action_accuracy",
+    "risk_accuracy",
+    "light_accuracy",
+    "occupancy_iou",
+    "target_speed_mae",
+    "ttc_mae",
+    "distance_mae",
+)
+
+
+def precision_deltas(
+    model_dir: Path, int8_path: Path, bags: Sequence[Path | str], cache: Path | None = None
+) -> dict[str, Any]:
+    """Metrics per head of the torch fp32 model and of the int8 Q/DQ graph (ONNX Runtime, CPU) on the
+    same held-out samples, and their differences (int8 - fp32)."""
+    from lmm_fusion.dataset import FusionDataset, expand_bags
+    from lmm_fusion.evaluate import compute_metrics, predict
+    from lmm_fusion.model import load_model
+    from lmm_fusion.runtime.backends import OnnxRuntimeBackend
+
+    model = load_model(model_dir)
+    ds = FusionDataset(expand_bags(bags), model.cfg, cache_dir=cache)
+    if len(ds) == 0:
+        raise ValueError(f"eval: no labelled samples in {list(map(str, bags))}")
+    fp32 = compute_metrics(predict(model, ds), ds.arrays)
+    int8 = compute_metrics(predict(BackendModule(OnnxRuntimeBackend(int8_path, prefer_gpu=False)), ds), ds.arrays)
+    return {
+        "n": len(ds),
+        "fp32": {k: fp32[k] for k in COMPARED if k in fp32},
+        "int8": {k: int8[k] for k in COMPARED if k in int8},
+        "delta": {k: round(int8[k] - fp32[k], 4) for k in COMPARED if k in fp32 and k in int8},
+    }
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--calib", nargs="+", required=True, help="bag(s) to calibrate on")
     p.add_argument("--out", default=None, help="output (default: MODEL/model.int8.onnx)")
     p.add_argument("--frames", type=int, default=200, help="calibration frames [count]")
+    p.add_argument(
+        "--eval",
+        nargs="+",
+        default=None,
+        metavar="BAG",
+        help="held-out bags: print fp32 vs int8 metrics per head (JSON)",
+    )
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(".cache/lmm_fusion_samples"),
+        help="preprocessed-sample cache shared with train/eval",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,4 +182,10 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else default_model_dir()
     out = Path(args.out) if args.out else model_dir / "model.int8.onnx"
     print(quantize(model_dir, args.calib, out, args.frames))
+    if args.eval:
+        import json
+
+        report = precision_deltas(model_dir, out, args.eval, args.cache)
+        out.with_name(out.stem + ".deltas.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report, indent=2))
     return 0
