@@ -46,7 +46,7 @@ setup() {
   local msgs; msgs=$(hash_of lmm_fusion_msgs/CMakeLists.txt lmm_fusion_msgs/package.xml lmm_fusion_msgs/msg/*.msg tools/fix_wheel_includes.cmake)
   if [ "$(cat "$STAMPS/msgs" 2>/dev/null)" != "$msgs" ]; then
     log "building lmm_fusion_msgs into the venv"
-    rm -rf build/msgs
+    rm -rf build/msgs && mkdir -p build
     # CMAKE_PROJECT_INCLUDE works around the wheels' exported include folders (see the file).
     cmake -S lmm_fusion_msgs -B build/msgs -G Ninja -DCMAKE_BUILD_TYPE=Release \
       -DCMAKE_PREFIX_PATH="$VENV" -DCMAKE_INSTALL_PREFIX="$VENV" \
