@@ -63,6 +63,27 @@ def modality_dropout(data_mask: np.ndarray, rng: np.random.Generator, p_drop: fl
     return used.astype(np.float32)
 
 
+# ---------------------------------------------------------------- augmentation
+def augment(b: dict[str, torch.Tensor], rng: np.random.Generator) -> None:
+    """Photometric camera jitter (global gain/offset, small per-channel gain, pixel noise) and GNSS
+    feature noise, in place on a batch of normalised inputs. Geometry is left alone: every label
+    (distances, lanes, which side is free) depends on it. Deterministic given ``rng``."""
+    img = b["image"]
+    n = img.shape[0]
+    gain = rng.uniform(0.75, 1.25, (n, 1, 1, 1)) * rng.uniform(0.97, 1.03, (n, 3, 1, 1))
+    offset = rng.normal(0.0, 0.15, (n, 1, 1, 1))
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    noise = torch.randn(img.shape, generator=g) * float(rng.uniform(0.0, 0.08))
+    b["image"] = img * torch.from_numpy(gain.astype(np.float32)) + torch.from_numpy(offset.astype(np.float32)) \
+        + noise
+    ego = b["ego"]
+    jitter = torch.from_numpy(rng.normal(0.0, 0.02, (ego.shape[0], 3)).astype(np.float32))
+    ego = ego.clone()
+    ego[:, :3] += jitter * (ego[:, 7:8] > 0)  # only where a GNSS state exists
+    ego[:, 3] = ego[:, 0] * ego[:, 0] * (ego[:, 7] > 0)
+    b["ego"] = ego
+
+
 # ---------------------------------------------------------------- BatchNorm statistics
 @torch.no_grad()
 def recalibrate_batchnorm(model: FusionModel, ds: FusionDataset, batch_size: int, max_batches: int, seed: int,
@@ -176,7 +197,7 @@ def train(
     epochs: int = 10,
     batch_size: int = 32,
     lr: float = 2e-3,
-    weight_decay: float = 1e-4,
+    weight_decay: float = 0.02,
     seed: int = 0,
     p_drop: float = 0.5,
     weights: LossWeights | None = None,
@@ -188,6 +209,7 @@ def train(
     max_steps: int | None = None,
     metadata: dict[str, Any] | None = None,
     bn_batches: int = 50,
+    augmentation: bool = True,
 ) -> dict[str, Any]:
     """Train and save the model to ``out`` (``config.json`` + ``model.safetensors``); returns the
     last epoch's log record. Under ``torchrun`` every rank trains on its shard, rank 0 writes."""
@@ -238,6 +260,8 @@ def train(
             b = train_set.batch(idx)
             data_mask = b["modality_mask"].numpy()
             used = torch.from_numpy(modality_dropout(data_mask, rng, p_drop))
+            if augmentation:
+                augment(b, rng)
             b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
             used = used.to(dev)
             for g in opt.param_groups:
@@ -317,7 +341,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.02)
     p.add_argument("--modality-dropout", type=float, default=0.5, help="probability a sample loses sensors")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -325,6 +349,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke tests)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--no-augment", action="store_true", help="no photometric / GNSS-noise augmentation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -347,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     rec = train(cfg, train_set, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 weight_decay=args.weight_decay, seed=args.seed, p_drop=args.modality_dropout, resume=args.resume,
                 val_set=val_set, device=args.device, amp=not args.no_amp, progress=not args.no_progress,
-                max_steps=args.max_steps, metadata=meta)
+                max_steps=args.max_steps, metadata=meta, augmentation=not args.no_augment)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": str(args.out), "samples": len(train_set),
                           "train_seconds": round(time.perf_counter() - t1, 1), **rec}, sort_keys=True))
