@@ -140,10 +140,11 @@ def transform_points(t: np.ndarray, points: np.ndarray) -> np.ndarray:
     y = np.asarray(points[:, 1], np.float32)
     z = np.asarray(points[:, 2], np.float32)
     out = np.empty((x.shape[0], 3), np.float32)
-    for row in range(3):
-        col = out[:, row]
-        np.multiply(x, np.float32(r[row, 0]), out=col)
-        col += np.float32(r[row, 1]) * y
-        col += np.float32(r[row, 2]) * z
-        col += np.float32(r[row, 3])
+    with np.errstate(invalid="ignore"):  # inf * 0 in a rotation entry gives NaN, as the product would
+        for row in range(3):
+            col = out[:, row]
+            np.multiply(x, np.float32(r[row, 0]), out=col)
+            col += np.float32(r[row, 1]) * y
+            col += np.float32(r[row, 2]) * z
+            col += np.float32(r[row, 3])
     return out
