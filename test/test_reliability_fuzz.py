@@ -110,8 +110,8 @@ def _from_fix(ns: Any) -> Spec:
     cov = ns.position_covariance if isinstance(ns.position_covariance, list) else []
     cov = ([_f64(c) for c in cov] + [math.nan] * 9)[:9]
     s = ns.header.stamp
-    return {"kind": "NavSatFix", "stamp": ("abs", _i8(0) if not isinstance(s.sec, int) else
-                                           (s.sec + 2**31) % U32 - 2**31, _u(s.nanosec, U32)),
+    sec = (s.sec + 2**31) % U32 - 2**31 if isinstance(s.sec, int) else 0  # int32 on the wire
+    return {"kind": "NavSatFix", "stamp": ("abs", sec, _u(s.nanosec, U32)),
             "status": _i8(ns.status.status), "latitude": _f64(ns.latitude), "longitude": _f64(ns.longitude),
             "altitude": _f64(ns.altitude), "covariance": cov, "covariance_type": _u(ns.position_covariance_type, U8)}
 
