@@ -249,6 +249,34 @@ def plot_ablation(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------- markdown
+def format_markdown(report: dict[str, Any]) -> str:
+    """Headline, ablation and per-family tables of a report, as Markdown (for model cards)."""
+    r = report
+    lines = [
+        f"Samples: {r['n']}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for k in ("action_accuracy", "risk_accuracy", "risk_macro_f1", "light_accuracy", "target_speed_mae",
+              "ttc_mae", "distance_mae", "occupancy_iou", "action_ece", "risk_ece", "risk_under_rate",
+              "risk_over_rate", "fusion_gain_action_accuracy", "min_action_accuracy_one_sensor_masked"):
+        lines.append(f"| {k} | {r[k]:.3f} |")
+    lines += ["", "| sensors kept | action acc | risk acc | risk macro-F1 | light acc | risk under | risk over "
+              "| attention cam/lidar/gnss |", "|---|---|---|---|---|---|---|---|"]
+    for name, m in r["ablation"].items():
+        att = "/".join(f"{m['mean_attention'][k]:.2f}" for k in MODALITIES)
+        lines.append(f"| {name} | {m['action_accuracy']:.3f} | {m['risk_accuracy']:.3f} | {m['risk_macro_f1']:.3f} "
+                     f"| {m['light_accuracy']:.3f} | {m['risk_under_rate']:.3f} | {m['risk_over_rate']:.3f} | {att} |")
+    lines += ["", "| family | n | action acc | risk acc | light acc | risk under | risk over |",
+              "|---|---|---|---|---|---|---|"]
+    for name, m in r["per_scenario"].items():
+        lines.append(f"| {name} | {m['n']} | {m['action_accuracy']:.3f} | {m['risk_accuracy']:.3f} "
+                     f"| {m['light_accuracy']:.3f} | {m['risk_under_rate']:.3f} | {m['risk_over_rate']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", nargs="+", required=True, help="rosbag2 folders, or directories holding them")
@@ -259,6 +287,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", type=Path, default=Path(".cache/lmm_fusion_samples"),
                    help="preprocessed-sample cache directory")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--markdown", type=Path, help="also write Markdown tables of the report to this file")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
 
@@ -286,6 +315,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(format_markdown(report))
     if args.json:
         print(text)
     else:

@@ -86,8 +86,9 @@ class FusionModel(nn.Module):
     ``occupancy_logits (B, ny, nx)`` on the occupancy grid, ``modality_attention (B,3)`` (shares of the
     query attention per modality; sum 1 over present modalities, 0 for masked ones, all 0 when none).
 
-    A masked modality's tokens are excluded from every key set and its skip paths are multiplied by
-    the mask, so changing a masked modality's input does not change any output.
+    A masked modality's tokens are excluded from every key set and its skip paths (the BEV features
+    of the occupancy head, the ego vector of the decision heads) are multiplied by the mask, so
+    changing a masked modality's input does not change any output.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -116,7 +117,10 @@ class FusionModel(nn.Module):
         self.modality_embed = nn.Parameter(torch.randn(4, d) * 0.02)
         self.layers = nn.ModuleList(FusionLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(d)
-        self.heads = Heads(cfg, self.n_q * d)
+        # Ego motion also reaches the heads directly (gated by the GNSS mask): every decision
+        # threshold of the task scales with ego speed, and 2 ego tokens among ~150 get little attention.
+        self.ego_skip = nn.Linear(self.n_ego * d, d)
+        self.heads = Heads(cfg, self.n_q * d + d)
         self.occupancy = OccupancyHead(cfg, (hb, wb))
         # Per-modality embeddings for the InfoNCE alignment loss (training only).
         self.align = nn.ModuleList(nn.Linear(d, d) for _ in MODALITIES)
@@ -143,7 +147,8 @@ class FusionModel(nn.Module):
         per_mod = torch.matmul(q_att, self.token_onehot) * mask  # (B, 3)
         shares = per_mod / per_mod.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
-        fused = x[:, : self.n_q].reshape(b, -1)
+        ego_direct = self.ego_skip(ego_tok.reshape(b, -1)) * mask[:, 2:3]
+        fused = torch.cat([x[:, : self.n_q].reshape(b, -1), ego_direct], dim=1)
         out, trunk = self.heads(fused)
         start = self.n_q + self.n_cam
         bev_fused = x[:, start: start + self.n_bev]
