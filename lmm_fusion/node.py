@@ -368,8 +368,21 @@ def _make_node_class() -> type:
             if not ok:
                 err = ingest.stats.last_error.get(sensor, "rejected")
                 self.get_logger().warning(f"{sensor}: message rejected: {err}", throttle_duration_sec=2.0)
+            elif sensor == "camera" and self.camera_info is not None and hasattr(msg, "width"):
+                info = self.camera_info
+                if (int(msg.width), int(msg.height)) != (int(info.width), int(info.height)):
+                    # The model only needs pixels, so the frame is used; the mismatch means the calibration
+                    # published for this camera is not the one producing the images.
+                    self.get_logger().warning(
+                        f"camera: image {msg.width}x{msg.height} does not match camera_info "
+                        f"{info.width}x{info.height}", throttle_duration_sec=5.0)
 
         def _on_camera_info(self, msg: Any) -> None:
+            if not (0 < int(getattr(msg, "width", 0)) <= 16384 and 0 < int(getattr(msg, "height", 0)) <= 16384):
+                self.get_logger().warning(
+                    f"camera_info: width={getattr(msg, 'width', None)!r} height={getattr(msg, 'height', None)!r} "
+                    "out of range (1..16384); ignored", throttle_duration_sec=5.0)
+                return
             if self.camera_info is None:
                 self.get_logger().info(f"camera_info: {msg.width}x{msg.height}, frame {msg.header.frame_id!r}")
             self.camera_info = msg
