@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmm_fusion import topics as T
-from lmm_fusion.bags import BagMessage, bag_topics, read_bag
+from lmm_fusion.bags import BagMessage, BagReader
 from lmm_fusion.ingest import SENSOR_OF_MSGTYPE, SensorIngest
 from lmm_fusion.sync import Snapshot
 
@@ -56,7 +56,7 @@ class BagCycle:
 
 
 def iter_cycles(
-    paths: Path | str | Sequence[Path | str],
+    paths: Path | str | Sequence[Path | str] | BagReader,
     ingest: SensorIngest,
     rate_hz: float = 10.0,
     sensor_topics: dict[str, str] | None = None,
@@ -71,10 +71,28 @@ def iter_cycles(
     ``passthrough`` topics (those present in the bag) are also read, and every message of them is
     handed to ``on_passthrough`` in recorded order, after the cycles that precede it were yielded
     (replay copies camera, points and ``/tf_static`` into its output bag this way, reading once).
+    ``paths`` may be an open :class:`~lmm_fusion.bags.BagReader` (read once, not closed here). A bad
+    bag raises :class:`~lmm_fusion.bags.BagError` after the cycles before the damage were yielded.
     """
     if rate_hz <= 0:
         raise ValueError(f"rate_hz: must be > 0, got {rate_hz}")
-    topic_types = bag_topics(paths)
+    if isinstance(paths, BagReader):
+        yield from _cycles(paths, ingest, rate_hz, sensor_topics, with_ground_truth, passthrough, on_passthrough)
+        return
+    with BagReader(paths) as reader:
+        yield from _cycles(reader, ingest, rate_hz, sensor_topics, with_ground_truth, passthrough, on_passthrough)
+
+
+def _cycles(
+    reader: BagReader,
+    ingest: SensorIngest,
+    rate_hz: float,
+    sensor_topics: dict[str, str] | None,
+    with_ground_truth: bool,
+    passthrough: Iterable[str],
+    on_passthrough: Callable[[BagMessage], None] | None,
+) -> Iterator[BagCycle]:
+    topic_types = reader.topics
     sensor_of = detect_sensor_topics(topic_types, sensor_topics)
     gt_topics = {t for t in GROUND_TRUTH_TOPICS if t in topic_types} if with_ground_truth else set()
     wanted = set(sensor_of) | gt_topics
@@ -83,7 +101,7 @@ def iter_cycles(
     period = 1.0 / rate_hz
     next_t: float | None = None
     gt: dict[str, tuple[float, Any]] = {}
-    for m in read_bag(paths, wanted):
+    for m in reader.messages(wanted):
         fed = m.topic in sensor_of or m.topic in gt_topics
         if next_t is None:
             if not fed:  # a copied-only topic does not start the clock (same cycle times as without it)

@@ -37,7 +37,7 @@ import numpy as np
 from lmm_fusion import topics as T
 from lmm_fusion.assessment import Assessment
 from lmm_fusion.bagfeed import GROUND_TRUTH_TOPICS, detect_sensor_topics, iter_cycles
-from lmm_fusion.bags import BagMessage, BagWriter, bag_topics
+from lmm_fusion.bags import BagError, BagMessage, BagReader, BagWriter
 from lmm_fusion.metrics import (
     GroundTruth,
     SampleScore,
@@ -90,14 +90,8 @@ class ReplayOptions:
 
 def bag_time_range(paths: Sequence[Path]) -> tuple[float, float]:
     """(first, last) recorded time [s] over the bags (from their index; 0, 0 for empty bags)."""
-    from rosbags.highlevel import AnyReader
-
-    from lmm_fusion.io.msgtypes import typestore
-
-    with AnyReader(list(paths), default_typestore=typestore()) as reader:
-        if reader.message_count == 0:
-            return 0.0, 0.0
-        return reader.start_time * 1e-9, reader.end_time * 1e-9
+    with BagReader(paths) as reader:
+        return reader.time_range or (0.0, 0.0)
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
@@ -200,15 +194,24 @@ def replay(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rig = opts.rig or SensorRig()
-    topic_types = bag_topics(bags)
-    sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None)
+    reader = BagReader(bags)
+    error: BagError | None = None
+    open_t0 = time.perf_counter()
+    try:
+        reader.open()
+    except BagError as exc:  # nothing readable: still write an (empty) output bag and metrics.json
+        error = exc
+        log.error("replay: %s", exc)
+    open_s = time.perf_counter() - open_t0  # counted in the wall time: opening reads the bag's index
+    topic_types = reader.topics
+    sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None) if error is None else {}
     missing = sorted({"camera", "lidar", "gnss"} - set(sensor_of.values()))
-    if missing:
+    if missing and error is None:
         log.warning(
             "no topic for %s in the bag: replaying with %s masked", ", ".join(missing), ", ".join(missing)
         )
     has_gt = any(t in topic_types for t in GROUND_TRUTH_TOPICS)
-    start, end = bag_time_range(bags)
+    start, end = reader.time_range or (0.0, 0.0)
     duration = max(end - start, 0.0)
 
     pipeline = FusionPipeline(opts.model_dir, backend=opts.backend, rig=rig, threads=opts.threads)
@@ -222,7 +225,10 @@ def replay(
     wrote_tf = T.TF_STATIC in topic_types
 
     def copy_input(m: BagMessage) -> None:
-        bag.writer.write(m.topic, m.stamp_sec, m.msg)
+        if m.raw is not None:  # recorded bytes as they are: no deserialising and serialising again
+            bag.writer.write_raw(m.topic, m.stamp_sec, m.msgtype, m.raw)
+        else:
+            bag.writer.write(m.topic, m.stamp_sec, m.msg)
 
     renderer = None
     if opts.render:
@@ -237,6 +243,7 @@ def replay(
     first_t: float | None = None
     # iter_cycles emits one cycle per period after the first message, plus a final one.
     expected = math.floor(duration * opts.rate_hz) + 1 if duration > 0 else None
+    last_t: float | None = None
     bar = tqdm(
         total=expected,
         unit="cycle",
@@ -246,16 +253,21 @@ def replay(
         dynamic_ncols=True,
     )
     wall0 = time.perf_counter()
-    try:
-        for c in iter_cycles(
-            bags,
+    cycle_iter = (
+        iter_cycles(
+            reader,
             ingest,
             opts.rate_hz,
             sensor_topics=opts.sensor_topics or None,
             with_ground_truth=has_gt,
             passthrough=sorted(copied),
             on_passthrough=copy_input,
-        ):
+        )
+        if error is None
+        else iter(())
+    )
+    try:
+        for c in cycle_iter:
             if first_t is None:
                 first_t = c.t
                 if not wrote_tf:  # RViz needs the sensor frames to place the points and image
@@ -290,12 +302,19 @@ def replay(
                 renderer.add(compose_frame(c.snapshot.frames.get("camera"), pts, a, gt, c.t - first_t), c.t)
                 latencies["render"].append((time.perf_counter() - t1) * 1e3)
             bar.update(1)
+            last_t = c.t
+    except BagError as exc:  # keep what was read: close the output bag, write metrics, then raise
+        error = exc
+        log.error("replay: %s; keeping the %d cycles before it", exc, cycles)
     finally:
+        reader.close()
         bar.close()
         if renderer is not None:
             renderer.close()
         bag_path = bag.close()
-    wall = time.perf_counter() - wall0
+    wall = time.perf_counter() - wall0 + open_s
+    if error is not None or reader.salvaged:  # no (trustworthy) index: the span actually replayed
+        duration = 0.0 if first_t is None or last_t is None else last_t - first_t + 1.0 / opts.rate_hz
 
     counters = ingest.sync.counters()
     metrics: dict[str, Any] = {
@@ -306,6 +325,14 @@ def replay(
         "rate_hz": opts.rate_hz,
         "sensor_topics": {s: t for t, s in sorted(sensor_of.items(), key=lambda kv: kv[1])},
         "bag_duration_s": round(duration, 3),
+        # None when every bag was read to its end; else which file stopped the replay, and why.
+        "ended_early": None if error is None else {
+            "bag": str(error.path),
+            "reason": error.reason,
+            "messages_read": error.messages_read,
+            "last_stamp_s": error.last_stamp,
+            "error": str(error),
+        },
         "frames": {
             s: {
                 "received": counters[s].received,
@@ -349,7 +376,10 @@ def replay(
             "timeline": str(timeline),
         }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    if error is not None:
+        raise error
     return metrics
+
 
 
 #: Keys of metrics.json that depend on wall-clock time or the machine (excluded from determinism checks).
@@ -433,6 +463,11 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         metrics = replay(args.bags, args.out, opts)
+    except BagError as exc:  # partial outputs and metrics.json ("ended_early") are in --out
+        log.error("replay: %s; partial outputs in %s", exc, args.out)
+        if args.json and (args.out / "metrics.json").is_file():
+            print((args.out / "metrics.json").read_text(), end="")
+        return 1
     except (FileNotFoundError, ValueError) as exc:
         log.error("replay: %s", exc)
         return 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -233,12 +234,14 @@ def test_real_bag_shape_sqlite_compressed_renamed_no_ground_truth(drive: Path, t
     }
 
 
-def test_missing_lidar_replays_masked_and_degraded(
-    drive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(("sensor", "topic"), [("lidar", T.LIDAR_POINTS), ("gnss", T.GNSS_FIX)])
+def test_missing_sensor_replays_masked_and_degraded(
+    drive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], sensor: str, topic: str
 ) -> None:
     from lmm_fusion.cli import main
+    from lmm_fusion.labels import MODALITIES
 
-    bag = _derive(drive, tmp_path / "nolidar", "mcap", drop={T.LIDAR_POINTS})
+    bag = _derive(drive, tmp_path / f"no{sensor}", "mcap", drop={topic})
     assert (
         main(
             [
@@ -260,15 +263,20 @@ def test_missing_lidar_replays_masked_and_degraded(
         == 0
     )
     m = json.loads(capsys.readouterr().out)
-    assert m["frames"]["lidar"]["received"] == 0
+    assert m["frames"][sensor]["received"] == 0 and m["ended_early"] is None
+    others = [s for s in MODALITIES if s != sensor]
+    assert all(m["frames"][s]["accepted"] > 0 for s in others)
+    assert sensor not in m["sensor_topics"]
     assert m["cycles"]["degraded"] == m["cycles"]["total"] > 0
     assert "accuracy" in m  # ground truth is still there
     scenes = [x.msg for x in read_bag(tmp_path / "out", [OUTPUT_TOPICS["scene"]])]
+    k = MODALITIES.index(sensor)
     assert scenes and all(s.degraded for s in scenes)
-    assert all(not s.modalities[1].used and s.modalities[1].name == "lidar" for s in scenes)
-    assert any(s.valid and s.modalities[0].used for s in scenes)
+    assert all(not s.modalities[k].used and s.modalities[k].name == sensor for s in scenes)
+    assert any(s.valid and all(s.modalities[MODALITIES.index(o)].used for o in others) for s in scenes)
     copied = set(m["outputs"]["messages"])  # --no-sensors: outputs, /tf_static and truth only
-    assert T.CAMERA_IMAGE not in copied and T.GNSS_FIX not in copied and T.TF_STATIC in copied
+    assert T.CAMERA_IMAGE not in copied and T.LIDAR_POINTS not in copied and T.GNSS_FIX not in copied
+    assert T.TF_STATIC in copied
 
 
 def test_missing_bag_is_an_error(tmp_path: Path) -> None:
@@ -292,3 +300,105 @@ def test_passthrough_does_not_move_the_cycle_clock(drive: Path) -> None:
     )
     assert [c.t for c in copied] == plain
     assert seen.count(T.TF_STATIC) == 1 and seen.count(T.CAMERA_INFO) >= 40
+
+
+def _damage(src: Path, dst: Path, how: str) -> Path:
+    """A copy of the bag folder ``src`` damaged the way ``how`` says (files as a crash, a cut copy or a
+    disk error leave them)."""
+    shutil.copytree(src, dst)
+    (storage,) = [p for p in dst.iterdir() if p.suffix in (".mcap", ".db3")]
+    data = bytearray(storage.read_bytes())
+    if how == "truncated":  # cut at 60 %
+        storage.write_bytes(bytes(data[: int(len(data) * 0.6)]))
+    elif how == "garbage_appended":
+        storage.write_bytes(bytes(data) + b"\x00\xffgarbage" * 1000)
+    elif how == "pages_overwritten":  # SQLite pages from 60 % on destroyed
+        for frac in (0.6, 0.7, 0.8):
+            at = int(len(data) * frac) // 4096 * 4096
+            data[at : at + 4096] = b"\xff" * 4096
+        storage.write_bytes(bytes(data))
+    elif how == "no_metadata":
+        (dst / "metadata.yaml").unlink()
+    elif how == "not_a_bag":
+        shutil.rmtree(dst)
+        dst.mkdir()
+        (dst / "notes.txt").write_text("not a bag\n")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def drive_sqlite(drive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _derive(drive, tmp_path_factory.mktemp("sqlite") / "bag", "sqlite3", drop=set())
+
+
+# storage, damage, file named by the error (None = no error), cycles kept: "none" | "some" | "all"
+DAMAGE_CASES = [
+    ("mcap", "truncated", ".mcap", "some"),
+    ("mcap", "garbage_appended", ".mcap", "all"),  # read sequentially to the end, still reported
+    ("mcap", "no_metadata", "metadata.yaml", "none"),
+    ("mcap", "not_a_bag", "metadata.yaml", "none"),
+    ("sqlite3", "truncated", ".db3", "none"),  # SQLite cannot open a cut database at all
+    ("sqlite3", "pages_overwritten", ".db3", "some"),
+    ("sqlite3", "garbage_appended", None, "all"),  # SQLite ignores bytes after its last page
+]
+
+
+@pytest.mark.parametrize(("storage", "how", "named", "kept"), DAMAGE_CASES)
+def test_damaged_bag_keeps_what_was_read_and_fails_clearly(
+    drive: Path,
+    drive_sqlite: Path,
+    runs: tuple[Path, Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    storage: str,
+    how: str,
+    named: str | None,
+    kept: str,
+) -> None:
+    from lmm_fusion.cli import main
+
+    full = json.loads((runs[1] / "metrics.json").read_text())["cycles"]["total"]
+    bag = _damage(drive if storage == "mcap" else drive_sqlite, tmp_path / "bag", how)
+    out = tmp_path / "out"
+    args = ["replay", str(bag), "--out", str(out), "--backend", "torch", "--threads", "1", "--no-progress",
+            "--model", str(MODEL_DIR)]
+    rc = main(args)
+    m = json.loads((out / "metrics.json").read_text())
+    ended = m["ended_early"]
+    if named is None:
+        assert rc == 0 and ended is None
+    else:
+        assert rc == 1 and ended is not None
+        assert Path(ended["bag"]).name.endswith(named) and Path(ended["bag"]).parent == bag
+        assert ended["reason"] and str(ended["bag"]) in ended["error"]
+        assert any(str(bag) in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    # The output bag is closed and valid (MCAP summary, rosbag2 metadata) with one output per cycle.
+    from mcap.reader import make_reader
+
+    with (out / "outputs.mcap").open("rb") as f:
+        summary = make_reader(f).get_summary()
+    assert summary is not None
+    scenes = [x.msg for x in read_bag(out, [OUTPUT_TOPICS["scene"]])]
+    cycles = m["cycles"]["total"]
+    assert len(scenes) == cycles
+    # "all": every message was read (when the damage is reported at the very end, the closing cycle
+    # after the last message is not run).
+    all_read = cycles == full if named is None else cycles == full - 1
+    assert {"none": cycles == 0, "some": 0 < cycles < full - 1, "all": all_read}[kept], (cycles, full)
+    if kept == "some":
+        assert ended["messages_read"] > 0 and ended["last_stamp_s"] >= stamp_to_sec(scenes[-1].header.stamp)
+        assert 0 < m["bag_duration_s"] < SECONDS
+
+
+def test_damaged_bag_raises_bag_error_after_writing_results(drive: Path, tmp_path: Path) -> None:
+    from lmm_fusion.bags import BagError
+    from lmm_fusion.io.errors import MessageError
+
+    bag = _damage(drive, tmp_path / "bag", "truncated")
+    with pytest.raises(BagError, match="truncated") as info:
+        replay(bag, tmp_path / "out", _opts())
+    assert isinstance(info.value, MessageError) and info.value.path.suffix == ".mcap"
+    assert str(info.value.path) in str(info.value)
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["ended_early"]["messages_read"] == info.value.messages_read > 0
+    assert m["cycles"]["total"] > 0
