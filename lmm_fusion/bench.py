@@ -26,7 +26,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-STAGES = ("io", "preprocess", "model", "outputs", "cycle", "scaling", "synth")
+STAGES = ("io", "preprocess", "model", "outputs", "cycle", "scaling", "synth", "replay")
 
 
 def timeit(fn: Callable[[], Any], iterations: int, warmup: int = 3) -> dict[str, float]:
@@ -340,6 +340,69 @@ def bench_synth(seconds: float) -> dict[str, Any]:
     return synth_benchmark(seconds)
 
 
+#: Stages of a replay cycle reported by ``bench_replay`` (the node's latency stages plus the bag write).
+REPLAY_SPLIT = ("preprocess", "inference", "decode", "safety", "write")
+
+
+def bench_replay(seconds: float, model: str | Path | None, backend: str, threads: int | None,
+                 rig: Any = None) -> dict[str, Any]:
+    """``lmm-fusion replay`` of a synthetic drive with the default rig (64-beam LiDAR, 1280x720 raw
+    camera), once with ``--no-sensors`` and once with the full output bag.
+
+    The drive (``seconds`` long, seed 7) is cached under :func:`lmm_fusion.paths.cache_dir` and reused;
+    the output bags go to a temporary folder that is removed. Per variant: ``wall_s`` (replay's own
+    timing: opening the bag, reading, cycles, writing), ``x_realtime`` (bag seconds per wall second),
+    ``startup_s`` (model load and warm-up, not in ``wall_s``), output bag size and ``split_s``: seconds
+    spent per stage over the whole replay, with ``read_decode_copy`` the rest (reading and deserialising
+    the bag, decoding the messages, copying inputs into the output bag). ``rig`` (a
+    :class:`~lmm_fusion.rig.SensorRig`, default the default rig) is for quick tests.
+    """
+    import shutil
+    import tempfile
+
+    from lmm_fusion.paths import cache_dir
+    from lmm_fusion.replay import ReplayOptions, replay
+    from lmm_fusion.rig import SensorRig
+
+    rig = rig or SensorRig()
+    cam, lidar = rig.camera, rig.lidar
+    drive = cache_dir() / f"bench_drive_{seconds:g}s_{cam.width}x{cam.height}_{lidar.beams}x{lidar.columns}_seed7"
+    synth_s = None
+    if not (drive / "metadata.yaml").is_file():  # written last: its presence means a complete bag
+        from lmm_fusion.sim.synth import synthesize
+
+        shutil.rmtree(drive, ignore_errors=True)
+        t0 = time.perf_counter()
+        synthesize(drive, seconds, seed=7, rig=rig, progress=False)
+        synth_s = round(time.perf_counter() - t0, 3)
+    size = sum(f.stat().st_size for f in drive.iterdir())
+    out: dict[str, Any] = {"drive": str(drive), "bag_mib": round(size / 2**20, 1), "synth_s": synth_s}
+    with tempfile.TemporaryDirectory(prefix="lmm_fusion_bench_replay_") as tmp:
+        for name, copy in (("no_sensors", False), ("full", True)):
+            opts = ReplayOptions(model_dir=model, backend=backend, threads=threads, progress=False,
+                                 copy_sensors=copy, rig=rig)
+            t0 = time.perf_counter()
+            m = replay(drive, Path(tmp) / name, opts)
+            total = time.perf_counter() - t0
+            timing, n = m["timing"], m["cycles"]["total"]
+            lat = timing["latency_ms"]
+            split = {k: round(lat[k]["mean"] * n / 1e3, 3) for k in REPLAY_SPLIT if k in lat}
+            split["read_decode_copy"] = timing["read_decode_copy_s"]
+            out[name] = {
+                "wall_s": timing["wall_s"],
+                "x_realtime": timing["throughput_x_realtime"],
+                "startup_s": round(total - timing["wall_s"], 3),
+                "cycles": n,
+                "output_mib": round((Path(tmp) / name / "outputs.mcap").stat().st_size / 2**20, 1),
+                "cycle_p50_ms": lat["total"]["p50"],
+                "split_s": split,
+            }
+            out["bag_s"] = m["bag_duration_s"]
+            out["backend"] = m["backend"]
+            shutil.rmtree(Path(tmp) / name)
+    return out
+
+
 def machine_info() -> dict[str, Any]:
     import onnxruntime
     import torch
@@ -397,6 +460,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             report["scaling"]["plot"] = str(args.plot)
     if "synth" in stages:
         report["synth"] = bench_synth(args.synth_seconds)
+    if "replay" in stages:
+        report["replay"] = bench_replay(args.replay_seconds, args.model, args.backend, args.threads)
     report["rss_mib"] = rss_mib()
     return report
 
@@ -418,6 +483,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--plot", default=None, help="write the scaling plot PNG here")
     p.add_argument("--synth-seconds", type=float, default=6.0, help="seconds of drive timed for the synth stage")
+    p.add_argument("--replay-seconds", type=float, default=10.0,
+                   help="seconds of synthetic drive replayed by the replay stage (cached)")
 
 
 def _table(report: dict[str, Any]) -> str:
@@ -426,6 +493,11 @@ def _table(report: dict[str, Any]) -> str:
         for k, v in report.get(section, {}).items():
             if isinstance(v, dict) and "p50_ms" in v:
                 lines.append(f"{section:>10} {k:<36} p50 {v['p50_ms']:9.3f} ms  p99 {v['p99_ms']:9.3f} ms")
+    rep = report.get("replay", {})
+    for k in ("no_sensors", "full"):
+        if k in rep:
+            lines.append(f"{'replay':>10} {k:<36} {rep[k]['wall_s']:9.3f} s  = {rep[k]['x_realtime']} x real time"
+                         f" ({rep['bag_s']} s of bag)")
     return "\n".join(lines)
 
 

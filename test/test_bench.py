@@ -43,3 +43,25 @@ def test_bench_json_has_every_stage(tmp_path: Path, capsys) -> None:
         assert stats["n"] == 2 and stats["p50_ms"] > 0, (section, key)
     assert report["model"]["speedup_vs_torch_eager"]["torch_eager_cpu"] == 1.0
     assert set(report["cycle"]["pipeline_stage_p50_ms"]) >= {"preprocess", "inference", "total"}
+
+
+def test_replay_stage_reports_both_variants(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from lmm_fusion.bench import REPLAY_SPLIT, bench_replay
+    from lmm_fusion.rig import CameraModel, LidarModel, SensorRig
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the cached drive and random model
+    rig = SensorRig(camera=CameraModel(160, 90), lidar=LidarModel(beams=8, columns=128))
+    threads = torch.get_num_threads()
+    try:
+        rep = bench_replay(1.0, None, "torch", 1, rig=rig)
+    finally:
+        torch.set_num_threads(threads)
+    assert rep["synth_s"] > 0 and rep["bag_s"] > 0.5 and Path(rep["drive"]).is_relative_to(tmp_path)
+    for variant in ("no_sensors", "full"):
+        r = rep[variant]
+        assert r["cycles"] >= 5 and r["wall_s"] > 0 and r["x_realtime"] > 0 and r["startup_s"] >= 0
+        assert set(r["split_s"]) == {*REPLAY_SPLIT, "read_decode_copy"}
+        assert all(v >= 0 for v in r["split_s"].values())
+    assert rep["full"]["output_mib"] > rep["no_sensors"]["output_mib"]
