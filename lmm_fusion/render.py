@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 #: Panel height [px] of every rendered frame; the camera panel is 16:9 at this height.
 PANEL_HEIGHT = 480
 CAMERA_WIDTH = 854
+#: Height of the shaded legend header of the BEV panel [px].
+HEADER_PX = 40
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 #: RGB colours (0..255).
@@ -198,7 +200,8 @@ def bev_panel(
     for xm in range(10, int(grid.x_max) + 1, 10):
         _, r = _to_px(np.array([xm]), np.array([0.0]), grid, scale)
         cv2.line(img, (0, int(r[0])), (width, int(r[0])), (55, 55, 55), 1)
-        _text(img, f"{xm} m", (4, int(r[0]) - 3), 0.38, GREY)
+        if r[0] > HEADER_PX + 12:  # a label under the legend header would collide with it
+            _text(img, f"{xm} m", (4, int(r[0]) - 3), 0.38, GREY)
     for ym in (-5.25, -1.75, 1.75, 5.25):
         c, _ = _to_px(np.array([0.0]), np.array([ym]), grid, scale)
         cv2.line(img, (int(c[0]), 0), (int(c[0]), height), (50, 50, 50), 1)
@@ -234,7 +237,7 @@ def bev_panel(
         cv2.arrowedLine(
             img, (int(pc[0]), int(pr[0])), (int(pc[-1]), int(pr[-1])), colour, 3, cv2.LINE_AA, tipLength=0.15
         )
-    _shade(img, 0, 0, width, 40)
+    _shade(img, 0, 0, width, HEADER_PX, alpha=0.85)  # the legend stays readable over a red haze
     _text(img, "BEV (base_link)", (6, 16), 0.45)
     _text(img, "pred occ", (6, 34), 0.42, RED)
     _text(img, "truth", (82, 34), 0.42, GREEN)

@@ -367,7 +367,9 @@ def replay(
     if renderer is not None:
         from lmm_fusion.render import timeline_plot
 
-        title = f"{', '.join(b.name for b in bags)} — {pipeline.describe()}"
+        # The model's folder name, not its path: the plot is shared (docs, reports) beyond this machine.
+        model = f"model {Path(pipeline.model_dir).name}" + (" (random init)" if pipeline.random_model else "")
+        title = f"{', '.join(b.name for b in bags)} — {pipeline.backend.describe()}, {model}"
         timeline = timeline_plot(records, out / "timeline.png", title=title)
         metrics["render"] = {
             "video": str(renderer.video_path),
