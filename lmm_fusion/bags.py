@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import heapq
 import logging
+import mmap
+import struct
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -274,10 +277,15 @@ class _IndexedBag:
             self.counts[c.topic] = self.counts.get(c.topic, 0) + c.msgcount
         empty = self.reader.message_count == 0
         self.time_range = None if empty else (self.reader.start_time * 1e-9, self.reader.end_time * 1e-9)
+        file = _storage_file(path)
+        self.mapped = _MappedMcap.open(file) if file.suffix == ".mcap" else None
 
     def messages(self, wanted: set[str] | None) -> Iterator[BagMessage]:
         conns = [c for c in self.reader.connections if wanted is None or c.topic in wanted]
         if not conns:
+            return
+        if self.mapped is not None and all(c.msgtype in self.store.fielddefs for c in conns):
+            yield from self.mapped.messages(wanted, self.store)
             return
         # Types the project typestore knows are deserialised on first use (also after the reader is
         # closed); others with the definitions stored in the bag, which live only while it is open.
@@ -292,6 +300,89 @@ class _IndexedBag:
 
     def close(self) -> None:
         self.reader.close()
+        self.mapped = None  # the mapping itself lives as long as messages still reference it
+
+
+_U16, _U32, _U64 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<Q")
+_CHUNK_OP, _MESSAGE_OP = 0x06, 0x05
+
+
+class _MappedMcap:
+    """Zero-copy reading of an MCAP file whose chunks are uncompressed (what rosbags and the project
+    write): the file is memory-mapped and every message's CDR bytes are a ``memoryview`` of the mapping,
+    so neither reading nor deserialising (numpy arrays are views) nor copying into an output bag
+    duplicates the hundreds of MB of camera and LiDAR data first. Chunks come from the MCAP summary;
+    chunks holding none of the wanted topics are not touched. Messages are in log-time order (per chunk
+    sorted, chunks merged), as rosbags delivers them. Every size field is checked against the chunk
+    before it is used; a record that runs past its chunk raises ``EOFError`` (mapped to
+    :class:`BagError`), a chunk CRC that does not match raises ``zlib.error``.
+    """
+
+    def __init__(self, mm: mmap.mmap, chunks: list[Any], channels: dict[int, tuple[str, str]]) -> None:
+        self.view = memoryview(mm)
+        self.chunks = chunks
+        self.channels = channels
+
+    @classmethod
+    def open(cls, file: Path) -> _MappedMcap | None:
+        """The mapped reader, or None when the file has compressed chunks or no usable summary (then
+        rosbags reads it)."""
+        from mcap.reader import make_reader
+
+        with file.open("rb") as f:
+            summary = make_reader(f).get_summary()
+            if summary is None or not summary.chunk_indexes:
+                return None
+            if any(c.compression for c in summary.chunk_indexes):
+                return None
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        schemas = {k: v.name for k, v in summary.schemas.items()}
+        channels = {k: (c.topic, schemas.get(c.schema_id, "")) for k, c in summary.channels.items()}
+        chunks = sorted(summary.chunk_indexes, key=lambda c: (c.message_start_time, c.chunk_start_offset))
+        return cls(mm, chunks, channels)
+
+    def _chunk(self, chunk: Any, ids: set[int], deser: Callable[..., Any]) -> Iterator[tuple[int, Any]]:
+        yield chunk.message_start_time, None  # nothing of the chunk is read before the merge needs it
+        v, o = self.view, chunk.chunk_start_offset
+        head = o + 9 + 8 + 8 + 8  # opcode, record length, start/end time, uncompressed size
+        if v[o] != _CHUNK_OP or head + 4 + 4 + 8 > len(v):
+            raise EOFError(f"no chunk record at offset {o}")
+        crc = _U32.unpack_from(v, head)[0]
+        start = head + 4 + 4 + len(chunk.compression) + 8
+        end = start + chunk.uncompressed_size
+        if end > len(v) or _U64.unpack_from(v, start - 8)[0] != chunk.uncompressed_size:
+            raise EOFError(f"chunk at offset {o} runs past the end of the file")
+        if crc and zlib.crc32(v[start:end]) != crc:
+            raise zlib.error(f"chunk at offset {o}: CRC mismatch")
+        out: list[tuple[int, BagMessage]] = []
+        pos = start
+        while pos < end:
+            if pos + 9 > end:
+                raise EOFError(f"record header at offset {pos} runs past its chunk")
+            op, size = v[pos], _U64.unpack_from(v, pos + 1)[0]
+            body, pos = pos + 9, pos + 9 + size
+            if pos > end:
+                raise EOFError(f"record at offset {body - 9} ({size} bytes) runs past its chunk")
+            if op == _MESSAGE_OP:
+                if size < 22:
+                    raise EOFError(f"message record at offset {body - 9} is {size} bytes, under 22")
+                cid = _U16.unpack_from(v, body)[0]
+                if cid in ids:
+                    t_ns = _U64.unpack_from(v, body + 6)[0]
+                    topic, msgtype = self.channels[cid]
+                    out.append((t_ns, BagMessage(topic, msgtype, t_ns * 1e-9, raw=v[body + 22:pos],
+                                                 deserialize=deser)))
+        out.sort(key=lambda m: m[0])
+        yield from out
+
+    def messages(self, wanted: set[str] | None, store: Any) -> Iterator[BagMessage]:
+        ids = {cid for cid, (topic, msgtype) in self.channels.items()
+               if (wanted is None or topic in wanted) and msgtype in store.fielddefs}
+        chunks = [self._chunk(c, ids, store.deserialize_cdr) for c in self.chunks
+                  if not c.message_index_offsets or ids.intersection(c.message_index_offsets)]
+        for _, m in heapq.merge(*chunks, key=lambda x: x[0]):
+            if m is not None:
+                yield m
 
 
 class _SalvagedMcap:

@@ -402,3 +402,20 @@ def test_damaged_bag_raises_bag_error_after_writing_results(drive: Path, tmp_pat
     m = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert m["ended_early"]["messages_read"] == info.value.messages_read > 0
     assert m["cycles"]["total"] > 0
+
+
+def test_mapped_mcap_reading_matches_rosbags(drive: Path) -> None:
+    """The zero-copy reader of uncompressed MCAP chunks delivers what rosbags reads, in the same order."""
+    from rosbags.highlevel import AnyReader
+
+    from lmm_fusion.bags import BagReader
+
+    with AnyReader([drive]) as ref:
+        expected = [(c.topic, t, bytes(raw)) for c, t, raw in ref.messages()]
+    with BagReader(drive) as reader:
+        assert reader._bags[0].mapped is not None  # the path under test
+        got = [(m.topic, round(m.stamp_sec * 1e9), bytes(m.raw)) for m in reader.messages()]
+        only = [m.topic for m in reader.messages([T.GNSS_FIX])]
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    assert all(abs(g[1] - e[1]) <= 512 and g[2] == e[2] for g, e in zip(got, expected))  # float64 seconds
+    assert only == [T.GNSS_FIX] * sum(e[0] == T.GNSS_FIX for e in expected)
