@@ -16,6 +16,11 @@ Writes to ``--out DIR``:
   the bag has ground truth, accuracy overall, per scenario family and per time window
   (:mod:`lmm_fusion.metrics`).
 * with ``--render``: ``replay.mp4``, ``keyframes/*.png`` and ``timeline.png`` (:mod:`lmm_fusion.render`).
+
+A damaged bag (truncated, corrupt, no ``metadata.yaml``, not a bag) raises
+:class:`~lmm_fusion.bags.BagError` naming the file, after the cycles read before the damage were written:
+``outputs.mcap`` is closed and valid and ``metrics.json`` says why it ended early (``ended_early``); the
+command exits with status 1.
 """
 
 from __future__ import annotations
