@@ -205,8 +205,7 @@ def replay(
     try:
         reader.open()
     except BagError as exc:  # nothing readable: still write an (empty) output bag and metrics.json
-        error = exc
-        log.error("replay: %s", exc)
+        error = exc  # raised after the (empty) outputs are written; the caller reports it
     open_s = time.perf_counter() - open_t0  # counted in the wall time: opening reads the bag's index
     topic_types = reader.topics
     sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None) if error is None else {}
@@ -310,7 +309,8 @@ def replay(
             last_t = c.t
     except BagError as exc:  # keep what was read: close the output bag, write metrics, then raise
         error = exc
-        log.error("replay: %s; keeping the %d cycles before it", exc, cycles)
+        log.warning("replay: the bag ended early; outputs.mcap and metrics.json keep the %d cycles before it",
+                    cycles)
     finally:
         reader.close()
         bar.close()

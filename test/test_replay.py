@@ -317,6 +317,14 @@ def _damage(src: Path, dst: Path, how: str) -> Path:
             at = int(len(data) * frac) // 4096 * 4096
             data[at : at + 4096] = b"\xff" * 4096
         storage.write_bytes(bytes(data))
+    elif how == "record_size_corrupt":  # a message record in a middle chunk claims 2**64-1 bytes
+        from mcap.reader import make_reader
+
+        with storage.open("rb") as f:
+            chunks = make_reader(f).get_summary().chunk_indexes
+        first_record = chunks[len(chunks) // 2].chunk_start_offset + 49  # uncompressed chunk header
+        data[first_record + 1 : first_record + 9] = b"\xff" * 8
+        storage.write_bytes(bytes(data))
     elif how == "no_metadata":
         (dst / "metadata.yaml").unlink()
     elif how == "not_a_bag":
@@ -335,6 +343,7 @@ def drive_sqlite(drive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 DAMAGE_CASES = [
     ("mcap", "truncated", ".mcap", "some"),
     ("mcap", "garbage_appended", ".mcap", "all"),  # read sequentially to the end, still reported
+    ("mcap", "record_size_corrupt", ".mcap", "some"),  # index intact, a size field inside a chunk not
     ("mcap", "no_metadata", "metadata.yaml", "none"),
     ("mcap", "not_a_bag", "metadata.yaml", "none"),
     ("sqlite3", "truncated", ".db3", "none"),  # SQLite cannot open a cut database at all
