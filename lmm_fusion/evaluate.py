@@ -231,7 +231,7 @@ def plot_ablation(report: dict[str, Any], path: Path) -> Path:
             ("risk_under_rate", "risk under-estimated")]
     x = np.arange(len(names))
     w = 0.2
-    fig, ax = plt.subplots(figsize=(12, 5))
+    fig, ax = plt.subplots(figsize=(13.5, 5))
     for i, (k, label) in enumerate(keys):
         vals = [report["ablation"][n][k] for n in names]
         bars = ax.bar(x + (i - 1.5) * w, vals, w, label=label)
@@ -241,7 +241,7 @@ def plot_ablation(report: dict[str, Any], path: Path) -> Path:
     ax.axhline(0.9, color="grey", lw=0.8, ls="--")
     ax.set_ylabel("fraction")
     ax.set_title(f"Modality ablation (n={report['n']}): same model, sensors kept as named")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
