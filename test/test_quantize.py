@@ -40,6 +40,14 @@ def test_calibration_frames_come_from_the_pipeline(setup: tuple[Path, Path]) -> 
         assert np.abs(f["bev"]).sum() > 0  # real LiDAR content, not zeros
 
 
+def test_calibration_reads_each_bag_on_its_own(setup: tuple[Path, Path]) -> None:
+    model_dir, bag = setup
+    once = len(list(calibration_inputs([bag], model_dir, max_frames=1000)))
+    # Drives share time bases: merged into one stream they would interleave and lose frames.
+    twice = len(list(calibration_inputs([bag, bag], model_dir, max_frames=1000)))
+    assert once > 0 and twice == 2 * once
+
+
 def test_quantized_graph_is_qdq_symmetric_and_close_to_fp32(setup: tuple[Path, Path]) -> None:
     model_dir, bag = setup
     out = quantize(model_dir, [bag], model_dir / "model.int8.onnx", max_frames=8)

@@ -37,18 +37,21 @@ def calibration_inputs(
     cfg = ModelConfig.load(model_dir / "config.json")
     rig = SensorRig()
     pre = Preprocessor(cfg, rig)
-    ingest = SensorIngest(SensorSync(), rig)
     n = 0
-    for cycle in iter_cycles(bags, ingest, rate_hz, with_ground_truth=False):
-        if not cycle.snapshot.mask.all():
-            continue
-        inputs = pre.inputs(cycle.snapshot)
-        if not inputs["modality_mask"].all():  # e.g. GNSS before the motion estimate is valid
-            continue
-        yield inputs
-        n += 1
-        if n >= max_frames:
-            return
+    # One bag at a time with fresh buffers: drives recorded separately share time bases, and merging
+    # them into one stream would look like time jumping back and forth.
+    for bag in bags:
+        ingest = SensorIngest(SensorSync(), rig)
+        for cycle in iter_cycles(bag, ingest, rate_hz, with_ground_truth=False):
+            if not cycle.snapshot.mask.all():
+                continue
+            inputs = pre.inputs(cycle.snapshot)
+            if not inputs["modality_mask"].all():  # e.g. GNSS before the motion estimate is valid
+                continue
+            yield inputs
+            n += 1
+            if n >= max_frames:
+                return
 
 
 def quantize(model_dir: Path, calib_bags: Sequence[Path | str], out: Path, max_frames: int = 200) -> Path:
