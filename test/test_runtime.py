@@ -232,3 +232,24 @@ def test_engine_cache_rejects_unknown_precision_and_missing_onnx(model_dir: Path
         cache.get(model_dir / "model.onnx", "int4")
     with pytest.raises(FileNotFoundError, match=r"nope\.onnx"):
         cache.get(tmp_path / "nope.onnx", "fp16")
+
+
+def test_onnx_is_reexported_when_weights_change_not_when_times_do(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    from lmm_fusion.runtime.backends import ensure_onnx
+
+    torch.manual_seed(1)
+    d = tmp_path / "m"
+    save_model(FusionModel(ModelConfig()), d)
+    onnx_path = ensure_onnx(d)
+    first = onnx_path.read_bytes()
+    os.utime(d / "model.safetensors", (2e9, 2e9))  # weights "newer" after a checkout: same content
+    os.utime(onnx_path, (1e9, 1e9))
+    assert ensure_onnx(d) == onnx_path and os.stat(onnx_path).st_mtime == 1e9  # not re-exported
+    torch.manual_seed(2)
+    other = tmp_path / "other"
+    save_model(FusionModel(ModelConfig()), other)
+    shutil.copy(other / "model.safetensors", d / "model.safetensors")  # new weights
+    assert ensure_onnx(d).read_bytes() != first

@@ -251,24 +251,28 @@ def make_backend(
 
 
 def ensure_onnx(model_dir: Path, precision: str = "fp32") -> Path:
-    """The ONNX file of ``model_dir``, exported from the weights if missing or older than them."""
+    """The ONNX file of ``model_dir``, exported from the weights when missing or stale.
+
+    Staleness is decided by content, not file times (a git checkout sets arbitrary times): the export
+    report beside the ONNX file records the sha256 of the weights it was exported from.
+    """
+    from lmm_fusion.runtime.engine import sha256_file
+    from lmm_fusion.runtime.export import export_onnx, exported_from
+
     path = default_onnx_path(model_dir, precision)
-    weights = model_dir / "model.safetensors"
     if precision == "int8":
         if not path.is_file():
             raise BackendUnavailable(f"int8: {path} missing; create it with `lmm-fusion quantize`")
         return path
-    if path.is_file() and not (weights.is_file() and weights.stat().st_mtime > path.stat().st_mtime):
+    weights = sha256_file(model_dir / "model.safetensors")
+    if path.is_file() and exported_from(path) == weights:
         return path
-    from lmm_fusion.runtime.export import export_onnx
-
     if not os.access(model_dir, os.W_OK):
         # A model installed read-only (ROS share dir): export into the user cache, keyed by the weights.
         from lmm_fusion.paths import cache_dir
-        from lmm_fusion.runtime.engine import sha256_file
 
-        path = cache_dir() / f"{model_dir.name}-{sha256_file(weights)[:16]}" / path.name
-        if path.is_file():
+        path = cache_dir() / f"{model_dir.name}-{weights[:16]}" / path.name
+        if path.is_file() and exported_from(path) == weights:
             return path
     export_onnx(model_dir, path)
     return path

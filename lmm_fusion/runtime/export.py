@@ -232,12 +232,32 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, check_pari
     out = Path(out) if out else model_dir / "model.onnx"
     model = load_model(model_dir)
     export_model(model, model.cfg, out)
-    report: dict[str, Any] = {"onnx": out.name, "opset": OPSET, "inputs": list(INPUT_NAMES)}
+    from lmm_fusion.runtime.engine import sha256_file
+
+    report: dict[str, Any] = {
+        "onnx": out.name,
+        "opset": OPSET,
+        "inputs": list(INPUT_NAMES),
+        "weights_sha256": sha256_file(model_dir / "model.safetensors"),
+    }
     if check_parity:
         report["parity_max_abs_error"] = parity(model, model.cfg, out)
         log.info("ONNX parity vs torch fp32 (max abs error): %s", report["parity_max_abs_error"])
-    out.with_name(out.stem + ".export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report_path(out).write_text(json.dumps(report, indent=2) + "\n")
     return out
+
+
+def report_path(onnx_path: Path) -> Path:
+    """The export report written beside an ONNX file."""
+    return onnx_path.with_name(onnx_path.stem + ".export_report.json")
+
+
+def exported_from(onnx_path: Path) -> str | None:
+    """sha256 of the weights ``onnx_path`` was exported from (None when unknown)."""
+    try:
+        return json.loads(report_path(onnx_path).read_text()).get("weights_sha256")
+    except (OSError, ValueError):
+        return None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -251,6 +271,6 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     out = export_onnx(model_dir, args.out, check_parity=not args.no_parity)
-    report = json.loads(out.with_name(out.stem + ".export_report.json").read_text())
+    report = json.loads(report_path(out).read_text())
     print(json.dumps(report, indent=2))
     return 0
