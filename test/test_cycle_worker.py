@@ -53,14 +53,15 @@ def test_errors_are_reported_and_the_worker_keeps_running() -> None:
 
 
 def test_stop_waits_for_the_cycle_in_flight() -> None:
-    finished = threading.Event()
+    started, finished = threading.Event(), threading.Event()
 
     def cycle() -> None:
+        started.set()
         time.sleep(0.2)
         finished.set()
 
     w = CycleWorker(cycle)
     w.request()
-    time.sleep(0.05)
+    assert started.wait(5.0)
     w.stop()
     assert finished.is_set()
