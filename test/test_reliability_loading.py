@@ -96,11 +96,12 @@ def test_corrupt_model_is_a_value_error_naming_file_and_field(model_dir: Path, t
 
 
 def test_corrupt_onnx_is_an_error_naming_the_file(model_dir: Path, tmp_path: Path) -> None:
-    from lmm_fusion.runtime.backends import make_backend
+    from lmm_fusion.runtime.backends import ensure_onnx, make_backend
 
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)
-    (d / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")  # newer than the weights: used as is
+    ensure_onnx(d)  # a current export (its report records these weights' hash) ...
+    (d / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf")  # ... then damaged on disk: used as is
     with pytest.raises(Exception, match=re.escape(str(d / "model.onnx"))):
         make_backend("onnxruntime", d)
 
