@@ -117,13 +117,19 @@ class FusionPipeline:
                         mask=np.zeros(len(MODALITIES), bool), stamps=dict.fromkeys(MODALITIES))
         return self.backend.warmup(self.preprocessor.inputs(snap), iterations)
 
+    def lidar_in_base(self, points_lidar: Any) -> np.ndarray | None:
+        """``(N, 3)`` base_link xyz of an (N, >=3) cloud in the LiDAR frame; None when absent or empty."""
+        if points_lidar is None:
+            return None
+        pts = np.asarray(points_lidar, np.float32)
+        if pts.ndim != 2 or pts.shape[0] == 0 or pts.shape[1] < 3:
+            return None
+        return transform_points(self._lidar_to_base, pts)
+
     def lidar_free_distance(self, points_lidar: np.ndarray) -> float:
         """Free ego-lane distance [m from the bumper] of an (N, >=3) cloud in the LiDAR frame."""
-        pts = np.asarray(points_lidar, np.float32)
-        if pts.ndim != 2 or pts.shape[0] == 0:
-            return math.inf
-        base = transform_points(self._lidar_to_base, pts)
-        return lane_free_distance(base, self.safety_cfg)
+        base = self.lidar_in_base(points_lidar)
+        return math.inf if base is None else lane_free_distance(base, self.safety_cfg)
 
     def cycle(self, snapshot: Any) -> Assessment:
         """One fusion cycle on a :class:`lmm_fusion.sync.Snapshot`; never raises for missing sensors.
@@ -135,14 +141,18 @@ class FusionPipeline:
         ages = dict(snapshot.ages)
         if not mask.any():
             return invalid(snapshot.now, mask, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
-        inputs = self.preprocessor.inputs(snapshot)
+        lidar_i, gnss_i = MODALITIES.index("lidar"), MODALITIES.index("gnss")
+        # One transform to base_link per cycle, shared by the BEV gridding and the guard's free distance.
+        base = self.lidar_in_base(snapshot.frames.get("lidar")) if mask[lidar_i] else None
+        inputs = self.preprocessor.inputs(snapshot, lidar_base=base)
         t1 = time.perf_counter()
         outputs = self.backend.infer(inputs)
         t2 = time.perf_counter()
         a = decode(outputs, snapshot.now, mask, ages, self.model_cfg.ttc_max, self.model_cfg.distance_max)
         t3 = time.perf_counter()
-        lidar_i, gnss_i = MODALITIES.index("lidar"), MODALITIES.index("gnss")
-        free = self.lidar_free_distance(snapshot.frames["lidar"]) if mask[lidar_i] else None
+        free = None
+        if mask[lidar_i]:
+            free = math.inf if base is None else lane_free_distance(base, self.safety_cfg)
         ego = snapshot.frames.get("gnss") if mask[gnss_i] else None
         speed = float(ego.speed) if ego is not None and getattr(ego, "valid", True) else None
         a = apply_guard(a, free, speed, self.safety_cfg)

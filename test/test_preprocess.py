@@ -128,3 +128,13 @@ def test_inputs_mask_follows_snapshot_and_validity() -> None:
     assert out["modality_mask"].tolist() == [[0.0, 1.0, 1.0]]
     assert not out["image"].any() and out["bev"].any() and out["ego"].any()
     assert all(v.dtype == np.float32 for v in out.values())
+
+
+def test_bev_with_precomputed_base_points_is_identical() -> None:
+    from lmm_fusion.bench import synthetic_points
+
+    pre = Preprocessor(ModelConfig())
+    pts = synthetic_points(5000, seed=3)
+    np.testing.assert_array_equal(pre.bev(pts, pre.points_to_base(pts)), pre.bev(pts))
+    with pytest.raises(ValueError, match="xyz_base"):
+        pre.bev(pts, pre.points_to_base(pts[:10]))
