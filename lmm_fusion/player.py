@@ -19,6 +19,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# How long every publisher must have stayed matched before playback starts [s]: discovery of one
+# subscriber process's endpoints arrives in a burst, so a short quiet window covers its stragglers.
+_DISCOVERY_SETTLE_S = 0.3
+
 
 def msg_class(ros_type: str) -> Any | None:
     """The rclpy class of ``pkg/msg/Type``, or None when that package is not installed."""
@@ -75,16 +79,48 @@ class BagPlayer:
         self.published = dict.fromkeys(self.pubs, 0)
 
     def wait_for_subscribers(self, topic: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` [s] for a subscriber on ``topic`` (so the first frames are not lost)."""
+        """Wait up to ``timeout`` [s] for a subscriber on ``topic``, then for every other known subscriber to match.
+
+        Discovery matches each endpoint on its own: a subscriber process can be matched on the LiDAR
+        topic while its subscription to a reliable topic is still being discovered, and the first
+        messages on that topic would then be lost. After ``topic`` matches, this therefore also waits
+        (within the same deadline) until each publisher has matched every subscriber the ROS graph
+        already reports for its topic, and that state has held for a short settle window.
+        """
         pub = self.pubs.get(topic)
         if pub is None:
             return False
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if pub.get_subscription_count() > 0:
-                return True
+        while pub.get_subscription_count() == 0:
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.05)
-        return False
+        settled_since: float | None = None
+        while time.monotonic() < deadline:
+            matched = all(p.get_subscription_count() >= self.node.count_subscribers(t) for t, p in self.pubs.items())
+            if not matched:
+                settled_since = None
+            elif settled_since is None:
+                settled_since = time.monotonic()
+            elif time.monotonic() - settled_since >= _DISCOVERY_SETTLE_S:
+                break
+            time.sleep(0.05)
+        return True
+
+    def flush(self, timeout: float = 2.0) -> bool:
+        """Wait up to ``timeout`` [s] until reliable subscribers acknowledged everything published.
+
+        Called before the node is destroyed so the last reliable messages of a bag are not dropped
+        by a process that exits right after publishing them; best-effort topics return at once.
+        """
+        from rclpy.duration import Duration
+
+        deadline = time.monotonic() + timeout
+        ok = True
+        for pub in [*self.pubs.values(), *([self.clock_pub] if self.clock_pub is not None else [])]:
+            left = max(deadline - time.monotonic(), 0.0)
+            ok = pub.wait_for_all_acked(Duration(nanoseconds=int(left * 1e9))) and ok
+        return ok
 
     def _publish_clock(self, bag_time: float) -> None:
         from builtin_interfaces.msg import Time
@@ -160,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
             log.info("played %d messages", n)
             if not args.loop or n == 0:
                 break
+        if not player.flush():
+            log.warning("some reliable subscribers did not acknowledge the last messages")
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

@@ -304,7 +304,7 @@ def test_lifecycle_transitions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert _change_state(node, srv, Transition.TRANSITION_ACTIVATE, timeout=START_TIMEOUT)
         assert _get_state(node) == "active"
         assert wait_until(lambda: rig.collector.count("scene") >= 3, 10.0)
-        assert node.count_subscribers(topics.LIDAR_POINTS) == 1
+        assert wait_until(lambda: node.count_subscribers(topics.LIDAR_POINTS) == 1, 5.0)
         assert _change_state(node, srv, Transition.TRANSITION_DEACTIVATE)
         assert _get_state(node) == "inactive"
         assert wait_until(lambda: node.count_subscribers(topics.LIDAR_POINTS) == 0, 5.0)
