@@ -71,9 +71,10 @@ def bag_fingerprint(path: Path | str) -> str:
 
 def preprocess_fingerprint(cfg: ModelConfig, rig: SensorRig, sync_cfg: SyncConfig) -> str:
     """Hash of everything that changes the cached arrays."""
-    keys = ("image_height", "image_width", "input_grid", "bev_channels", "bev_z_min", "bev_z_max",
-            "bev_height_scale", "bev_density_scale", "bev_intensity_scale", "ego_features", "speed_scale",
-            "accel_scale", "yaw_rate_scale", "occupancy_grid")
+    keys = ("image_height", "image_width", "image_roi_rows", "image_roi", "input_grid", "bev_channels",
+            "bev_z_min", "bev_z_max", "bev_height_scale", "bev_density_scale", "bev_intensity_scale",
+            "bev_history_frames", "bev_history_lag", "ego_features", "speed_scale", "accel_scale", "yaw_rate_scale",
+            "occupancy_grid")
     d = {k: getattr(cfg, k) for k in keys}
     d["rig"] = asdict(rig)
     d["sync"] = asdict(sync_cfg)
@@ -160,7 +161,7 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
     if n == 0:
         log.warning("bag %s has no complete ground-truth samples", path)
     ny, nx = cfg.input_bev_grid.shape
-    empty_shapes = {"image": (0, cfg.image_height, cfg.image_width, 3), "bev": (0, 4, ny, nx),
+    empty_shapes = {"image": (0, cfg.image_height, cfg.image_width, 3), "bev": (0, cfg.bev_input_channels, ny, nx),
                     "ego": (0, cfg.ego_features), "mask": (0, 3), "occupancy": (0, *OCCUPANCY_GRID.shape)}
     return {k: (np.stack(v).astype(ARRAYS[k]) if n else np.zeros(empty_shapes.get(k, (0,)), ARRAYS[k]))
             for k, v in rows.items()}
@@ -189,9 +190,10 @@ def load_bag_samples(path: Path | str, cfg: ModelConfig, cache_dir: Path | str |
 class FusionDataset(Dataset):
     """Samples of several bags, concatenated. ``item(i)`` -> dict of tensors (model inputs + targets).
 
-    Inputs: ``image (3,Hi,Wi)`` float32 normalised, ``bev (4,ny,nx)`` float32, ``ego (F,)``,
-    ``modality_mask (3,)`` float32. Targets: ``risk``/``action``/``light``/``scenario`` int64,
-    ``target_speed`` [m/s], ``ttc`` [s], ``distance`` [m] float32 (capped), ``occupancy (32,64)`` float32.
+    Inputs: ``image (3,Hi,Wi)`` float32 normalised, ``bev (C,ny,nx)`` float32 (C =
+    ``cfg.bev_input_channels``), ``ego (F,)``, ``modality_mask (3,)`` float32. Targets:
+    ``risk``/``action``/``light``/``scenario`` int64, ``target_speed`` [m/s], ``ttc`` [s], ``distance`` [m]
+    float32 (capped), ``occupancy (32,64)`` float32.
     """
 
     def __init__(self, bags: Sequence[Path | str], cfg: ModelConfig, cache_dir: Path | str | None = None,

@@ -3,7 +3,9 @@
 * ``image``: RGB ``(H, W, 3)`` uint8 -> ``(3, Hi, Wi)`` float32, area-resized and normalised.
 * ``bev``: LiDAR points ``(N, >=3)`` in the LiDAR frame -> ``(4, ny, nx)`` float32 pseudo-image on the
   model's input grid in ``base_link``: max height, mean height, log-density, mean intensity per cell.
-  Fully vectorised (``np.bincount`` / ``np.maximum.at``): no Python loop over points.
+  Fully vectorised (``np.bincount`` / ``np.maximum.at``): no Python loop over points. With
+  ``cfg.bev_history_frames > 0`` :meth:`Preprocessor.inputs` stacks earlier frames behind it
+  (:class:`BevHistory`), so the :class:`Preprocessor` of one sensor stream keeps that much state.
 * ``ego``: :class:`~lmm_fusion.io.gnss.EgoState` (or None) -> ``(F,)`` float32 ego-motion features.
 """
 
@@ -27,6 +29,56 @@ EGO_FEATURES: tuple[str, ...] = ("speed", "accel", "yaw_rate", "speed_squared", 
                                  "log_horizontal_std", "valid")
 
 
+class BevHistory:
+    """Earlier BEV frames of one LiDAR stream, stacked behind the current one.
+
+    ``stack(stamp, bev)`` returns ``(bev_channels * (1 + K), ny, nx)``: ``bev`` followed by the frames
+    nearest to ``stamp - k * lag`` for k = 1..K (``K = cfg.bev_history_frames``, ``lag =
+    cfg.bev_history_lag`` [s]). A frame counts only within ``TOLERANCE`` x lag of its target time;
+    without one (the first ``K * lag`` seconds of a stream, or after a LiDAR gap) the slot repeats the
+    current frame, i.e. "no motion seen", the same rule in training and on the vehicle. The same LiDAR
+    stamp seen again (the node cycles faster than the LiDAR) is not stored twice; a stamp older than
+    the newest one stored (a bag loop, a time jump back) clears the history.
+    """
+
+    #: Accepted distance of a history frame from its target time, as a fraction of the lag.
+    TOLERANCE = 0.15
+
+    def __init__(self, frames: int, lag: float) -> None:
+        self.frames = int(frames)
+        self.lag = float(lag)
+        self._stamps: list[float] = []
+        self._bevs: list[np.ndarray] = []
+
+    def reset(self) -> None:
+        self._stamps.clear()
+        self._bevs.clear()
+
+    def stack(self, stamp: float, bev: np.ndarray) -> np.ndarray:
+        """``bev (C, ny, nx)`` at LiDAR ``stamp`` [s] -> ``(C * (1 + frames), ny, nx)`` float32."""
+        if self.frames == 0:
+            return bev
+        if not math.isfinite(stamp):
+            raise ValueError(f"stamp={stamp!r}: a history needs a finite LiDAR stamp")
+        if self._stamps and stamp < self._stamps[-1] - 1e-6:
+            self.reset()
+        if not self._stamps or stamp > self._stamps[-1] + 1e-6:
+            self._stamps.append(stamp)
+            self._bevs.append(bev)
+        tol = self.TOLERANCE * self.lag
+        horizon = stamp - self.frames * self.lag - tol
+        while self._stamps and self._stamps[0] < horizon:  # keep only what a slot can still use
+            self._stamps.pop(0)
+            self._bevs.pop(0)
+        stamps = np.asarray(self._stamps)
+        slots = [bev]
+        for k in range(1, self.frames + 1):
+            err = np.abs(stamps - (stamp - k * self.lag))
+            i = int(np.argmin(err))
+            slots.append(self._bevs[i] if err[i] <= tol else bev)
+        return np.concatenate(slots, axis=0)
+
+
 class Preprocessor:
     """Turn sensor frames into the inputs of :class:`lmm_fusion.model.FusionModel`.
 
@@ -40,6 +92,11 @@ class Preprocessor:
         self._lidar_to_base = self.rig.lidar_mount.matrix()
         self._mean = np.asarray(model_cfg.image_mean, np.float32).reshape(3, 1, 1)
         self._inv_std = (1.0 / np.asarray(model_cfg.image_std, np.float32)).reshape(3, 1, 1)
+        self.history = BevHistory(model_cfg.bev_history_frames, model_cfg.bev_history_lag)
+
+    def reset(self) -> None:
+        """Forget the stream's history (a new drive, a restarted bag)."""
+        self.history.reset()
 
     # ------------------------------------------------------------------ camera
     def image(self, rgb: np.ndarray) -> np.ndarray:
@@ -49,17 +106,30 @@ class Preprocessor:
     def resize_image(self, rgb: np.ndarray) -> np.ndarray:
         """RGB ``(H, W, 3)`` uint8 -> ``(image_height, image_width, 3)`` uint8 (area interpolation).
 
-        Split from :meth:`normalize_image` so the training cache can store compact uint8 images.
+        With ``image_roi_rows = r > 0`` the top ``r`` rows are the ``image_roi`` window of ``rgb`` and
+        the other rows the whole image, each resized on its own. The window is given in fractions of
+        the source size, so a 1280x720 and a 640x360 camera with the same field of view give the same
+        angular resolution. Split from :meth:`normalize_image` so the training cache can store uint8.
         """
         if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.size == 0:
             shape = getattr(rgb, "shape", None)
             raise MessageError(f"image: expected an (H, W, 3) array, got shape {shape}")
         if rgb.dtype != np.uint8:
             raise MessageError(f"image: expected dtype uint8, got {rgb.dtype}")
-        h, w = self.cfg.image_height, self.cfg.image_width
-        if rgb.shape[:2] == (h, w):
-            return rgb
-        return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+        h, w, r = self.cfg.image_height, self.cfg.image_width, self.cfg.image_roi_rows
+        if r == 0:
+            return rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+        src_h, src_w = rgb.shape[:2]
+        u0, v0, u1, v1 = self.cfg.image_roi
+        x0, x1 = int(u0 * src_w), max(int(u0 * src_w) + 1, round(u1 * src_w))
+        y0, y1 = int(v0 * src_h), max(int(v0 * src_h) + 1, round(v1 * src_h))
+        out = np.empty((h, w, 3), np.uint8)
+        crop = rgb[y0:y1, x0:x1]
+        # INTER_AREA only where the window shrinks; it degenerates to nearest-neighbour when enlarging.
+        up = crop.shape[0] < r or crop.shape[1] < w
+        cv2.resize(crop, (w, r), dst=out[:r], interpolation=cv2.INTER_LINEAR if up else cv2.INTER_AREA)
+        cv2.resize(rgb, (w, h - r), dst=out[r:], interpolation=cv2.INTER_AREA)
+        return out
 
     def normalize_image(self, small: np.ndarray) -> np.ndarray:
         """``(..., Hi, Wi, 3)`` uint8 -> ``(..., 3, Hi, Wi)`` float32 normalised with the config's mean/std."""
@@ -163,8 +233,10 @@ class Preprocessor:
     # ------------------------------------------------------------------ all
     def inputs(self, snapshot: Any, lidar_base: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``Snapshot`` (frames, mask in ``MODALITIES`` order) -> model inputs with batch 1:
-        ``image (1,3,Hi,Wi)``, ``bev (1,4,ny,nx)``, ``ego (1,F)``, ``modality_mask (1,3)`` float32.
-        ``lidar_base``: the LiDAR frame already transformed to ``base_link`` (see :meth:`bev`).
+        ``image (1,3,Hi,Wi)``, ``bev (1,C,ny,nx)`` (C = ``cfg.bev_input_channels``: the frame, then its
+        history), ``ego (1,F)``, ``modality_mask (1,3)`` float32. ``lidar_base``: the LiDAR frame already
+        transformed to ``base_link`` (see :meth:`bev`). A present LiDAR frame is added to the history,
+        keyed by its stamp (``snapshot.stamps["lidar"]``, else ``snapshot.now``).
 
         A modality is present when the sync mask says so and its frame decodes; a GNSS state that is
         not yet valid (no motion estimate) counts as missing. Missing inputs are zeros.
@@ -177,7 +249,11 @@ class Preprocessor:
         gnss = frames.get("gnss") if mask[2] else None
         mask &= np.array([cam is not None, lidar is not None, self.ego_valid(gnss)])
         image = self.image(cam) if mask[0] else np.zeros((3, cfg.image_height, cfg.image_width), np.float32)
-        bev = self.bev(lidar, lidar_base) if mask[1] else np.zeros((4, g.ny, g.nx), np.float32)
+        if mask[1]:
+            stamp = (snapshot.stamps or {}).get("lidar")
+            bev = self.history.stack(float(snapshot.now if stamp is None else stamp), self.bev(lidar, lidar_base))
+        else:
+            bev = np.zeros((cfg.bev_input_channels, g.ny, g.nx), np.float32)
         ego = self.ego(gnss) if mask[2] else np.zeros(cfg.ego_features, np.float32)
         return {
             "image": image[None],

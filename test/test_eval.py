@@ -41,7 +41,7 @@ def test_one_sample_per_ground_truth_stamp(drive: Path) -> None:
     assert n == pytest.approx(SECONDS * 10, abs=1)  # ground truth at the LiDAR rate (10 Hz)
     assert np.all(np.diff(a["stamp"]) > 0)
     assert a["image"].shape == (n, cfg.image_height, cfg.image_width, 3)
-    assert a["bev"].shape == (n, 4, *cfg.input_bev_grid.shape)
+    assert a["bev"].shape == (n, cfg.bev_input_channels, *cfg.input_bev_grid.shape)
     assert a["occupancy"].shape == (n, *OCC_SHAPE)
     assert a["mask"][:, 1].all()  # the LiDAR frame labelled is always there
     assert a["bev"][:, 2].max() > 0  # points landed in the grid

@@ -11,7 +11,8 @@ import torch
 from lmm_fusion.model import OUTPUT_NAMES, FusionModel, ModelConfig, load_model, save_model
 from lmm_fusion.model.fusion import SelfAttention
 
-SMALL = dict(image_height=32, image_width=64, camera_channels=(8, 8, 16, 16), lidar_stages=(8, 8, 16, 16),
+SMALL = dict(image_height=32, image_width=64, image_roi_rows=8, camera_channels=(8, 8, 16, 16),
+             lidar_stages=(8, 8, 16, 16),
              d_model=32, n_heads=2, head_hidden=32)
 
 
@@ -20,7 +21,7 @@ def _inputs(cfg: ModelConfig, b: int = 3, seed: int = 0) -> dict[str, torch.Tens
     ny, nx = cfg.input_bev_grid.shape
     return {
         "image": torch.randn(b, 3, cfg.image_height, cfg.image_width, generator=g),
-        "bev": torch.rand(b, 4, ny, nx, generator=g),
+        "bev": torch.rand(b, cfg.bev_input_channels, ny, nx, generator=g),
         "ego": torch.randn(b, cfg.ego_features, generator=g),
         "modality_mask": torch.ones(b, 3),
     }

@@ -6,12 +6,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.model import ModelConfig
-from lmm_fusion.preprocess import Preprocessor
+from lmm_fusion.preprocess import BevHistory, Preprocessor
 from lmm_fusion.rig import Mount, SensorRig
 
 
@@ -29,6 +30,8 @@ class _Ego:
 class _Snap:
     frames: dict[str, Any]
     mask: np.ndarray = field(default_factory=lambda: np.ones(3, bool))
+    now: float = 100.0
+    stamps: dict[str, float | None] = field(default_factory=dict)
 
 
 def _base_to_lidar(rig: SensorRig, xyz_base: np.ndarray) -> np.ndarray:
@@ -123,7 +126,7 @@ def test_inputs_mask_follows_snapshot_and_validity() -> None:
     out = pre.inputs(_Snap({"camera": img, "lidar": pts, "gnss": _Ego(valid=False)}))
     assert out["modality_mask"].tolist() == [[1.0, 1.0, 0.0]]
     assert out["image"].shape == (1, 3, cfg.image_height, cfg.image_width)
-    assert out["bev"].shape == (1, 4, 64, 128) and out["ego"].shape == (1, cfg.ego_features)
+    assert out["bev"].shape == (1, cfg.bev_input_channels, 64, 128) and out["ego"].shape == (1, cfg.ego_features)
     out = pre.inputs(_Snap({"camera": img, "lidar": pts, "gnss": _Ego()}, np.array([False, True, True])))
     assert out["modality_mask"].tolist() == [[0.0, 1.0, 1.0]]
     assert not out["image"].any() and out["bev"].any() and out["ego"].any()
@@ -138,3 +141,106 @@ def test_bev_with_precomputed_base_points_is_identical() -> None:
     np.testing.assert_array_equal(pre.bev(pts, pre.points_to_base(pts)), pre.bev(pts))
     with pytest.raises(ValueError, match="xyz_base"):
         pre.bev(pts, pre.points_to_base(pts[:10]))
+
+
+def _frame(value: float) -> np.ndarray:
+    return np.full((4, 2, 3), value, np.float32)
+
+
+def test_history_repeats_the_current_frame_until_one_lag_old_exists() -> None:
+    h = BevHistory(frames=1, lag=0.5)
+    for i in range(5):  # 0.0 .. 0.4 s: no frame 0.5 s old yet -> "no motion seen"
+        out = h.stack(10.0 + 0.1 * i, _frame(i))
+        assert out.shape == (8, 2, 3)
+        np.testing.assert_array_equal(out[4:], out[:4])
+    out = h.stack(10.5, _frame(5))  # now the frame of 10.0 s is exactly one lag old
+    assert out[:4].max() == 5 and out[4:].max() == 0
+    out = h.stack(10.6, _frame(6))
+    assert out[4:].max() == 1
+
+
+def test_history_with_two_frames_and_lidar_gaps() -> None:
+    h = BevHistory(frames=2, lag=0.5)
+    for i in range(11):
+        out = h.stack(0.1 * i, _frame(i))
+    assert [out[4 * k].max() for k in range(3)] == [10, 5, 0]
+    # a LiDAR gap: nothing within tolerance of t - 0.5 s -> that slot repeats the current frame, while
+    # the frame of t - 1.0 s still fills its own slot
+    out = h.stack(2.0, _frame(20))
+    assert [out[4 * k].max() for k in range(3)] == [20, 20, 10]
+    out = h.stack(3.0, _frame(30))
+    assert [out[4 * k].max() for k in range(3)] == [30, 30, 20]
+
+
+def test_history_ignores_a_repeated_stamp_and_resets_on_a_jump_back() -> None:
+    h = BevHistory(frames=1, lag=0.5)
+    h.stack(1.0, _frame(1))
+    h.stack(1.5, _frame(2))
+    out = h.stack(1.5, _frame(99))  # the node cycled twice on one LiDAR frame: the stored one stays
+    assert out[:4].max() == 99 and out[4:].max() == 1
+    assert h.stack(1.5, _frame(3))[4:].max() == 1
+    out = h.stack(0.5, _frame(7))  # bag restarted: older stamp -> history cleared
+    np.testing.assert_array_equal(out[4:], out[:4])
+    assert h.stack(1.0, _frame(8))[4:].max() == 7
+    with pytest.raises(ValueError, match="stamp"):
+        h.stack(math.nan, _frame(0))
+
+
+def test_history_off_is_the_frame_itself_and_config_bounds() -> None:
+    bev = _frame(3)
+    assert BevHistory(frames=0, lag=0.5).stack(1.0, bev) is bev
+    assert ModelConfig(bev_history_frames=0).bev_input_channels == 4
+    assert ModelConfig(bev_history_frames=2).bev_input_channels == 12
+    for bad in ({"bev_history_frames": -1}, {"bev_history_frames": 9}, {"bev_history_lag": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ModelConfig(**bad).validate()
+
+
+def test_inputs_stack_the_lidar_history_by_lidar_stamp() -> None:
+    cfg = ModelConfig(bev_history_frames=1, bev_history_lag=0.5)
+    pre = Preprocessor(cfg)
+    g = cfg.input_bev_grid
+    # one point moving 2 m closer per 0.5 s (a closing obstacle), 10 Hz LiDAR
+    outs = []
+    for i in range(6):
+        pts = np.array([[30.0 - 0.4 * i, 0.0, -1.0, 0.5]], np.float32)
+        outs.append(pre.inputs(_Snap({"camera": None, "lidar": pts, "gnss": None}, np.array([False, True, False]),
+                                     now=5.0 + 0.1 * i + 0.02, stamps={"lidar": 5.0 + 0.1 * i}))["bev"][0])
+    last = outs[-1]
+    cur = np.argwhere(last[2] > 0)
+    old = np.argwhere(last[6] > 0)
+    assert len(cur) == len(old) == 1
+    assert (old[0][1] - cur[0][1]) * g.cell == pytest.approx(2.0, abs=g.cell)
+    pre.reset()
+    again = pre.inputs(_Snap({"camera": None, "lidar": pts, "gnss": None}, np.array([False, True, False]),
+                             now=5.6, stamps={"lidar": 5.6}))["bev"][0]
+    np.testing.assert_array_equal(again[4:], again[:4])
+
+
+def test_roi_band_keeps_a_distant_lamp_that_the_whole_view_shrinks_away() -> None:
+    cfg = ModelConfig(image_height=176, image_width=224, image_roi_rows=64, image_roi=(0.3, 0.24, 0.7, 0.5))
+    pre = Preprocessor(cfg)
+    img = np.full((360, 640, 3), 90, np.uint8)
+    img[110:112, 330:332] = (255, 0, 0)  # a 2x2 px red lamp inside the window (rows 86..180, cols 192..448)
+    out = pre.resize_image(img)
+    assert out.shape == (176, 224, 3)
+    band, view = out[:64].astype(int), out[64:].astype(int)
+    red_band = (band[..., 0] - band[..., 1]).max()
+    red_view = (view[..., 0] - view[..., 1]).max()
+    assert red_band > 100  # near-native resolution: the lamp's colour survives
+    assert red_view < red_band / 2  # area-averaged with its surroundings in the whole view
+    # the band is the window, the rest the whole image: a mark outside the window shows only below
+    img2 = np.full((360, 640, 3), 90, np.uint8)
+    img2[300:360, 0:60] = 255
+    out2 = pre.resize_image(img2).astype(int)
+    assert out2[:64].max() == 90 and out2[64:].max() > 200
+    # the same field of view at another resolution gives the same band
+    big = cv2.resize(img, (1280, 720), interpolation=cv2.INTER_NEAREST)
+    assert np.abs(pre.resize_image(big)[:64].astype(int) - out[:64]).mean() < 3
+
+
+def test_roi_config_is_checked() -> None:
+    with pytest.raises(ValueError, match="image_roi_rows"):
+        ModelConfig(image_height=64, image_roi_rows=60).validate()
+    with pytest.raises(ValueError, match="image_roi"):
+        ModelConfig(image_roi=(0.5, 0.2, 0.4, 0.6)).validate()

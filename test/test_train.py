@@ -19,7 +19,8 @@ from lmm_fusion.model import FusionModel, ModelConfig, load_model
 from lmm_fusion.model.losses import FusionLoss, info_nce
 from lmm_fusion.train import augment, lr_at, modality_dropout, train
 
-TINY = dict(image_height=32, image_width=64, camera_channels=(8, 8, 16, 16), lidar_stages=(8, 8, 16, 16),
+TINY = dict(image_height=32, image_width=64, image_roi_rows=8, camera_channels=(8, 8, 16, 16),
+            lidar_stages=(8, 8, 16, 16),
             d_model=32, n_heads=2, n_layers=1, head_hidden=32,
             input_grid=dict(x_min=-8.0, x_max=56.0, y_min=-16.0, y_max=16.0, cell=1.0),
             occupancy_grid=dict(x_min=-8.0, x_max=56.0, y_min=-16.0, y_max=16.0, cell=2.0))
@@ -32,7 +33,7 @@ def toy_arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:
     ny, nx = cfg.input_bev_grid.shape
     speed = rng.uniform(0, 2, n).astype(np.float32)
     blob = rng.random(n) < 0.5
-    bev = np.zeros((n, 4, ny, nx), np.float16)
+    bev = np.zeros((n, cfg.bev_input_channels, ny, nx), np.float16)
     bev[blob, :, 14:18, 20:24] = 1.0
     ego = np.zeros((n, cfg.ego_features), np.float32)
     ego[:, 0] = speed

@@ -10,24 +10,35 @@ from typing import Any
 from lmm_fusion.grid import INPUT_GRID, OCCUPANCY_GRID, BevGrid
 
 #: Bumped when the meaning of a field or of a tensor changes incompatibly.
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
 
 
 @dataclass
 class ModelConfig:
     """Sizes, resolutions and output caps of :class:`lmm_fusion.model.FusionModel`.
 
-    Image input: ``(3, image_height, image_width)`` RGB normalised with ``image_mean``/``image_std``.
-    BEV input: ``(bev_channels, ny, nx)`` on ``input_grid`` (metres in ``base_link``).
+    Image input: ``(3, image_height, image_width)`` RGB normalised with ``image_mean``/``image_std``; with
+    ``image_roi_rows > 0`` its top rows are a close-up of the ``image_roi`` window (where distant traffic
+    lights appear) and the rest is the whole view (see :meth:`lmm_fusion.preprocess.Preprocessor.resize_image`).
+    BEV input: ``(bev_input_channels, ny, nx)`` on ``input_grid`` (metres in ``base_link``): the current
+    LiDAR frame's ``bev_channels`` followed by the same channels of ``bev_history_frames`` earlier frames,
+    ``bev_history_lag``, 2 x ``bev_history_lag``, ... seconds older (see :class:`lmm_fusion.preprocess.BevHistory`).
     Ego input: ``(ego_features,)`` built by :class:`lmm_fusion.preprocess.Preprocessor`.
     """
 
     # --- camera
-    image_height: int = 128
+    image_height: int = 176
     image_width: int = 224
     image_mean: tuple[float, float, float] = (0.45, 0.45, 0.45)
     image_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     camera_channels: tuple[int, ...] = (8, 16, 32, 64)  # one stride-2 stage each
+    # Close-up band: a window of the source image, in fractions of its width/height (u0, v0, u1, v1),
+    # resized into the top ``image_roi_rows`` rows. Why: a traffic-light lamp (0.22 m) 50 m away is
+    # 1.4 px wide in a 640 px image and a third of a pixel after the whole view is shrunk to 224 px,
+    # so its colour is lost; the window above the horizon in front, where far lamps appear, keeps
+    # near-native resolution instead. Near lamps are large enough in the whole view.
+    image_roi_rows: int = 64
+    image_roi: tuple[float, float, float, float] = (0.3, 0.24, 0.7, 0.5)
     # --- LiDAR BEV pseudo-image
     input_grid: dict[str, float] = field(default_factory=INPUT_GRID.as_dict)
     bev_channels: int = 4  # max height, mean height, log-density, mean intensity
@@ -36,6 +47,11 @@ class ModelConfig:
     bev_height_scale: float = 2.0  # heights are divided by this [m]
     bev_density_scale: float = 4.0  # log1p(count) is divided by this
     bev_intensity_scale: float = 1.0  # intensity is divided by this
+    # Earlier LiDAR frames stacked behind the current one, in the same base_link grid (not ego-motion
+    # compensated on purpose: an object's shift between the frames is its motion relative to the ego,
+    # which is what closing speed, TTC and "stopped or moving" need and a single frame cannot show).
+    bev_history_frames: int = 1
+    bev_history_lag: float = 0.5  # [s] between stacked frames
     lidar_stages: tuple[int, ...] = (16, 24, 48, 64)  # one stride-2 stage each
     refine_from_stage: int = 2  # stages >= this add a residual 3x3 conv (camera and BEV)
     occupancy_channels: int = 16
@@ -70,6 +86,11 @@ class ModelConfig:
         return BevGrid(**self.occupancy_grid)
 
     @property
+    def bev_input_channels(self) -> int:
+        """Channels of the BEV input tensor: the current frame's plus every history frame's."""
+        return self.bev_channels * (1 + self.bev_history_frames)
+
+    @property
     def camera_token_shape(self) -> tuple[int, int]:
         """(rows, cols) of the camera token grid."""
         s = 2 ** len(self.camera_channels)
@@ -92,6 +113,17 @@ class ModelConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.bev_channels != 4:
             raise ValueError(f"bev_channels={self.bev_channels}: the preprocessor produces 4 channels")
+        if not 0 <= self.image_roi_rows <= self.image_height - 16:
+            raise ValueError(f"image_roi_rows={self.image_roi_rows} must be in 0..image_height-16 "
+                             f"({self.image_height - 16}): the whole view needs rows too")
+        u0, v0, u1, v1 = (float(x) for x in self.image_roi)
+        if len(self.image_roi) != 4 or not (0.0 <= u0 < u1 <= 1.0 and 0.0 <= v0 < v1 <= 1.0):
+            raise ValueError(f"image_roi={list(self.image_roi)} must be (u0, v0, u1, v1) with 0 <= u0 < u1 <= 1 "
+                             "and 0 <= v0 < v1 <= 1")
+        if not 0 <= self.bev_history_frames <= 8:
+            raise ValueError(f"bev_history_frames={self.bev_history_frames} must be in 0..8")
+        if not 0.05 <= self.bev_history_lag <= 5.0:
+            raise ValueError(f"bev_history_lag={self.bev_history_lag} must be in [0.05, 5] s")
         if self.ego_features < 8:
             raise ValueError(f"ego_features={self.ego_features}: the preprocessor needs at least 8")
         g, o = self.input_bev_grid, self.occupancy_bev_grid

@@ -66,7 +66,7 @@ class BevEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.cnn = _StridedCnn(cfg.bev_channels, tuple(cfg.lidar_stages), cfg.refine_from_stage)
+        self.cnn = _StridedCnn(cfg.bev_input_channels, tuple(cfg.lidar_stages), cfg.refine_from_stage)
         self.proj = nn.Conv2d(cfg.lidar_stages[-1], cfg.d_model, 1)
 
     def forward(self, bev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -137,7 +137,7 @@ def input_shapes(cfg: Any) -> dict[str, tuple[int, ...]]:
     g = cfg.input_bev_grid
     return {
         "image": (1, 3, cfg.image_height, cfg.image_width),
-        "bev": (1, cfg.bev_channels, g.ny, g.nx),
+        "bev": (1, cfg.bev_input_channels, g.ny, g.nx),
         "ego": (1, cfg.ego_features),
         "modality_mask": (1, 3),
     }
