@@ -459,25 +459,31 @@ class World:
             raise ValueError(f"unknown scenario {sc!r}")
 
     def _light_poles(self, ep: Episode, light: TrafficLight) -> None:
-        """Roadside pole with a housing at the right edge and a mast arm with a housing over the ego lane,
-        just beyond the stop line. LiDAR sees pole, arm and housings; only the camera sees the lamps."""
+        """A roadside pole with a housing at the right edge just beyond the stop line, and a second pole
+        15-25 m beyond it with a mast arm and a housing over the ego lane (far-side signal head, as in
+        North American practice). Why the far side: a head hanging just past the line leaves the
+        camera's view while the car is still 10 m before it, so a car waiting at the line could not
+        see the state it waits for; the far-side head stays in view. LiDAR sees poles, arm and
+        housings; only the camera sees the lamps."""
         rng = self.rng
+        grey = _grey(rng, 60, 110)
         s_pole = light.s_stop + float(rng.uniform(1.0, 3.0))
         d_pole = -(ep.half_road + float(rng.uniform(0.8, 1.5)))
-        pole_h = float(rng.uniform(5.2, 6.0))
-        grey = _grey(rng, 60, 110)
-        ep.actors.append(Actor("pole", s_pole, d_pole, 0.2, 0.2, pole_h, grey))
-        # roadside housing on the pole
+        ep.actors.append(Actor("pole", s_pole, d_pole, 0.2, 0.2, float(rng.uniform(3.6, 4.2)), grey))
         light.housings.append(len(ep.actors))
         ep.actors.append(Actor("housing", s_pole, d_pole + 0.35, 0.3, 0.38, 1.0, (25, 25, 25),
                                z0=float(rng.uniform(2.6, 3.2))))
-        # mast arm from the pole over the ego lane and a housing hanging from it
+        # far side: pole, mast arm over the ego lane and a housing hanging from it
+        s_far = light.s_stop + float(rng.uniform(15.0, 25.0))
+        d_far = -(ep.half_road + float(rng.uniform(0.8, 1.5)))
+        pole_h = float(rng.uniform(5.2, 6.0))
+        ep.actors.append(Actor("pole", s_far, d_far, 0.2, 0.2, pole_h, grey))
         d_h = ep.lane_centre(ep.ego_lane)
-        arm_len = d_h - d_pole + 0.5
-        ep.actors.append(Actor("pole", s_pole, d_pole + arm_len / 2, 0.15, arm_len, 0.15, grey, z0=pole_h - 0.4,
+        arm_len = d_h - d_far + 0.5
+        ep.actors.append(Actor("pole", s_far, d_far + arm_len / 2, 0.15, arm_len, 0.15, grey, z0=pole_h - 0.4,
                                material="pole"))
         light.housings.append(len(ep.actors))
-        ep.actors.append(Actor("housing", s_pole, d_h, 0.3, 0.38, 1.0, (25, 25, 25), z0=pole_h - 1.45))
+        ep.actors.append(Actor("housing", s_far, d_h, 0.3, 0.38, 1.0, (25, 25, 25), z0=pole_h - 1.45))
 
     def _buildings(self, ep: Episode) -> None:
         """Roadside buildings along both sides for the whole episode (what the upper LiDAR beams hit)."""
