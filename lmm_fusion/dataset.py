@@ -71,7 +71,7 @@ def bag_fingerprint(path: Path | str) -> str:
 
 def preprocess_fingerprint(cfg: ModelConfig, rig: SensorRig, sync_cfg: SyncConfig) -> str:
     """Hash of everything that changes the cached arrays."""
-    keys = ("image_height", "image_width", "image_roi_rows", "image_roi", "input_grid", "bev_channels",
+    keys = ("image_height", "image_width", "image_roi_rows", "image_roi", "image_resize", "input_grid", "bev_channels",
             "bev_z_min", "bev_z_max", "bev_height_scale", "bev_density_scale", "bev_intensity_scale",
             "bev_history_frames", "bev_history_lag", "ego_features", "speed_scale", "accel_scale", "yaw_rate_scale",
             "occupancy_grid")

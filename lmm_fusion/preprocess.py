@@ -118,7 +118,7 @@ class Preprocessor:
             raise MessageError(f"image: expected dtype uint8, got {rgb.dtype}")
         h, w, r = self.cfg.image_height, self.cfg.image_width, self.cfg.image_roi_rows
         if r == 0:
-            return rgb if rgb.shape[:2] == (h, w) else cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+            return rgb if rgb.shape[:2] == (h, w) else self._shrink(rgb, w, h)
         src_h, src_w = rgb.shape[:2]
         u0, v0, u1, v1 = self.cfg.image_roi
         x0, x1 = int(u0 * src_w), max(int(u0 * src_w) + 1, round(u1 * src_w))
@@ -128,8 +128,18 @@ class Preprocessor:
         # INTER_AREA only where the window shrinks; it degenerates to nearest-neighbour when enlarging.
         up = crop.shape[0] < r or crop.shape[1] < w
         cv2.resize(crop, (w, r), dst=out[:r], interpolation=cv2.INTER_LINEAR if up else cv2.INTER_AREA)
-        cv2.resize(rgb, (w, h - r), dst=out[r:], interpolation=cv2.INTER_AREA)
+        out[r:] = self._shrink(rgb, w, h - r)
         return out
+
+    def _shrink(self, rgb: np.ndarray, w: int, h: int) -> np.ndarray:
+        """The whole image area-resized to ``(h, w, 3)``, by the config's ``image_resize`` method."""
+        if self.cfg.image_resize == "decimate_area":
+            f = min(rgb.shape[1] // w, rgb.shape[0] // h)
+            if f >= 2:  # exact f x f box average: OpenCV's fast integer-factor INTER_AREA path
+                rgb = cv2.resize(rgb, (rgb.shape[1] // f, rgb.shape[0] // f), interpolation=cv2.INTER_AREA)
+        if rgb.shape[:2] == (h, w):
+            return rgb
+        return cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
 
     def normalize_image(self, small: np.ndarray) -> np.ndarray:
         """``(..., Hi, Wi, 3)`` uint8 -> ``(..., 3, Hi, Wi)`` float32 normalised with the config's mean/std."""

@@ -244,3 +244,19 @@ def test_roi_config_is_checked() -> None:
         ModelConfig(image_height=64, image_roi_rows=60).validate()
     with pytest.raises(ValueError, match="image_roi"):
         ModelConfig(image_roi=(0.5, 0.2, 0.4, 0.6)).validate()
+
+
+@pytest.mark.parametrize("src", [(360, 640), (720, 1280), (480, 640)])
+def test_decimate_area_resize_matches_one_area_resize(src: tuple[int, int]) -> None:
+    rng = np.random.default_rng(1)
+    # smooth content plus sharp edges: what a camera sees
+    img = cv2.GaussianBlur((rng.random((*src, 3)) * 255).astype(np.uint8), (0, 0), 3)
+    img[src[0] // 3: src[0] // 2, src[1] // 4: src[1] // 2] = (250, 30, 30)
+    fast = Preprocessor(ModelConfig(image_resize="decimate_area")).resize_image(img).astype(int)
+    exact = Preprocessor(ModelConfig(image_resize="area")).resize_image(img).astype(int)
+    assert fast.shape == exact.shape == (176, 224, 3)
+    np.testing.assert_array_equal(fast[:64], exact[:64])  # the close-up band is resized the same way
+    diff = np.abs(fast[64:] - exact[64:])
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) < 40
+    with pytest.raises(ValueError, match="image_resize"):
+        ModelConfig(image_resize="bilinear").validate()
