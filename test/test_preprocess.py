@@ -244,6 +244,8 @@ def test_roi_config_is_checked() -> None:
         ModelConfig(image_height=64, image_roi_rows=60).validate()
     with pytest.raises(ValueError, match="image_roi"):
         ModelConfig(image_roi=(0.5, 0.2, 0.4, 0.6)).validate()
+    with pytest.raises(ValueError, match="image_roi"):
+        ModelConfig.from_dict({**ModelConfig().to_dict(), "image_roi": [0.3, 0.24, 0.7]})
 
 
 @pytest.mark.parametrize("src", [(360, 640), (720, 1280), (480, 640)])
