@@ -142,16 +142,26 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
 
     def flush(before: float) -> None:
         # Stamps within 0.1 ms count as the same instant (float seconds near 1.7e9 keep ~0.2 us).
-        for key in sorted(k for k, gt in pending.items() if gt["_stamp"] < before - 1e-4):
-            gt = pending.pop(key)
-            if all(t in gt for t in _REQUIRED_GT):
+        due = sorted({k for k, gt in pending.items() if gt["_stamp"] < before - 1e-4}
+                     | {k for k, stamp in lidar_frames.items() if stamp < before - 1e-4})
+        for key in due:
+            gt = pending.pop(key, None)
+            stamp = lidar_frames.pop(key, None)
+            if gt is not None and all(t in gt for t in _REQUIRED_GT):
                 emit(gt["_stamp"], gt)
+            elif stamp is not None:
+                # An unlabelled LiDAR frame (a drive's warm-up) still goes through the preprocessor:
+                # the BEV history then holds what the node's, which preprocesses every cycle, would.
+                pre.inputs(ingest.sync.snapshot(stamp))
 
+    lidar_frames: dict[float, float] = {}  # LiDAR frames ingested and not yet processed: key -> stamp
     for m in read_bag(path, set(sensor_of) | set(gt_topics)):
         flush(m.stamp_sec)
         sensor = sensor_of.get(m.topic)
         if sensor is not None:
             ingest.on_message(sensor, m.msg, now=m.stamp_sec)
+            if sensor == "lidar":
+                lidar_frames[round(m.stamp_sec, 4)] = m.stamp_sec
             continue
         # Ground truth is recorded at the stamp of the frame it labels (the scenario String has no
         # header); the key is rounded to 0.1 ms because float seconds near 1.7e9 keep only ~0.2 us.
@@ -172,6 +182,8 @@ def load_bag_samples(path: Path | str, cfg: ModelConfig, cache_dir: Path | str |
     """:func:`extract_samples` with an on-disk cache (``cache_dir`` None = no cache)."""
     rig = rig or SensorRig()
     sync_cfg = sync_cfg or SyncConfig()
+    if _is_sample_file(Path(path)):
+        return load_sample_file(path, preprocess_fingerprint(cfg, rig, sync_cfg))
     if cache_dir is None:
         return extract_samples(path, cfg, rig, sync_cfg)
     key = f"{Path(path).name}-{bag_fingerprint(path)}-{preprocess_fingerprint(cfg, rig, sync_cfg)}.npz"
@@ -185,6 +197,24 @@ def load_bag_samples(path: Path | str, cfg: ModelConfig, cache_dir: Path | str |
     np.savez(tmp, **arrays)
     tmp.replace(file)
     return arrays
+
+
+def load_sample_file(path: Path | str, fingerprint: str) -> dict[str, np.ndarray]:
+    """Arrays of one cached bag (a ``.npz`` file of a cache directory, usable without its bag).
+
+    The file name ends with the preprocessing fingerprint it was made with; a file made with other
+    settings (resolution, BEV grid, history, rig, ...) is refused rather than trained on silently.
+    """
+    p = Path(path)
+    made_with = p.stem.rpartition("-")[2]
+    if made_with != fingerprint:
+        raise ValueError(f"{p}: samples preprocessed with settings {made_with!r}, this model config needs "
+                         f"{fingerprint!r}; give the bag itself to re-extract them")
+    with np.load(p, allow_pickle=False) as z:
+        missing = sorted(set(ARRAYS) - set(z.files))
+        if missing:
+            raise ValueError(f"{p}: not a sample file (missing arrays {missing})")
+        return {k: z[k].astype(ARRAYS[k], copy=False) for k in ARRAYS}
 
 
 class FusionDataset(Dataset):
@@ -247,19 +277,26 @@ def _is_bag(p: Path) -> bool:
     return p.is_dir() and ((p / "metadata.yaml").is_file() or any(p.glob("*.mcap")) or any(p.glob("*.db3")))
 
 
+def _is_sample_file(p: Path) -> bool:
+    return p.suffix == ".npz" and p.is_file()
+
+
 def expand_bags(paths: Sequence[Path | str]) -> list[Path]:
     """Bag folders named by ``paths``: a bag folder itself, or every bag folder below a directory
-    (sorted, so the order and thus the training run are reproducible)."""
+    (sorted, so the order and thus the training run are reproducible). A cached sample file
+    (``.npz``, see :func:`load_sample_file`) stands for its bag; a directory without bags yields the
+    sample files in it (a cache directory whose bags were deleted to free disk)."""
     out: list[Path] = []
     for raw in paths:
         p = Path(raw)
-        if _is_bag(p):
+        if _is_bag(p) or _is_sample_file(p):
             out.append(p)
         elif p.is_dir():
-            found = sorted(q for q in p.rglob("*") if _is_bag(q))
+            found = sorted(q for q in p.rglob("*") if _is_bag(q)) or sorted(
+                q for q in p.glob("*.npz") if not q.name.endswith(".tmp.npz"))
             if not found:
-                raise FileNotFoundError(f"--data {p}: no rosbag2 folders below it")
+                raise FileNotFoundError(f"--data {p}: no rosbag2 folders or sample files below it")
             out.extend(found)
         else:
-            raise FileNotFoundError(f"--data {p}: not a rosbag2 folder or a directory of them")
+            raise FileNotFoundError(f"--data {p}: not a rosbag2 folder, a sample file or a directory of them")
     return out

@@ -74,6 +74,45 @@ def test_expand_bags(drive: Path, tmp_path: Path) -> None:
         expand_bags([tmp_path / "nope"])
 
 
+def test_cached_sample_files_stand_for_their_bags(drive: Path, tmp_path: Path) -> None:
+    """A cache directory whose bags are gone still trains: its files load as the bag did, and a file
+    made with other preprocessing settings is refused by name."""
+    cfg = ModelConfig(**SMALL)
+    from_bag = load_bag_samples(drive, cfg, tmp_path)
+    (tmp_path / "junk.tmp.npz").write_bytes(b"")  # an interrupted write is not a sample file
+    (file,) = expand_bags([tmp_path])
+    assert expand_bags([file]) == [file]
+    again = load_bag_samples(file, cfg, cache_dir=None)
+    for k in from_bag:
+        assert np.array_equal(from_bag[k], again[k]), k
+    assert len(FusionDataset([file], cfg)) == len(from_bag["stamp"])
+    other = ModelConfig.from_dict({**cfg.to_dict(), "bev_z_max": 3.0})
+    with pytest.raises(ValueError, match=f"{file.name}.*preprocessed with settings"):
+        load_bag_samples(file, other, cache_dir=None)
+
+
+def test_warm_up_frames_fill_the_lidar_history(tmp_path: Path) -> None:
+    """A drive labelled from mid-world: the unlabelled warm-up frames reach the preprocessor, so the
+    first sample already has GNSS and a LiDAR history; without warm-up its history is the frame itself."""
+    from lmm_fusion.sim.synth import rig_from_args, synthesize
+
+    rig = rig_from_args(camera=(160, 90), lidar_beams=16, lidar_columns=256)
+    cfg = ModelConfig(**SMALL)
+    c = cfg.bev_channels
+    firsts = {}
+    for warmup in (0.0, 1.0):
+        bag = synthesize(tmp_path / f"w{warmup:g}", 0.3, seed=5, scenarios=[Scenario.LEAD_VEHICLE], rig=rig,
+                         progress=False, start=3.0, warmup=warmup)
+        a = extract_samples(bag, cfg)
+        assert len(a["stamp"]) == 3
+        assert a["stamp"][0] == pytest.approx(3.0 + 1_700_000_000.0, abs=1e-3)
+        firsts[warmup] = a
+    cold, warm = firsts[0.0], firsts[1.0]
+    assert not cold["mask"][0, 2] and warm["mask"][:, 2].all()  # GNSS: no motion estimate yet vs warm
+    assert np.array_equal(cold["bev"][0, :c], cold["bev"][0, c:])
+    assert not np.array_equal(warm["bev"][0, :c], warm["bev"][0, c:])
+
+
 def test_metric_helpers() -> None:
     t = np.array([0, 0, 1, 2])
     assert macro_f1(t, t, 3) == 1.0

@@ -195,6 +195,41 @@ def test_dataset_one_family_per_drive_and_worker_independent(tmp_path: Path) -> 
     assert [d["path"] for d in manifest["drives"]] == [Path(s.path).name for s in one]
 
 
+def test_a_drive_labelled_from_mid_world(tmp_path: Path) -> None:
+    """``start``: the world runs unrecorded, sensors are recorded ``warmup`` s before the first label,
+    and the labels are those of the same world (same seed) driven from the beginning."""
+    tiny = SensorRig(camera=CameraModel(width=64, height=36), lidar=LidarModel(beams=4, columns=64))
+    whole = synthesize(tmp_path / "whole", 3.5, seed=9, rig=tiny, progress=False)
+    late = synthesize(tmp_path / "late", 0.5, seed=9, rig=tiny, progress=False, start=3.0, warmup=0.5)
+    stamps = defaultdict(list)
+    for m in read_bag(late):
+        stamps[m.topic].append(m.stamp_sec - START_TIME)
+    gt, lidar = stamps[topics.GT_ACTION], stamps[topics.LIDAR_POINTS]
+    assert len(gt) == 5 and gt[0] == pytest.approx(3.0, abs=1e-3) and gt[-1] == pytest.approx(3.4, abs=1e-3)
+    assert len(lidar) == 10 and lidar[0] == pytest.approx(2.5, abs=1e-3)
+    assert min(stamps[topics.GNSS_FIX]) > 2.5 and min(stamps[topics.CAMERA_IMAGE]) > 2.5
+
+    def labels(bag: Path) -> dict[float, tuple[int, int]]:
+        scene = {round(m.stamp_sec, 2): m.msg.risk_level for m in read_bag(bag, [topics.GT_SCENE])}
+        return {k: (scene[k], m.msg.action) for m in read_bag(bag, [topics.GT_ACTION])
+                if (k := round(m.stamp_sec, 2)) in scene}
+
+    late_labels, whole_labels = labels(late), labels(whole)
+    assert len(late_labels) == 5 and late_labels == {k: whole_labels[k] for k in late_labels}
+    with pytest.raises(ValueError, match="start"):
+        synthesize(tmp_path / "bad", 1.0, seed=1, rig=tiny, progress=False, start=-1.0)
+
+
+def test_dataset_start_times_are_seeded_and_bounded() -> None:
+    from lmm_fusion.sim.synth_dataset import plan
+
+    a = plan(Path("d"), 20, 2.0, seed=3, start_max=9.0)
+    assert [s.start for s in a] == [s.start for s in plan(Path("d"), 30, 2.0, seed=3, start_max=9.0)[:20]]
+    assert all(0.0 <= s.start <= 9.0 for s in a) and len({s.start for s in a}) == 20
+    assert [s.seed for s in a] == [s.seed for s in plan(Path("d"), 20, 2.0, seed=3)]  # same worlds
+    assert all(s.start == 0.0 for s in plan(Path("d"), 5, 2.0, seed=3))
+
+
 def test_contact_sheet_and_existing_output(tmp_path: Path, drive: Path) -> None:
     import cv2
 

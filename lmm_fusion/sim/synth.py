@@ -49,6 +49,9 @@ LIDAR_PHASE = 0.0
 LIDAR_JITTER = 0.0002
 GNSS_PHASE = 0.037
 JPEG_QUALITY = 90
+#: Seconds of sensor data recorded before the first label of a drive that starts mid-world: covers
+#: the GNSS motion estimator's window and the LiDAR history lag of the shipped model.
+DEFAULT_WARMUP = 1.0
 
 
 # ---------------------------------------------------------------------------- message builders
@@ -174,21 +177,33 @@ def sensor_schedule(seconds: float, rig: SensorRig, rng: np.random.Generator) ->
 
 def synthesize(out: Path, seconds: float, seed: int, scenarios: Sequence[Scenario] | None = None,
                rig: SensorRig | None = None, compressed: bool = False, storage: str = "mcap",
-               progress: bool = True) -> Path:
+               progress: bool = True, start: float = 0.0, warmup: float = DEFAULT_WARMUP) -> Path:
     """Write a ``seconds`` long drive to the rosbag2 folder ``out`` (must not exist) and return it.
 
     ``scenarios`` are cycled episode by episode (default: every family); ``rig`` defaults to
     :class:`SensorRig`; ``compressed`` writes JPEG ``CompressedImage`` instead of raw ``Image``.
+    ``start`` [s]: world time at which the labelled part begins (the world runs unrecorded before);
+    the sensors are recorded from ``max(0, start - warmup)`` on without ground truth, so a consumer's
+    motion estimate and LiDAR history are warm at the first label, as on a vehicle that has been
+    driving. ``start = 0`` is a drive that begins with its first episode (cold sensors).
     """
-    return synthesize_with_stats(out, seconds, seed, scenarios, rig, compressed, storage, progress)[0]
+    return synthesize_with_stats(out, seconds, seed, scenarios, rig, compressed, storage, progress, start,
+                                 warmup)[0]
 
 
 def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Sequence[Scenario] | None = None,
                           rig: SensorRig | None = None, compressed: bool = False, storage: str = "mcap",
-                          progress: bool = True) -> tuple[Path, SynthStats]:
+                          progress: bool = True, start: float = 0.0,
+                          warmup: float = DEFAULT_WARMUP) -> tuple[Path, SynthStats]:
     """:func:`synthesize`, also returning :class:`SynthStats` (counts, per-stage CPU time)."""
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+    if not (start >= 0 and math.isfinite(start)):
+        raise ValueError(f"start must be a finite number >= 0 [s], got {start!r}")
+    if not (warmup >= 0 and math.isfinite(warmup)):
+        raise ValueError(f"warmup must be a finite number >= 0 [s], got {warmup!r}")
+    warm = min(warmup, start)
+    first = start - warm  # world time of the first recorded message
     rig = rig or SensorRig()
     out = Path(out)
     if out.exists():
@@ -201,7 +216,8 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
     renderer = CameraRenderer(rig, noise_seed=int(np.random.default_rng(cam_ss.spawn(1)[0]).integers(2**31)))
     lidar = LidarSimulator(rig)
     gnss = GnssSimulator(rig, np.random.default_rng(gnss_ss))
-    events = sensor_schedule(seconds, rig, np.random.default_rng(stamp_ss))
+    events = [(round(first + t, 6), name)
+              for t, name in sensor_schedule(warm + seconds, rig, np.random.default_rng(stamp_ss))]
     stats = SynthStats(seconds=seconds)
     last = {"camera": -math.inf, "lidar": -math.inf, "gnss": -math.inf}
     bar = None
@@ -237,6 +253,12 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
                 bag.write(topics.LIDAR_POINTS, stamp,
                           create_cloud(types, make_header(types, stamp, topics.LIDAR_FRAME), pts))
                 stats.add_time("lidar_write", time.perf_counter() - t0)
+                # Warm-up: sensors only (the frame scheduled at ``start`` may be jittered early).
+                if t < start - 3 * LIDAR_JITTER - 1e-6:
+                    last[sensor] = t
+                    if bar is not None:
+                        bar.update(1)
+                    continue
                 t0 = time.perf_counter()
                 label = scene.label()
                 ages = [t - last[m] if math.isfinite(last[m]) else math.inf for m in ("camera", "lidar", "gnss")]
@@ -352,6 +374,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output rosbag2 folder (must not exist)")
     parser.add_argument("--seconds", type=float, default=60.0, help="drive length [s] (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same bag bytes)")
+    parser.add_argument("--start", type=float, default=0.0,
+                        help="world time [s] of the first label; the world runs unrecorded before (default 0)")
+    parser.add_argument("--warmup", type=float, default=DEFAULT_WARMUP,
+                        help=f"sensor seconds recorded without labels before --start (default {DEFAULT_WARMUP:g})")
     parser.add_argument("--scenario", type=parse_scenario, action="extend", nargs="+", default=None,
                         metavar="FAMILY", help="scenario families to cycle (default all): "
                              + ", ".join(s.name.lower() for s in Scenario))
@@ -363,11 +389,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     rig = rig_from_args(args.camera, args.lidar_beams, args.lidar_columns)
     path, stats = synthesize_with_stats(args.out, args.seconds, args.seed, args.scenario, rig,
-                                        args.compressed, args.storage, progress=not args.no_progress)
+                                        args.compressed, args.storage, progress=not args.no_progress,
+                                        start=args.start, warmup=args.warmup)
     print(f"wrote {path} ({args.storage}): " + ", ".join(f"{k} x{v}" for k, v in sorted(stats.counts.items())))
     print("action labels: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.labels.items())))
     return 0
 
 
-__all__ = ["START_TIME", "SynthStats", "camera_info_msg", "ground_truth_msgs", "rig_from_args",
+__all__ = ["DEFAULT_WARMUP", "START_TIME", "SynthStats", "camera_info_msg", "ground_truth_msgs", "rig_from_args",
            "sensor_schedule", "synth_benchmark", "synthesize", "synthesize_with_stats", "tf_static_msg"]
