@@ -27,10 +27,11 @@ def _inputs(cfg: ModelConfig, b: int = 3, seed: int = 0) -> dict[str, torch.Tens
     }
 
 
-@pytest.fixture(scope="module")
-def model() -> FusionModel:
+@pytest.fixture(scope="module", params=[0, 2], ids=["no_camera_pool", "camera_pool"])
+def model(request: pytest.FixtureRequest) -> FusionModel:
+    """With and without the camera attention pool (a skip path to the heads that masking must gate)."""
     torch.manual_seed(0)
-    return FusionModel(ModelConfig(**SMALL)).eval()
+    return FusionModel(ModelConfig(**SMALL, camera_pool_heads=request.param)).eval()
 
 
 def test_output_shapes_and_ranges(model: FusionModel) -> None:

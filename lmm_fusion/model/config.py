@@ -74,6 +74,10 @@ class ModelConfig:
     ff_mult: int = 2
     dropout: float = 0.0
     head_hidden: int = 128
+    # Heads of an attention pool over the camera tokens whose result reaches the decision heads
+    # directly (gated by the camera mask); 0 = none. Why: the lamp colour exists only in the image,
+    # and ~150 camera tokens compete with the LiDAR's for the few query tokens of the fusion.
+    camera_pool_heads: int = 0
     # --- outputs
     occupancy_grid: dict[str, float] = field(default_factory=OCCUPANCY_GRID.as_dict)
     ttc_max: float = 10.0  # [s]; the value that means "no closing obstacle"
@@ -127,6 +131,8 @@ class ModelConfig:
         if not (0.0 <= u0 < u1 <= 1.0 and 0.0 <= v0 < v1 <= 1.0):
             raise ValueError(f"image_roi={list(self.image_roi)} must be (u0, v0, u1, v1) with 0 <= u0 < u1 <= 1 "
                              "and 0 <= v0 < v1 <= 1")
+        if not 0 <= self.camera_pool_heads <= 16:
+            raise ValueError(f"camera_pool_heads={self.camera_pool_heads} must be in 0..16")
         if not 0 <= self.bev_history_frames <= 8:
             raise ValueError(f"bev_history_frames={self.bev_history_frames} must be in 0..8")
         if not 0.05 <= self.bev_history_lag <= 5.0:

@@ -76,6 +76,21 @@ class FusionLayer(nn.Module):
         return x, att
 
 
+class CameraPool(nn.Module):
+    """Attention pooling of camera tokens ``(B, N, d)`` -> ``(B, d)``: each of ``heads`` learned scores
+    picks its own tokens (a softmax over the N tokens), the pooled vectors are mixed by a linear layer."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(d, heads)
+        self.mix = nn.Linear(heads * d, d)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        w = torch.softmax(self.score(tokens), dim=1)  # (B, N, heads)
+        pooled = torch.matmul(w.transpose(1, 2), tokens)  # (B, heads, d)
+        return self.mix(pooled.reshape(tokens.shape[0], -1))
+
+
 class FusionModel(nn.Module):
     """Camera + LiDAR + ego fusion model.
 
@@ -87,8 +102,8 @@ class FusionModel(nn.Module):
     query attention per modality; sum 1 over present modalities, 0 for masked ones, all 0 when none).
 
     A masked modality's tokens are excluded from every key set and its skip paths (the BEV features
-    of the occupancy head, the ego vector of the decision heads) are multiplied by the mask, so
-    changing a masked modality's input does not change any output.
+    of the occupancy head, the ego vector and the pooled camera vector of the decision heads) are
+    multiplied by the mask, so changing a masked modality's input does not change any output.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -120,7 +135,8 @@ class FusionModel(nn.Module):
         # Ego motion also reaches the heads directly (gated by the GNSS mask): every decision
         # threshold of the task scales with ego speed, and 2 ego tokens among ~150 get little attention.
         self.ego_skip = nn.Linear(self.n_ego * d, d)
-        self.heads = Heads(cfg, self.n_q * d + d)
+        self.camera_pool = CameraPool(d, cfg.camera_pool_heads) if cfg.camera_pool_heads else None
+        self.heads = Heads(cfg, self.n_q * d + d + (d if self.camera_pool is not None else 0))
         self.occupancy = OccupancyHead(cfg, (hb, wb))
         # Per-modality embeddings for the InfoNCE alignment loss (training only).
         self.align = nn.ModuleList(nn.Linear(d, d) for _ in MODALITIES)
@@ -147,8 +163,10 @@ class FusionModel(nn.Module):
         per_mod = torch.matmul(q_att, self.token_onehot) * mask  # (B, 3)
         shares = per_mod / per_mod.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
-        ego_direct = self.ego_skip(ego_tok.reshape(b, -1)) * mask[:, 2:3]
-        fused = torch.cat([x[:, : self.n_q].reshape(b, -1), ego_direct], dim=1)
+        direct = [self.ego_skip(ego_tok.reshape(b, -1)) * mask[:, 2:3]]
+        if self.camera_pool is not None:
+            direct.append(self.camera_pool(cam_tok) * mask[:, 0:1])
+        fused = torch.cat([x[:, : self.n_q].reshape(b, -1), *direct], dim=1)
         out, trunk = self.heads(fused)
         start = self.n_q + self.n_cam
         bev_fused = x[:, start: start + self.n_bev]
