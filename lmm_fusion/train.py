@@ -331,7 +331,9 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", required=True, help="rosbag2 folders, or directories holding them")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="rosbag2 folders, or directories holding them; also cached sample files (.npz) or a "
+                        "cache directory without bags (samples made with this config's preprocessing)")
     p.add_argument("--val-data", nargs="*", default=[], help="bags evaluated after every epoch")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--config", type=Path, help="config.json to start from (default: ModelConfig defaults)")
