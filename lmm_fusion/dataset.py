@@ -231,9 +231,11 @@ class FusionDataset(Dataset):
         self.cfg = cfg
         self.pre = Preprocessor(cfg, rig)
         parts = [load_bag_samples(b, cfg, cache_dir, rig, sync_cfg) for b in bags]
-        self.arrays = {k: np.concatenate([p[k] for p in parts]) for k in ARRAYS} if parts else {}
         self.bag_index = np.concatenate([np.full(len(p["stamp"]), i) for i, p in enumerate(parts)]) \
             if parts else np.zeros(0, np.int64)
+        # Merged key by key, each bag's copy dropped once merged: the peak is the data plus its
+        # largest array (~1.5x), not twice the data (tens of GB for a large training set).
+        self.arrays = {k: np.concatenate([p.pop(k) for p in parts]) for k in ARRAYS} if parts else {}
         self.bags = [str(b) for b in bags]
 
     @classmethod
