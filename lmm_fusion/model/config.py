@@ -77,7 +77,7 @@ class ModelConfig:
     # Heads of an attention pool over the camera tokens whose result reaches the decision heads
     # directly (gated by the camera mask); 0 = none. Why: the lamp colour exists only in the image,
     # and ~150 camera tokens compete with the LiDAR's for the few query tokens of the fusion.
-    camera_pool_heads: int = 0
+    camera_pool_heads: int = 4
     # --- outputs
     occupancy_grid: dict[str, float] = field(default_factory=OCCUPANCY_GRID.as_dict)
     ttc_max: float = 10.0  # [s]; the value that means "no closing obstacle"
