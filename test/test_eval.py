@@ -94,7 +94,7 @@ def test_cached_sample_files_stand_for_their_bags(drive: Path, tmp_path: Path) -
 def test_warm_up_frames_fill_the_lidar_history(tmp_path: Path) -> None:
     """A drive labelled from mid-world: the unlabelled warm-up frames reach the preprocessor, so the
     first sample already has GNSS and a LiDAR history; without warm-up its history is the frame itself."""
-    from lmm_fusion.sim.synth import rig_from_args, synthesize
+    from lmm_fusion.sim.synth import START_TIME, rig_from_args, synthesize
 
     rig = rig_from_args(camera=(160, 90), lidar_beams=16, lidar_columns=256)
     cfg = ModelConfig(**SMALL)
@@ -105,7 +105,7 @@ def test_warm_up_frames_fill_the_lidar_history(tmp_path: Path) -> None:
                          progress=False, start=3.0, warmup=warmup)
         a = extract_samples(bag, cfg)
         assert len(a["stamp"]) == 3
-        assert a["stamp"][0] == pytest.approx(3.0 + 1_700_000_000.0, abs=1e-3)
+        assert a["stamp"][0] == pytest.approx(START_TIME + 3.0, abs=1e-3)
         firsts[warmup] = a
     cold, warm = firsts[0.0], firsts[1.0]
     assert not cold["mask"][0, 2] and warm["mask"][:, 2].all()  # GNSS: no motion estimate yet vs warm

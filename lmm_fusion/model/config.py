@@ -127,8 +127,8 @@ class ModelConfig:
                              f"({self.image_height - 16}): the whole view needs rows too")
         if self.image_resize not in ("area", "decimate_area"):
             raise ValueError(f"image_resize={self.image_resize!r} must be 'area' or 'decimate_area'")
-        u0, v0, u1, v1 = (float(x) for x in self.image_roi) if len(self.image_roi) == 4 else (0.0, 0.0, 0.0, 0.0)
-        if not (0.0 <= u0 < u1 <= 1.0 and 0.0 <= v0 < v1 <= 1.0):
+        roi = [float(x) for x in self.image_roi]
+        if len(roi) != 4 or not (0.0 <= roi[0] < roi[2] <= 1.0 and 0.0 <= roi[1] < roi[3] <= 1.0):
             raise ValueError(f"image_roi={list(self.image_roi)} must be (u0, v0, u1, v1) with 0 <= u0 < u1 <= 1 "
                              "and 0 <= v0 < v1 <= 1")
         if not 0 <= self.camera_pool_heads <= 16:

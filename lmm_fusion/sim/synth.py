@@ -253,20 +253,16 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
                 bag.write(topics.LIDAR_POINTS, stamp,
                           create_cloud(types, make_header(types, stamp, topics.LIDAR_FRAME), pts))
                 stats.add_time("lidar_write", time.perf_counter() - t0)
-                # Warm-up: sensors only (the frame scheduled at ``start`` may be jittered early).
-                if t < start - 3 * LIDAR_JITTER - 1e-6:
-                    last[sensor] = t
-                    if bar is not None:
-                        bar.update(1)
-                    continue
-                t0 = time.perf_counter()
-                label = scene.label()
-                ages = [t - last[m] if math.isfinite(last[m]) else math.inf for m in ("camera", "lidar", "gnss")]
-                ages[1] = 0.0
-                for topic, msg in ground_truth_msgs(types, scene, label, stamp, ages).items():
-                    bag.write(topic, stamp, msg)
-                stats.labels[label.action.name] = stats.labels.get(label.action.name, 0) + 1
-                stats.add_time("ground_truth", time.perf_counter() - t0)
+                # No labels during the warm-up (the frame scheduled at ``start`` may be jittered early).
+                if t >= start - 3 * LIDAR_JITTER - 1e-6:
+                    t0 = time.perf_counter()
+                    label = scene.label()
+                    ages = [t - last[m] if math.isfinite(last[m]) else math.inf for m in ("camera", "lidar", "gnss")]
+                    ages[1] = 0.0
+                    for topic, msg in ground_truth_msgs(types, scene, label, stamp, ages).items():
+                        bag.write(topic, stamp, msg)
+                    stats.labels[label.action.name] = stats.labels.get(label.action.name, 0) + 1
+                    stats.add_time("ground_truth", time.perf_counter() - t0)
             else:
                 f = gnss.fix(t, scene.ego_pose)
                 bag.write(topics.GNSS_FIX, stamp, create_fix(types, make_header(types, stamp, topics.GNSS_FRAME),
