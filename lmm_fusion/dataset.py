@@ -177,30 +177,44 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
             for k, v in rows.items()}
 
 
+def sample_source(path: Path | str, cfg: ModelConfig, cache_dir: Path | str | None,
+                  rig: SensorRig | None = None, sync_cfg: SyncConfig | None = None) -> Path | dict[str, np.ndarray]:
+    """Where a bag's samples are: the checked ``.npz`` sample file when they are on disk (a sample file
+    given directly, or the bag's cache file, written now if missing), else the extracted arrays
+    (``cache_dir`` None)."""
+    rig = rig or SensorRig()
+    sync_cfg = sync_cfg or SyncConfig()
+    fingerprint = preprocess_fingerprint(cfg, rig, sync_cfg)
+    if _is_sample_file(Path(path)):
+        return check_sample_file(path, fingerprint)
+    if cache_dir is None:
+        return extract_samples(path, cfg, rig, sync_cfg)
+    file = Path(cache_dir) / f"{Path(path).name}-{bag_fingerprint(path)}-{fingerprint}.npz"
+    if not file.is_file():
+        arrays = extract_samples(path, cfg, rig, sync_cfg)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(file)
+    return file
+
+
 def load_bag_samples(path: Path | str, cfg: ModelConfig, cache_dir: Path | str | None,
                      rig: SensorRig | None = None, sync_cfg: SyncConfig | None = None) -> dict[str, np.ndarray]:
     """:func:`extract_samples` with an on-disk cache (``cache_dir`` None = no cache)."""
-    rig = rig or SensorRig()
-    sync_cfg = sync_cfg or SyncConfig()
-    if _is_sample_file(Path(path)):
-        return load_sample_file(path, preprocess_fingerprint(cfg, rig, sync_cfg))
-    if cache_dir is None:
-        return extract_samples(path, cfg, rig, sync_cfg)
-    key = f"{Path(path).name}-{bag_fingerprint(path)}-{preprocess_fingerprint(cfg, rig, sync_cfg)}.npz"
-    file = Path(cache_dir) / key
-    if file.is_file():
-        with np.load(file, allow_pickle=False) as z:
-            return {k: z[k] for k in ARRAYS}
-    arrays = extract_samples(path, cfg, rig, sync_cfg)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(file)
-    return arrays
+    src = sample_source(path, cfg, cache_dir, rig, sync_cfg)
+    return src if isinstance(src, dict) else {k: _read_array(src, k) for k in ARRAYS}
 
 
 def load_sample_file(path: Path | str, fingerprint: str) -> dict[str, np.ndarray]:
-    """Arrays of one cached bag (a ``.npz`` file of a cache directory, usable without its bag).
+    """Arrays of one cached bag (a ``.npz`` file of a cache directory, usable without its bag),
+    checked by :func:`check_sample_file`."""
+    p = check_sample_file(path, fingerprint)
+    return {k: _read_array(p, k) for k in ARRAYS}
+
+
+def check_sample_file(path: Path | str, fingerprint: str) -> Path:
+    """``path`` if it is a sample file made with preprocessing ``fingerprint`` and holding every array.
 
     The file name ends with the preprocessing fingerprint it was made with; a file made with other
     settings (resolution, BEV grid, history, rig, ...) is refused rather than trained on silently.
@@ -212,9 +226,42 @@ def load_sample_file(path: Path | str, fingerprint: str) -> dict[str, np.ndarray
                          f"{fingerprint!r}; give the bag itself to re-extract them")
     with np.load(p, allow_pickle=False) as z:
         missing = sorted(set(ARRAYS) - set(z.files))
-        if missing:
-            raise ValueError(f"{p}: not a sample file (missing arrays {missing})")
-        return {k: z[k].astype(ARRAYS[k], copy=False) for k in ARRAYS}
+    if missing:
+        raise ValueError(f"{p}: not a sample file (missing arrays {missing})")
+    return p
+
+
+def _read_array(src: Path | dict[str, np.ndarray], key: str) -> np.ndarray:
+    """One array of a sample source; an in-memory source gives it up (so it is freed once copied)."""
+    if isinstance(src, dict):
+        return src.pop(key)
+    with np.load(src, allow_pickle=False) as z:
+        return z[key].astype(ARRAYS[key], copy=False)
+
+
+def merge_sources(sources: Sequence[Path | dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Concatenate the samples of ``sources`` (see :func:`sample_source`) into one array per key;
+    also returns each source's number of samples.
+
+    Each key is allocated once at its final size and filled source by source, reading sample files
+    one array at a time. Why: the peak is the merged data plus one bag's array, not twice the data
+    (tens of GB for a large training set on a machine of 24 GB).
+    """
+    sizes = [len(_read_array(s, "stamp") if not isinstance(s, dict) else s["stamp"]) for s in sources]
+    total = sum(sizes)
+    out: dict[str, np.ndarray] = {}
+    for key in ARRAYS:
+        off = 0
+        for src, n in zip(sources, sizes, strict=True):
+            part = _read_array(src, key)
+            if len(part) != n:
+                raise ValueError(f"{src if not isinstance(src, dict) else 'samples'}: array {key!r} has "
+                                 f"{len(part)} rows, 'stamp' has {n}")
+            if key not in out:
+                out[key] = np.empty((total, *part.shape[1:]), ARRAYS[key])
+            out[key][off:off + n] = part
+            off += n
+    return out, sizes
 
 
 class FusionDataset(Dataset):
@@ -230,12 +277,9 @@ class FusionDataset(Dataset):
                  rig: SensorRig | None = None, sync_cfg: SyncConfig | None = None) -> None:
         self.cfg = cfg
         self.pre = Preprocessor(cfg, rig)
-        parts = [load_bag_samples(b, cfg, cache_dir, rig, sync_cfg) for b in bags]
-        self.bag_index = np.concatenate([np.full(len(p["stamp"]), i) for i, p in enumerate(parts)]) \
-            if parts else np.zeros(0, np.int64)
-        # Merged key by key, each bag's copy dropped once merged: the peak is the data plus its
-        # largest array (~1.5x), not twice the data (tens of GB for a large training set).
-        self.arrays = {k: np.concatenate([p.pop(k) for p in parts]) for k in ARRAYS} if parts else {}
+        sources = [sample_source(b, cfg, cache_dir, rig, sync_cfg) for b in bags]
+        self.arrays, sizes = merge_sources(sources) if sources else ({}, [])
+        self.bag_index = np.repeat(np.arange(len(sizes)), sizes)
         self.bags = [str(b) for b in bags]
 
     @classmethod

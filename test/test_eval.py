@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmm_fusion.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples
+from lmm_fusion.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples, merge_sources
 from lmm_fusion.evaluate import ABLATION_MASKS, compute_metrics, ece, evaluate, macro_f1
 from lmm_fusion.labels import Scenario
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
@@ -89,6 +89,27 @@ def test_cached_sample_files_stand_for_their_bags(drive: Path, tmp_path: Path) -
     other = ModelConfig.from_dict({**cfg.to_dict(), "bev_z_max": 3.0})
     with pytest.raises(ValueError, match=f"{file.name}.*preprocessed with settings"):
         load_bag_samples(file, other, cache_dir=None)
+
+
+def test_merge_fills_each_array_from_files_and_memory(drive: Path, tmp_path: Path) -> None:
+    """Sample files and in-memory samples merge into the plain concatenation, in order, with each
+    sample's bag recorded; a source whose arrays disagree in length is refused by name."""
+    cfg = ModelConfig(**SMALL)
+    arrays = load_bag_samples(drive, cfg, tmp_path)
+    (file,) = expand_bags([tmp_path])
+    head = {k: v[:3].copy() for k, v in arrays.items()}
+    merged, sizes = merge_sources([file, head, file])
+    n = len(arrays["stamp"])
+    assert sizes == [n, 3, n]
+    for k, v in arrays.items():
+        assert np.array_equal(merged[k], np.concatenate([v, v[:3], v])), k
+        assert merged[k].dtype == v.dtype, k
+    ds = FusionDataset([file, file], cfg)
+    assert ds.bag_index.tolist() == [0] * n + [1] * n
+    bad = {k: v[:3].copy() for k, v in arrays.items()}
+    bad["action"] = bad["action"][:2]
+    with pytest.raises(ValueError, match="'action' has 2 rows, 'stamp' has 3"):
+        merge_sources([bad])
 
 
 def test_warm_up_frames_fill_the_lidar_history(tmp_path: Path) -> None:
