@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lmm_fusion.assessment import decide_risk
 from lmm_fusion.dataset import FusionDataset, expand_bags
 from lmm_fusion.labels import MODALITIES, Action, Light, Risk, Scenario
 from lmm_fusion.model import FusionModel, load_model
@@ -42,12 +43,12 @@ def predict(model: FusionModel, ds: FusionDataset, keep: tuple[int, int, int] | 
 
     Returns per-sample arrays: ``risk_prob (N,3)``, ``action_prob (N,6)``, ``light_prob (N,4)``,
     ``target_speed``, ``ttc``, ``distance (N,)`` and per-sample occupancy ``occ_inter``/``occ_union``
-    (cell counts at probability 0.5), ``attention (N,3)``.
+    (cell counts at probability 0.5), ``attention (N,3)``, ``degraded (N,)`` (a modality was masked).
     """
     model.eval()
     n = len(ds)
     keys = ("risk_prob", "action_prob", "light_prob", "target_speed", "ttc", "distance", "occ_inter",
-            "occ_union", "attention")
+            "occ_union", "attention", "degraded")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     keep_t = torch.tensor(keep if keep is not None else (1, 1, 1), dtype=torch.float32, device=device)
     for s in range(0, n, batch_size):
@@ -66,6 +67,7 @@ def predict(model: FusionModel, ds: FusionDataset, keep: tuple[int, int, int] | 
         parts["occ_inter"].append((occ_pred & occ_true).sum((1, 2)).cpu().numpy())
         parts["occ_union"].append((occ_pred | occ_true).sum((1, 2)).cpu().numpy())
         parts["attention"].append(o["modality_attention"].cpu().numpy())
+        parts["degraded"].append((mask < 0.5).any(1).cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
 
 
@@ -109,7 +111,8 @@ def _acc(true: np.ndarray, pred: np.ndarray) -> float:
 
 def compute_metrics(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Headline metrics of one prediction set against the dataset's labels."""
-    risk_p, action_p, light_p = (pred[k].argmax(1) for k in ("risk_prob", "action_prob", "light_prob"))
+    action_p, light_p = (pred[k].argmax(1) for k in ("action_prob", "light_prob"))
+    risk_p = risk_decisions(pred)
     rt, at, lt = arrays["risk"], arrays["action"], arrays["light"]
     union = float(pred["occ_union"].sum())
     return {
@@ -128,6 +131,11 @@ def compute_metrics(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) 
         "risk_ece": ece(pred["risk_prob"], rt),
         "mean_attention": {m: float(v) for m, v in zip(MODALITIES, pred["attention"].mean(0))},
     }
+
+
+def risk_decisions(pred: dict[str, np.ndarray]) -> np.ndarray:
+    """Risk levels ``(N,)`` as the node reports them (:func:`~lmm_fusion.assessment.decide_risk`)."""
+    return decide_risk(pred["risk_prob"], pred["degraded"])
 
 
 def _subset(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray], sel: np.ndarray
@@ -158,7 +166,7 @@ def evaluate(model: FusionModel, ds: FusionDataset, device: torch.device | str =
     report.update(compute_metrics(full, a))
     report["data_modality_presence"] = {m: float(v) for m, v in zip(MODALITIES, a["mask"].mean(0))}
     report["confusion_action"] = confusion(a["action"], full["action_prob"].argmax(1), len(Action)).tolist()
-    report["confusion_risk"] = confusion(a["risk"], full["risk_prob"].argmax(1), len(Risk)).tolist()
+    report["confusion_risk"] = confusion(a["risk"], risk_decisions(full), len(Risk)).tolist()
     report["confusion_light"] = confusion(a["light"], full["light_prob"].argmax(1), len(Light)).tolist()
     report["per_scenario"] = per_scenario(full, a)
     ablation: dict[str, Any] = {}
@@ -186,7 +194,7 @@ def quick_metrics(model: FusionModel, ds: FusionDataset, device: torch.device | 
     for name in ("all", "lidar+gnss", "camera+gnss", "camera+lidar"):
         p = predict(model, ds, ABLATION_MASKS[name], device=device)
         out[f"{name}/action_acc"] = round(_acc(ds.arrays["action"], p["action_prob"].argmax(1)), 4)
-        out[f"{name}/risk_acc"] = round(_acc(ds.arrays["risk"], p["risk_prob"].argmax(1)), 4)
+        out[f"{name}/risk_acc"] = round(_acc(ds.arrays["risk"], risk_decisions(p)), 4)
     return out
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm_fusion.assessment import MASKED_CONFIDENCE_FACTOR, Assessment, decode, invalid
+from lmm_fusion.assessment import DEGRADED_RISK_TAIL, MASKED_CONFIDENCE_FACTOR, Assessment, decide_risk, decode, invalid
 from lmm_fusion.labels import Action, Risk
 from lmm_fusion.rig import EGO_FRONT_OFFSET
 from lmm_fusion.safety import SafetyConfig, apply_guard, lane_free_distance, stopping_speed_cap
@@ -54,6 +54,21 @@ def test_decode_masked_modality_has_zero_attention_and_lower_confidence() -> Non
     assert a.modalities[1].attention == 0.0
     assert sum(m.attention for m in a.modalities) == pytest.approx(1.0)
     assert a.confidence == pytest.approx(full.confidence * MASKED_CONFIDENCE_FACTOR)
+
+
+def test_risk_is_arg_max_with_all_sensors_and_cautious_when_degraded() -> None:
+    """With a modality masked, a higher level whose upper-tail probability reaches the threshold wins
+    over a more probable lower one; with every sensor the most probable level is reported."""
+    assert 0.3 < DEGRADED_RISK_TAIL <= 0.45  # the cases below are chosen for such a threshold
+    probs = np.array([[0.5, 0.05, 0.45], [0.7, 0.2, 0.1], [0.0, 0.2, 0.8], [1.0, 0.0, 0.0]])
+    assert decide_risk(probs, False).tolist() == [0, 0, 2, 0]
+    assert decide_risk(probs, True).tolist() == [2, 0, 2, 0]
+    assert decide_risk(probs, np.array([False, True, True, True])).tolist() == [0, 0, 2, 0]
+    assert decide_risk(np.array([0.5, 0.3, 0.2]), True) == 1  # P(risk >= MEDIUM) = 0.5
+    logits = np.log(np.array([[0.55, 0.1, 0.35]], np.float32))
+    out = {**outputs(), "risk_logits": logits}
+    assert decode(out, 5.0, ALL, AGES, 10.0, 50.0).risk == Risk.LOW
+    assert decode(out, 5.0, np.array([True, False, True]), AGES, 10.0, 50.0).risk == Risk.MEDIUM
 
 
 def test_invalid_assessment_says_no_assessment() -> None:
