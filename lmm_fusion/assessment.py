@@ -20,7 +20,7 @@ MASKED_CONFIDENCE_FACTOR = 0.75
 #: With a modality masked, the reported risk is the highest level whose upper-tail probability
 #: P(risk >= level) reaches this, not the most probable one. Why: a half-blind model's risk errors
 #: should fall on the cautious side; on held-out drives with the LiDAR masked, arg-max errs as often
-#: low as high, while this rule trades ~1.5 points of risk accuracy for errors that are mostly high.
+#: low as high, while this rule trades ~1-1.5 points of risk accuracy for errors that are mostly high.
 DEGRADED_RISK_TAIL = 0.4
 
 
