@@ -203,14 +203,13 @@ def load_bag_samples(path: Path | str, cfg: ModelConfig, cache_dir: Path | str |
                      rig: SensorRig | None = None, sync_cfg: SyncConfig | None = None) -> dict[str, np.ndarray]:
     """:func:`extract_samples` with an on-disk cache (``cache_dir`` None = no cache)."""
     src = sample_source(path, cfg, cache_dir, rig, sync_cfg)
-    return src if isinstance(src, dict) else {k: _read_array(src, k) for k in ARRAYS}
+    return src if isinstance(src, dict) else _read_sample_file(src)
 
 
 def load_sample_file(path: Path | str, fingerprint: str) -> dict[str, np.ndarray]:
     """Arrays of one cached bag (a ``.npz`` file of a cache directory, usable without its bag),
     checked by :func:`check_sample_file`."""
-    p = check_sample_file(path, fingerprint)
-    return {k: _read_array(p, k) for k in ARRAYS}
+    return _read_sample_file(check_sample_file(path, fingerprint))
 
 
 def check_sample_file(path: Path | str, fingerprint: str) -> Path:
@@ -231,6 +230,12 @@ def check_sample_file(path: Path | str, fingerprint: str) -> Path:
     return p
 
 
+def _read_sample_file(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a checked sample file, read in one opening."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k].astype(ARRAYS[k], copy=False) for k in ARRAYS}
+
+
 def _read_array(src: Path | dict[str, np.ndarray], key: str) -> np.ndarray:
     """One array of a sample source; an in-memory source gives it up (so it is freed once copied)."""
     if isinstance(src, dict):
@@ -247,13 +252,14 @@ def merge_sources(sources: Sequence[Path | dict[str, np.ndarray]]) -> tuple[dict
     one array at a time. Why: the peak is the merged data plus one bag's array, not twice the data
     (tens of GB for a large training set on a machine of 24 GB).
     """
-    sizes = [len(_read_array(s, "stamp") if not isinstance(s, dict) else s["stamp"]) for s in sources]
+    stamps = [_read_array(s, "stamp") for s in sources]  # read once: they give the sizes
+    sizes = [len(t) for t in stamps]
     total = sum(sizes)
     out: dict[str, np.ndarray] = {}
     for key in ARRAYS:
         off = 0
-        for src, n in zip(sources, sizes, strict=True):
-            part = _read_array(src, key)
+        for i, (src, n) in enumerate(zip(sources, sizes, strict=True)):
+            part = stamps[i] if key == "stamp" else _read_array(src, key)
             if len(part) != n:
                 raise ValueError(f"{src if not isinstance(src, dict) else 'samples'}: array {key!r} has "
                                  f"{len(part)} rows, 'stamp' has {n}")
@@ -278,7 +284,7 @@ class FusionDataset(Dataset):
         self.cfg = cfg
         self.pre = Preprocessor(cfg, rig)
         sources = [sample_source(b, cfg, cache_dir, rig, sync_cfg) for b in bags]
-        self.arrays, sizes = merge_sources(sources) if sources else ({}, [])
+        self.arrays, sizes = merge_sources(sources)
         self.bag_index = np.repeat(np.arange(len(sizes)), sizes)
         self.bags = [str(b) for b in bags]
 
