@@ -9,6 +9,8 @@ Deterministic for a given seed: shuffling and modality dropout draw from ``numpy
 by ``(seed, epoch)``, so a run resumed from its last epoch checkpoint continues exactly. Checkpoints
 (``<out>/checkpoint/``: weights + optimiser moments as safetensors, progress as JSON) are written after
 every epoch; ``--resume`` picks them up. Metrics go to ``<out>/train_log.jsonl`` (one JSON per epoch).
+``--init-from MODEL_DIR`` fine-tunes instead: the weights (and configuration) of a trained model, a
+fresh optimiser and a fresh warm-up + cosine schedule over ``--epochs`` (e.g. on new drives).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 
 from lmm_fusion.dataset import FusionDataset, bag_fingerprint, expand_bags
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
+from lmm_fusion.model.io import load_config, load_model, model_metadata
 from lmm_fusion.model.losses import FusionLoss, LossWeights
 
 log = logging.getLogger(__name__)
@@ -149,6 +152,17 @@ def load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> 
     return json.loads((d / "progress.json").read_text())
 
 
+def initial_weights(model_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """State dict of the trained model in ``model_dir`` to fine-tune from. Raises ``ValueError`` naming
+    the fields where its configuration differs from ``cfg`` (the weights would not mean the same)."""
+    theirs, ours = load_config(model_dir).to_dict(), cfg.to_dict()
+    differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+    if differ:
+        raise ValueError(f"--init-from {model_dir}: its configuration differs in "
+                         + ", ".join(f"{k}={theirs.get(k)!r} (this run: {ours[k]!r})" for k in differ))
+    return load_model(model_dir).state_dict()
+
+
 # ---------------------------------------------------------------- distributed
 def _dist_setup(device_arg: str) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Initialises the process group when launched by torchrun."""
@@ -202,6 +216,7 @@ def train(
     p_drop: float = 0.5,
     weights: LossWeights | None = None,
     resume: bool = False,
+    init_from: Path | None = None,
     val_set: FusionDataset | None = None,
     device: str = "auto",
     amp: bool = True,
@@ -212,10 +227,16 @@ def train(
     augmentation: bool = True,
 ) -> dict[str, Any]:
     """Train and save the model to ``out`` (``config.json`` + ``model.safetensors``); returns the
-    last epoch's log record. Under ``torchrun`` every rank trains on its shard, rank 0 writes."""
+    last epoch's log record. Under ``torchrun`` every rank trains on its shard, rank 0 writes.
+
+    ``init_from``: a model directory whose weights the run starts from (its configuration must equal
+    ``cfg``); ignored when ``resume`` finds a checkpoint, which already holds the fine-tuned weights."""
     rank, world, dev = _dist_setup(device)
     torch.manual_seed(seed)
-    model = FusionModel(cfg).to(dev)
+    model = FusionModel(cfg)
+    if init_from is not None:
+        model.load_state_dict(initial_weights(init_from, cfg))
+    model = model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     start_epoch, step = 0, 0
     out = Path(out)
@@ -351,13 +372,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke tests)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+                   help="fine-tune: start from this trained model's weights and configuration (fresh "
+                        "optimiser and schedule)")
     p.add_argument("--no-augment", action="store_true", help="no photometric / GNSS-noise augmentation")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
-    cfg = ModelConfig.load(args.config) if args.config else ModelConfig()
+    if args.config:
+        cfg = ModelConfig.load(args.config)
+    else:
+        cfg = load_config(args.init_from) if args.init_from else ModelConfig()
     if args.set:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **_parse_overrides(args.set)})
     cfg.validate()
@@ -370,10 +397,15 @@ def run(args: argparse.Namespace) -> int:
     meta = {"train_bags": [b.name for b in bags], "train_bag_fingerprints": [bag_fingerprint(b) for b in bags],
             "command": "lmm-fusion train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
             "loss_weights": asdict(LossWeights())}
+    if args.init_from:
+        # provenance: a fine-tuned model is reproducible only with the command of the one it started from
+        meta["init_from"] = {"model": str(args.init_from),
+                             "command": model_metadata(args.init_from).get("command", "")}
     t1 = time.perf_counter()
     rec = train(cfg, train_set, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 weight_decay=args.weight_decay, seed=args.seed, p_drop=args.modality_dropout, resume=args.resume,
-                val_set=val_set, device=args.device, amp=not args.no_amp, progress=not args.no_progress,
+                init_from=args.init_from, val_set=val_set, device=args.device, amp=not args.no_amp,
+                progress=not args.no_progress,
                 max_steps=args.max_steps, metadata=meta, augmentation=not args.no_augment)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": str(args.out), "samples": len(train_set),

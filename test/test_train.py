@@ -159,6 +159,30 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path: Path) -> None:
     assert [json.loads(x)["epoch"] for x in log_c] == [0, 1, 2]
 
 
+def test_init_from_fine_tunes_from_the_given_weights(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = ModelConfig(**TINY)
+    ds = FusionDataset.from_arrays(toy_arrays(32), cfg)
+    kw = dict(batch_size=16, lr=3e-3, seed=3, progress=False, device="cpu")
+    train(cfg, ds, tmp_path / "base", epochs=2, **kw)
+    base = load_model(tmp_path / "base").state_dict()
+    # no optimiser step: the saved model is the starting point (BatchNorm statistics aside)
+    train(cfg, ds, tmp_path / "ft0", epochs=1, max_steps=0, init_from=tmp_path / "base", **kw)
+    ft0 = load_model(tmp_path / "ft0").state_dict()
+    for k, v in base.items():
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(v, ft0[k]), k
+    scratch = FusionModel(cfg).state_dict()
+    assert any(not torch.equal(scratch[k], base[k]) for k in base if "weight" in k)
+    # and training from there moves the weights
+    train(cfg, ds, tmp_path / "ft", epochs=1, init_from=tmp_path / "base", **kw)
+    ft = load_model(tmp_path / "ft")
+    assert any(not torch.equal(ft.state_dict()[k], base[k]) for k in base if "weight" in k)
+    with pytest.raises(ValueError, match=r"d_model=.*this run"):
+        train(ModelConfig(**{**TINY, "d_model": 2 * cfg.d_model}), ds, tmp_path / "bad", epochs=1,
+              init_from=tmp_path / "base", **kw)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
