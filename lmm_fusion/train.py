@@ -405,8 +405,8 @@ def run(args: argparse.Namespace) -> int:
     rec = train(cfg, train_set, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                 weight_decay=args.weight_decay, seed=args.seed, p_drop=args.modality_dropout, resume=args.resume,
                 init_from=args.init_from, val_set=val_set, device=args.device, amp=not args.no_amp,
-                progress=not args.no_progress,
-                max_steps=args.max_steps, metadata=meta, augmentation=not args.no_augment)
+                progress=not args.no_progress, max_steps=args.max_steps, metadata=meta,
+                augmentation=not args.no_augment)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": str(args.out), "samples": len(train_set),
                           "train_seconds": round(time.perf_counter() - t1, 1), **rec}, sort_keys=True))
