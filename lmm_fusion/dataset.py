@@ -258,8 +258,8 @@ def merge_sources(sources: Sequence[Path | dict[str, np.ndarray]]) -> tuple[dict
     out: dict[str, np.ndarray] = {}
     for key in ARRAYS:
         off = 0
-        for i, (src, n) in enumerate(zip(sources, sizes, strict=True)):
-            part = stamps[i] if key == "stamp" else _read_array(src, key)
+        for src, n, stamp in zip(sources, sizes, stamps, strict=True):
+            part = stamp if key == "stamp" else _read_array(src, key)
             if len(part) != n:
                 raise ValueError(f"{src if not isinstance(src, dict) else 'samples'}: array {key!r} has "
                                  f"{len(part)} rows, 'stamp' has {n}")

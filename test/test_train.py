@@ -140,11 +140,16 @@ def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path: Path) -> 
     assert after < 0.6 * before
 
 
-def test_training_is_deterministic_and_resumes_exactly(tmp_path: Path) -> None:
+def _short_runs() -> tuple[ModelConfig, FusionDataset, dict]:
+    """Tiny config, 32 toy samples and the train() keywords the short-run tests share."""
     torch.set_num_threads(1)
     cfg = ModelConfig(**TINY)
     ds = FusionDataset.from_arrays(toy_arrays(32), cfg)
-    kw = dict(batch_size=16, lr=3e-3, seed=3, progress=False, device="cpu")
+    return cfg, ds, dict(batch_size=16, lr=3e-3, seed=3, progress=False, device="cpu")
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path: Path) -> None:
+    cfg, ds, kw = _short_runs()
     train(cfg, ds, tmp_path / "a", epochs=3, **kw)
     train(cfg, ds, tmp_path / "b", epochs=3, **kw)
     train(cfg, ds, tmp_path / "c", epochs=3, max_steps=4, **kw)  # interrupted after 2 of 3 epochs
@@ -160,10 +165,7 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path: Path) -> None:
 
 
 def test_init_from_fine_tunes_from_the_given_weights(tmp_path: Path) -> None:
-    torch.set_num_threads(1)
-    cfg = ModelConfig(**TINY)
-    ds = FusionDataset.from_arrays(toy_arrays(32), cfg)
-    kw = dict(batch_size=16, lr=3e-3, seed=3, progress=False, device="cpu")
+    cfg, ds, kw = _short_runs()
     train(cfg, ds, tmp_path / "base", epochs=2, **kw)
     base = load_model(tmp_path / "base").state_dict()
     # no optimiser step: the saved model is the starting point (BatchNorm statistics aside)
