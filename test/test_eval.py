@@ -11,7 +11,15 @@ import pytest
 import torch
 
 from lmm_fusion.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples, merge_sources
-from lmm_fusion.evaluate import ABLATION_MASKS, compute_metrics, ece, evaluate, macro_f1
+from lmm_fusion.evaluate import (
+    ABLATION_MASKS,
+    compute_metrics,
+    ece,
+    evaluate,
+    format_markdown,
+    fusion_gain_by_light,
+    macro_f1,
+)
 from lmm_fusion.labels import Scenario
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
 
@@ -161,6 +169,27 @@ def test_evaluate_report_keys_and_ablation(drive: Path) -> None:
     # GNSS-only: the camera's and LiDAR's attention shares are zero.
     att = r["ablation"]["gnss"]["mean_attention"]
     assert att["camera"] == 0 and att["lidar"] == 0
+    split = r["fusion_gain_by_light"]
+    assert sum(m["contribution"] for m in split.values()) == pytest.approx(r["fusion_gain_action_accuracy"])
+    assert "| no light |" in format_markdown(r)
+
+
+def test_fusion_gain_by_light_splits_the_gain() -> None:
+    # 4 samples under a light (RED, GREEN) and 6 without; the single modality misses 3 of the 4 lit ones.
+    light = np.array([1, 3, 1, 3, 0, 0, 0, 0, 0, 0])
+    action = np.array([3, 0, 3, 0, 0, 1, 2, 0, 0, 0])
+    fused = action.copy()
+    fused[9] = 3  # one error where no light governs
+    single = action.copy()
+    single[[0, 1, 2]] = [0, 3, 0]  # blind to the lamp colour
+    split = fusion_gain_by_light(fused, single, {"light": light, "action": action})
+    lit, dark = split["light_governs"], split["no_light"]
+    assert (lit["n"], dark["n"]) == (4, 6)
+    assert lit["share"] == pytest.approx(0.4) and lit["fused"] == 1.0 and lit["single"] == 0.25
+    assert lit["gain"] == pytest.approx(0.75) and lit["contribution"] == pytest.approx(0.3)
+    assert dark["gain"] == pytest.approx(-1 / 6) and dark["contribution"] == pytest.approx(-0.1)
+    overall = (fused == action).mean() - (single == action).mean()
+    assert lit["contribution"] + dark["contribution"] == pytest.approx(overall)
 
 
 def test_compute_metrics_perfect_prediction() -> None:

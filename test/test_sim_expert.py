@@ -146,3 +146,56 @@ def test_ego_never_drives_through_objects() -> None:
             for o in w.scene().expert_input.obstacles:
                 overlap = abs(o.lateral) < o.half_width + EGO_WIDTH / 2 and o.gap + o.length > -EGO_LENGTH
                 assert not (overlap and o.gap < -0.05), (seed, k, o)
+
+
+def test_brake_lamps_of_a_lead_in_following_range_mean_slow_down() -> None:
+    # 25 m behind a lead at the ego's speed: no closing, headway 2.5 s -> FOLLOW, unless it brakes
+    lead = Obstacle(gap=25.0, lateral=0.0, half_width=0.9, speed=10.0, kind="vehicle")
+    assert assess(ExpertInput(ego_speed=10.0, obstacles=[lead])).action == Action.FOLLOW
+    braking = assess(ExpertInput(ego_speed=10.0, obstacles=[Obstacle(**{**vars(lead), "lamps": "brake"})]))
+    assert braking.action == Action.SLOW_DOWN and braking.risk == Risk.MEDIUM
+    assert "braking" in braking.rationale and braking.target_speed == pytest.approx(10.0)
+    # beyond the following range (3 s x 10 m/s + 10 m) the lamps change nothing
+    far = Obstacle(gap=45.0, lateral=0.0, half_width=0.9, speed=10.0, kind="vehicle", lamps="brake")
+    assert assess(ExpertInput(ego_speed=10.0, obstacles=[far])).action == Action.KEEP_LANE
+
+
+def test_a_neighbour_signalling_into_the_ego_lane_means_slow_down() -> None:
+    def label(lateral: float, lamps: str, kind: str = "vehicle", gap: float = 12.0):
+        o = Obstacle(gap=gap, lateral=lateral, half_width=0.9, speed=6.0, kind=kind, lamps=lamps)
+        return assess(ExpertInput(ego_speed=10.0, obstacles=[o]))
+
+    for lateral, towards in ((-3.5, "left"), (3.5, "right")):
+        lab = label(lateral, towards)
+        assert lab.action == Action.SLOW_DOWN and lab.risk == Risk.MEDIUM, (lateral, towards)
+        assert lab.target_speed == pytest.approx(6.0) and "signalling" in lab.rationale
+    assert label(-3.5, "right").action == Action.KEEP_LANE  # signalling away from the ego lane
+    assert label(-3.5, "").action == Action.KEEP_LANE  # no lamp cue: the same scene is free road
+    assert label(-3.5, "left", gap=-8.0).action == Action.KEEP_LANE  # behind the ego front
+    assert label(-3.5, "left", gap=45.0).action == Action.KEEP_LANE  # beyond the following range
+
+
+def test_lamp_cues_change_labels_not_scenes() -> None:
+    """With lamp cues the cutting-in car signals towards the ego lane SIGNAL_LEAD s before it steers;
+    the world draws no extra random numbers, so the scenes are the same without them."""
+    from lmm_fusion.sim.world import SIGNAL_LEAD
+
+    worlds = [World(np.random.default_rng(7), [Scenario.CUT_IN], lamp_cues=cues) for cues in (False, True)]
+    cutter = next(a for a in worlds[1].episode.actors if math.isfinite(a.cut_at))
+    side = "left" if cutter.d_to > cutter.d_from else "right"
+    changed = 0
+    for k in range(1, 61):  # 6 s, inside the first episode
+        for w in worlds:
+            w.advance(k * 0.1)
+        plain, cued = worlds[0].scene(), worlds[1].scene()
+        assert np.array_equal(plain.boxes.center, cued.boxes.center)
+        i = worlds[1].episode.actors.index(cutter)
+        t_rel = k * 0.1 - worlds[1].episode.t_start
+        signalling = cutter.cut_at - SIGNAL_LEAD <= t_rel < cutter.cut_at + cutter.cut_duration
+        assert cued.boxes.signal[i] == (side if signalling else "tail")
+        assert plain.boxes.signal[i] == "tail"
+        assert all(o.lamps == "" for o in plain.expert_input.obstacles)
+        changed += plain.label().action != cued.label().action
+        if signalling and cutter.d == cutter.d_from:  # signalling, not yet steering: only the camera knows
+            assert cued.label().action in (Action.SLOW_DOWN, Action.STOP, Action.FOLLOW)
+    assert changed > 0

@@ -197,6 +197,16 @@ def test_rear_lamps_show_motion_state_to_camera_only() -> None:
     bright_red = (imgs["brake"][..., 0] > 200) & (imgs["brake"][..., 1] < 80)
     assert amber.sum() > 0 and bright_red.sum() > 0
     assert ((imgs["tail"][..., 0] > 200) & (imgs["tail"][..., 1] < 80)).sum() < bright_red.sum()
+    # a turn signal: amber on the signalled side only (+y, the vehicle's left, is the image's left here)
+    cols = {}
+    for signal in ("left", "right"):
+        scene = static_scene([dict(car, signal=signal)], lighting="night")
+        img = CameraRenderer(rig).render(scene, rng=None).astype(int)
+        assert LidarSimulator(rig).scan(scene, np.random.default_rng(1)).tobytes() == clouds["tail"]
+        amber = (img[..., 0] > 200) & (img[..., 1] > 120) & (img[..., 2] < 60)
+        assert amber.sum() > 0
+        cols[signal] = np.nonzero(amber)[1].mean()
+    assert cols["left"] < imgs["tail"].shape[1] / 2 < cols["right"]
 
 
 def test_a_car_waiting_at_the_stop_line_sees_the_signal_head() -> None:

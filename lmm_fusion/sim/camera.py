@@ -289,13 +289,20 @@ class CameraRenderer:
     def _draw_rear_lamps(self, img: np.ndarray, center: np.ndarray, rot: np.ndarray, size: np.ndarray,
                          signal: str) -> None:
         """Rear lamps of a vehicle (camera-only cue of its motion state): dim red tail lamps, bright
-        red brake lamps, amber hazard lamps."""
-        col, radius, glow = {"tail": ((150, 20, 20), 0.07, 1.0), "brake": ((255, 35, 35), 0.1, 2.2),
-                             "hazard": ((255, 165, 0), 0.1, 2.2)}[signal]
+        red brake lamps, amber hazard lamps; a turn signal ("left"/"right", towards +y/-y of the
+        vehicle) is an amber lamp outboard of that side's tail lamp, drawn steadily lit (the model
+        sees one frame; a blinking lamp would be dark in half of them)."""
+        lamps = {"tail": ((150, 20, 20), 0.07, 1.0), "brake": ((255, 35, 35), 0.1, 2.2),
+                 "hazard": ((255, 165, 0), 0.1, 2.2)}
+        col, radius, glow = lamps.get(signal, lamps["tail"])
         z = -size[2] / 2 + min(0.85, 0.55 * size[2])
         for side in (-1.0, 1.0):
             local = np.array([-size[0] / 2 - 0.02, side * (size[1] / 2 - 0.22), z])
             self._glow_dot(img, center + rot @ local, radius, col, glow)
+        if signal in ("left", "right"):
+            side = 1.0 if signal == "left" else -1.0
+            local = np.array([-size[0] / 2 - 0.02, side * (size[1] / 2 - 0.05), z])
+            self._glow_dot(img, center + rot @ local, 0.1, lamps["hazard"][0], 2.2)
 
     def _draw_lamps(self, img: np.ndarray, scene: Scene, lamp_ids: list[int]) -> None:
         for li in lamp_ids:

@@ -60,7 +60,8 @@ class Obstacle:
     (negative: the object's near face is behind the bumper); ``length``: its extent along the road;
     ``lateral``: offset of its centre from the ego lane centre [m, +left]; ``half_width``: its
     half extent across the road [m]; ``speed``: its speed along the road [m/s];
-    ``kind``: "vehicle", "pedestrian", "obstacle", ...
+    ``kind``: "vehicle", "pedestrian", "obstacle", ...; ``lamps``: the rear lamps the expert reacts
+    to ("brake", "left"/"right" turn signal; "" when lamp cues are off or none are lit).
     """
 
     gap: float
@@ -69,6 +70,7 @@ class Obstacle:
     speed: float = 0.0
     length: float = 4.5
     kind: str = "obstacle"
+    lamps: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,16 @@ def _slow_speed(v: float, room: float) -> float:
     return float(min(v, math.sqrt(2.0 * A_COMFORT * max(room, 0.0))))
 
 
+def following_range(v: float) -> float:
+    """Distance [m] within which a moving vehicle ahead is followed (3 s of travel + 10 m)."""
+    return 3.0 * v + 10.0
+
+
+def signals_into_ego_lane(o: Obstacle) -> bool:
+    """A vehicle beside the ego lane whose turn signal points towards it."""
+    return not in_ego_corridor(o) and ((o.lamps == "left" and o.lateral < 0) or (o.lamps == "right" and o.lateral > 0))
+
+
 def assess(inp: ExpertInput) -> Label:
     """Apply the rules of ``docs/synthetic_world.md`` to one frame."""
     v = max(0.0, float(inp.ego_speed))
@@ -191,7 +203,10 @@ def assess(inp: ExpertInput) -> Label:
             elif ttc < 4.0 or headway < 1.0:
                 candidates.append((Action.SLOW_DOWN, float(min(v, lead.speed)),
                                    f"slow down: {what}, TTC {ttc:.1f} s, headway {headway:.1f} s"))
-            elif distance < 3.0 * v + 10.0:
+            elif lead.lamps == "brake" and distance < following_range(v):
+                # its brake lamps announce the deceleration before the gap shows it
+                candidates.append((Action.SLOW_DOWN, float(min(v, lead.speed)), f"slow down: {what} braking"))
+            elif distance < following_range(v):
                 candidates.append((Action.FOLLOW, float(lead.speed), f"follow {what} at {lead.speed:.1f} m/s"))
         if ttc < TTC_HIGH:
             risk = Risk.HIGH
@@ -199,6 +214,18 @@ def assess(inp: ExpertInput) -> Label:
         elif ttc < TTC_MEDIUM or distance < max(10.0, 2.0 * v):
             risk = Risk.MEDIUM
             why.append(f"{what}")
+        elif lead.lamps == "brake" and lead.speed >= STOPPED_SPEED and distance < following_range(v):
+            risk = Risk.MEDIUM
+            why.append(f"{what} braking")
+
+    # --- a vehicle beside the ego lane signalling into it: make room before it steers
+    for o in inp.obstacles:
+        if o.kind == "vehicle" and signals_into_ego_lane(o) and 0.0 <= o.gap < following_range(v):
+            candidates.append((Action.SLOW_DOWN, float(min(v, o.speed)),
+                               f"slow down: {o.kind} {o.gap:.1f} m ahead signalling into the lane"))
+            risk = max(risk, Risk.MEDIUM)
+            why.append("vehicle signalling into the lane")
+            break
 
     # --- pedestrians on the carriageway but not (yet) in the ego corridor
     for o in inp.obstacles:

@@ -177,7 +177,8 @@ def sensor_schedule(seconds: float, rig: SensorRig, rng: np.random.Generator) ->
 
 def synthesize(out: Path, seconds: float, seed: int, scenarios: Sequence[Scenario] | None = None,
                rig: SensorRig | None = None, compressed: bool = False, storage: str = "mcap",
-               progress: bool = True, start: float = 0.0, warmup: float = DEFAULT_WARMUP) -> Path:
+               progress: bool = True, start: float = 0.0, warmup: float = DEFAULT_WARMUP,
+               lamp_cues: bool = False) -> Path:
     """Write a ``seconds`` long drive to the rosbag2 folder ``out`` (must not exist) and return it.
 
     ``scenarios`` are cycled episode by episode (default: every family); ``rig`` defaults to
@@ -186,15 +187,16 @@ def synthesize(out: Path, seconds: float, seed: int, scenarios: Sequence[Scenari
     the sensors are recorded from ``max(0, start - warmup)`` on without ground truth, so a consumer's
     motion estimate and LiDAR history are warm at the first label, as on a vehicle that has been
     driving. ``start = 0`` is a drive that begins with its first episode (cold sensors).
+    ``lamp_cues``: the world's turn signals and lamp rules (:class:`~lmm_fusion.sim.world.World`).
     """
     return synthesize_with_stats(out, seconds, seed, scenarios, rig, compressed, storage, progress, start,
-                                 warmup)[0]
+                                 warmup, lamp_cues)[0]
 
 
 def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Sequence[Scenario] | None = None,
                           rig: SensorRig | None = None, compressed: bool = False, storage: str = "mcap",
                           progress: bool = True, start: float = 0.0,
-                          warmup: float = DEFAULT_WARMUP) -> tuple[Path, SynthStats]:
+                          warmup: float = DEFAULT_WARMUP, lamp_cues: bool = False) -> tuple[Path, SynthStats]:
     """:func:`synthesize`, also returning :class:`SynthStats` (counts, per-stage CPU time)."""
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"seconds must be a positive number, got {seconds!r}")
@@ -211,7 +213,7 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
     types = rosbags_types()
     seq = np.random.SeedSequence(int(seed))
     world_ss, cam_ss, lidar_ss, gnss_ss, stamp_ss = seq.spawn(5)
-    world = World(np.random.default_rng(world_ss), scenarios, t0=0.0)
+    world = World(np.random.default_rng(world_ss), scenarios, t0=0.0, lamp_cues=lamp_cues)
     cam_rng, lidar_rng = np.random.default_rng(cam_ss), np.random.default_rng(lidar_ss)
     renderer = CameraRenderer(rig, noise_seed=int(np.random.default_rng(cam_ss.spawn(1)[0]).integers(2**31)))
     lidar = LidarSimulator(rig)
@@ -356,6 +358,12 @@ def _int_in(lo: int, hi: int) -> Any:
     return parse
 
 
+def add_world_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lamp-cues", action="store_true",
+                        help="cutting-in drivers signal first, and the labels react to brake lamps and turn "
+                             "signals (camera-only cues; docs/synthetic_world.md)")
+
+
 def add_sensor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--camera", type=parse_size, default=None, metavar="WxH",
                         help="camera resolution (default 1280x720)")
@@ -377,6 +385,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", type=parse_scenario, action="extend", nargs="+", default=None,
                         metavar="FAMILY", help="scenario families to cycle (default all): "
                              + ", ".join(s.name.lower() for s in Scenario))
+    add_world_arguments(parser)
     add_sensor_arguments(parser)
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage plugin")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -386,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
     rig = rig_from_args(args.camera, args.lidar_beams, args.lidar_columns)
     path, stats = synthesize_with_stats(args.out, args.seconds, args.seed, args.scenario, rig,
                                         args.compressed, args.storage, progress=not args.no_progress,
-                                        start=args.start, warmup=args.warmup)
+                                        start=args.start, warmup=args.warmup, lamp_cues=args.lamp_cues)
     print(f"wrote {path} ({args.storage}): " + ", ".join(f"{k} x{v}" for k, v in sorted(stats.counts.items())))
     print("action labels: " + ", ".join(f"{k} {v}" for k, v in sorted(stats.labels.items())))
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 
 from lmm_fusion.labels import Scenario
 from lmm_fusion.rig import SensorRig
-from lmm_fusion.sim.synth import add_sensor_arguments, rig_from_args, synthesize
+from lmm_fusion.sim.synth import add_sensor_arguments, add_world_arguments, rig_from_args, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,19 @@ def plan(out: Path, drives: int, seconds: float, seed: int, start_max: float = 0
     return specs
 
 
-def _make(job: tuple[DriveSpec, SensorRig, bool, str]) -> str:
-    spec, rig, compressed, storage = job
+def _make(job: tuple[DriveSpec, SensorRig, bool, str, bool]) -> str:
+    spec, rig, compressed, storage, lamp_cues = job
     synthesize(Path(spec.path), spec.seconds, spec.seed, [Scenario[spec.scenario]], rig, compressed, storage,
-               progress=False, start=spec.start)
+               progress=False, start=spec.start, lamp_cues=lamp_cues)
     return spec.path
 
 
 def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorRig | None = None,
                  compressed: bool = False, storage: str = "mcap", workers: int = 1,
-                 progress: bool = True, start_max: float = 0.0) -> list[DriveSpec]:
+                 progress: bool = True, start_max: float = 0.0, lamp_cues: bool = False) -> list[DriveSpec]:
     """Write ``drives`` drives of ``seconds`` each under ``out`` (created; existing drives are an error);
-    ``start_max`` [s]: draw each drive's first-label time in ``[0, start_max]`` (see the module doc)."""
+    ``start_max`` [s]: draw each drive's first-label time in ``[0, start_max]`` (see the module doc);
+    ``lamp_cues``: the world's turn signals and lamp rules (recorded in the manifest)."""
     if drives < 1:
         raise ValueError(f"drives must be >= 1, got {drives}")
     if not seconds > 0:
@@ -85,7 +86,7 @@ def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorR
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = plan(out, drives, seconds, seed, start_max)
-    jobs = [(s, rig, compressed, storage) for s in specs]
+    jobs = [(s, rig, compressed, storage, lamp_cues) for s in specs]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -103,7 +104,8 @@ def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorR
                 bar.update(1)
     if bar is not None:
         bar.close()
-    manifest = {"seed": seed, "seconds": seconds, "start_max": start_max, "compressed": compressed, "storage": storage,
+    manifest = {"seed": seed, "seconds": seconds, "start_max": start_max, "lamp_cues": lamp_cues,
+                "compressed": compressed, "storage": storage,
                 "camera": [rig.camera.width, rig.camera.height], "lidar": [rig.lidar.beams, rig.lidar.columns],
                 "drives": [dict(asdict(s), path=Path(s.path).name) for s in specs]}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
@@ -119,6 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start-max", type=float, default=0.0, metavar="S",
                         help="draw each drive's first-label world time uniformly in [0, S] s (default 0: "
                              "every drive starts with its episode, sensors cold)")
+    add_world_arguments(parser)
     add_sensor_arguments(parser)
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage plugin")
     parser.add_argument("--workers", type=int, choices=(1, 2), default=1, help="worker processes (default 1)")
@@ -128,7 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     rig = rig_from_args(args.camera or DATASET_CAMERA, args.lidar_beams, args.lidar_columns)
     specs = make_dataset(args.out, args.drives, args.seconds, args.seed, rig, args.compressed, args.storage,
-                         args.workers, progress=not args.no_progress, start_max=args.start_max)
+                         args.workers, progress=not args.no_progress, start_max=args.start_max,
+                         lamp_cues=args.lamp_cues)
     print(f"wrote {len(specs)} drives of {args.seconds:g} s under {args.out} "
           f"(camera {rig.camera.width}x{rig.camera.height}, LiDAR {rig.lidar.beams}x{rig.lidar.columns})")
     return 0

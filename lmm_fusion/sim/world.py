@@ -50,6 +50,8 @@ LAMP_RADIUS = 0.11
 CUT_IN_GAP = 3.0
 #: A vehicle slower than this shows brake lamps (stopped in traffic) [m/s].
 STOPPED_LAMP_SPEED = 0.5
+#: With lamp cues, a cutting-in driver switches the turn signal on this long before steering [s].
+SIGNAL_LEAD = 1.5
 LAMP_SPACING = 0.3
 
 
@@ -104,6 +106,7 @@ class Actor:
     walk_speed: float = 0.0
     d_stop: float = 0.0
     hazard: bool = False  # a broken-down / parked vehicle: hazard lamps on
+    indicates: bool = False  # signals its lane change (lamp cues on) from SIGNAL_LEAD s before it
 
     def __post_init__(self) -> None:
         if not self.material:
@@ -131,12 +134,15 @@ class Actor:
         self.d += self.vd * dt
 
     def signal(self, t_rel: float) -> str:
-        """Rear lamps a vehicle shows (camera only): hazard when broken down, brake when braking or
-        stopped in traffic, tail lamps otherwise."""
+        """Rear lamps a vehicle shows (camera only): hazard when broken down, "left"/"right" while it
+        signals a lane change towards that side, brake when braking or stopped in traffic, tail lamps
+        otherwise."""
         if self.kind != "vehicle":
             return ""
         if self.hazard:
             return "hazard"
+        if self.indicates and self.cut_at - SIGNAL_LEAD <= t_rel < self.cut_at + self.cut_duration:
+            return "left" if self.d_to > self.d_from else "right"  # +d is left of the road direction
         if self.vs < STOPPED_LAMP_SPEED or (t_rel >= self.brake_at and self.decel > 0):
             return "brake"
         return "tail"
@@ -318,12 +324,16 @@ class World:
     """Episodes of scenario families on one continuous ego drive.
 
     ``rng`` (numpy Generator) is the only source of randomness, so a seed fixes the drive.
-    ``scenarios`` are cycled in order; each episode lasts U(6, 10) s.
+    ``scenarios`` are cycled in order; each episode lasts U(6, 10) s. ``lamp_cues``: cutting-in
+    drivers signal first, and the expert reacts to the lamps it sees (a braking lead, a neighbour
+    signalling into the ego lane; ``docs/synthetic_world.md``); it draws no extra random numbers, so
+    a seed gives the same scenes with and without it.
     """
 
     def __init__(self, rng: np.random.Generator, scenarios: Sequence[Scenario] | None = None,
-                 t0: float = 0.0) -> None:
+                 t0: float = 0.0, lamp_cues: bool = False) -> None:
         self.rng = rng
+        self.lamp_cues = lamp_cues
         self.scenarios = list(scenarios) if scenarios else list(Scenario)
         self.t = t0
         self.episode_index = -1
@@ -453,6 +463,7 @@ class World:
             car.cut_at = float(rng.uniform(0.5, 3.0))
             car.cut_duration = float(rng.uniform(1.5, 3.0))
             car.d_from, car.d_to = car.d, d_e + float(rng.uniform(-0.2, 0.2))
+            car.indicates = self.lamp_cues
             ep.actors.append(car)
             self._lane_traffic(ep, [i for i in others if i != lane], p=0.4)
         else:  # pragma: no cover - every family is handled above
@@ -641,7 +652,7 @@ class World:
                 continue
             hs, hd = a.half_extents_sd()
             obstacles.append(Obstacle(gap=a.s - hs - front, lateral=a.d - d_e, half_width=hd, speed=a.vs,
-                                      length=2 * hs, kind=a.kind))
+                                      length=2 * hs, kind=a.kind, lamps=a.signal(t_rel) if self.lamp_cues else ""))
         lanes_left = ep.n_lanes - 1 - ep.ego_lane
         inp = ExpertInput(ego_speed=self.v, obstacles=tuple(obstacles), lane_width=ep.lane_width,
                           lanes_left=lanes_left, lanes_right=ep.ego_lane, light=light_in,
