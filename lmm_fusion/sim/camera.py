@@ -302,7 +302,8 @@ class CameraRenderer:
         if signal in ("left", "right"):
             side = 1.0 if signal == "left" else -1.0
             local = np.array([-size[0] / 2 - 0.02, side * (size[1] / 2 - 0.05), z])
-            self._glow_dot(img, center + rot @ local, 0.1, lamps["hazard"][0], 2.2)
+            amber, radius, glow = lamps["hazard"]  # the same lamp as the hazard lights, on one side
+            self._glow_dot(img, center + rot @ local, radius, amber, glow)
 
     def _draw_lamps(self, img: np.ndarray, scene: Scene, lamp_ids: list[int]) -> None:
         for li in lamp_ids:

@@ -181,6 +181,8 @@ def assess(inp: ExpertInput) -> Label:
 
     if lead is not None:
         what = f"{lead.kind} {distance:.1f} m ahead"
+        # a moving lead within following range showing brake lamps (lamp cues only)
+        lead_braking = lead.lamps == "brake" and lead.speed >= STOPPED_SPEED and distance < following_range(v)
         if lead.kind == "pedestrian" or lead.speed < STOPPED_SPEED:
             beyond = distance + lead.length + LANE_FREE_BEYOND
             free_left = lane_free(inp, +1, beyond)
@@ -203,7 +205,7 @@ def assess(inp: ExpertInput) -> Label:
             elif ttc < 4.0 or headway < 1.0:
                 candidates.append((Action.SLOW_DOWN, float(min(v, lead.speed)),
                                    f"slow down: {what}, TTC {ttc:.1f} s, headway {headway:.1f} s"))
-            elif lead.lamps == "brake" and distance < following_range(v):
+            elif lead_braking:
                 # its brake lamps announce the deceleration before the gap shows it
                 candidates.append((Action.SLOW_DOWN, float(min(v, lead.speed)), f"slow down: {what} braking"))
             elif distance < following_range(v):
@@ -214,7 +216,7 @@ def assess(inp: ExpertInput) -> Label:
         elif ttc < TTC_MEDIUM or distance < max(10.0, 2.0 * v):
             risk = Risk.MEDIUM
             why.append(f"{what}")
-        elif lead.lamps == "brake" and lead.speed >= STOPPED_SPEED and distance < following_range(v):
+        elif lead_braking:
             risk = Risk.MEDIUM
             why.append(f"{what} braking")
 
