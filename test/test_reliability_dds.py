@@ -268,10 +268,11 @@ def test_clock_pause_stops_cycles_and_resume_recovers(sim: NodeRig) -> None:
     assert feeder is not None
     feeder.pause(True)
     t_pause, recv_pause = feeder.now(), time.monotonic()
-    time.sleep(0.5)  # in-flight /clock and outputs
-    n = len(sim.collector.get("scene"))
-    time.sleep(1.0)  # a paused clock: the node's timer must not run
-    assert len(sim.collector.get("scene")) <= n + 1
+    time.sleep(1.5)  # a paused clock: the node's timer must not run
+    # A timer that kept running would stamp its cycles with the frozen sim time; judged by stamps,
+    # late delivery of earlier scenes on a loaded machine cannot look like a running timer.
+    frozen = [r for r in sim.collector.get("scene") if r["stamp"] > t_pause - PERIOD]
+    assert len(frozen) <= 3, [r["stamp"] for r in frozen]
     assert all(r["stamp"] <= t_pause + SLACK for r in sim.collector.get("scene") if r["recv"] > recv_pause)
     recv_resume = time.monotonic()
     feeder.pause(False)
