@@ -336,14 +336,15 @@ def train(
 
 
 # ---------------------------------------------------------------- CLI
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` (VALUE parsed as JSON when possible) for ModelConfig fields."""
-    names = {f.name for f in fields(ModelConfig)}
+def _parse_overrides(items: list[str], cls: type = ModelConfig, flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` (VALUE parsed as JSON when possible) for the fields of dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or key not in names:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of ModelConfig's fields")
+            raise SystemExit(f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of {cls.__name__}'s fields "
+                             f"({', '.join(sorted(names))})")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -359,6 +360,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--config", type=Path, help="config.json to start from (default: ModelConfig defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="ModelConfig overrides")
+    p.add_argument("--loss-weights", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="LossWeights overrides, e.g. cautious_degraded=3")
     p.add_argument("--cache", type=Path, default=Path(".cache/lmm_fusion_samples"),
                    help="preprocessed-sample cache directory")
     p.add_argument("--epochs", type=int, default=10)
@@ -388,6 +391,11 @@ def run(args: argparse.Namespace) -> int:
     if args.set:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), **_parse_overrides(args.set)})
     cfg.validate()
+    weight_overrides = _parse_overrides(args.loss_weights, LossWeights, "--loss-weights")
+    for key, value in weight_overrides.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise SystemExit(f"--loss-weights {key}={value!r}: expected a number >= 0")
+    weights = LossWeights(**weight_overrides)
     bags = expand_bags(args.data)
     t0 = time.perf_counter()
     train_set = FusionDataset(bags, cfg, cache_dir=args.cache)
@@ -396,14 +404,15 @@ def run(args: argparse.Namespace) -> int:
              time.perf_counter() - t0)
     meta = {"train_bags": [b.name for b in bags], "train_bag_fingerprints": [bag_fingerprint(b) for b in bags],
             "command": "lmm-fusion train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
-            "loss_weights": asdict(LossWeights())}
+            "loss_weights": asdict(weights)}
     if args.init_from:
         # provenance: a fine-tuned model is reproducible only with the command of the one it started from
         meta["init_from"] = {"model": str(args.init_from),
                              "command": model_metadata(args.init_from).get("command", "")}
     t1 = time.perf_counter()
     rec = train(cfg, train_set, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                weight_decay=args.weight_decay, seed=args.seed, p_drop=args.modality_dropout, resume=args.resume,
+                weight_decay=args.weight_decay, seed=args.seed, p_drop=args.modality_dropout, weights=weights,
+                resume=args.resume,
                 init_from=args.init_from, val_set=val_set, device=args.device, amp=not args.no_amp,
                 progress=not args.no_progress, max_steps=args.max_steps, metadata=meta,
                 augmentation=not args.no_augment)

@@ -16,7 +16,7 @@ import torch
 
 from lmm_fusion.dataset import ARRAYS, FusionDataset
 from lmm_fusion.model import FusionModel, ModelConfig, load_model
-from lmm_fusion.model.losses import FusionLoss, info_nce
+from lmm_fusion.model.losses import FusionLoss, LossWeights, info_nce
 from lmm_fusion.train import augment, lr_at, modality_dropout, train
 
 TINY = dict(image_height=32, image_width=64, image_roi_rows=8, camera_channels=(8, 8, 16, 16),
@@ -117,6 +117,29 @@ def test_cautious_term_penalises_underestimated_risk() -> None:
     _, p_low = loss(out(low), b)
     _, p_high = loss(out(high), b)
     assert p_low["cautious"] > 0.9 and p_high["cautious"] < 0.01
+    # Samples missing a sensor weigh it 1 + cautious_degraded times; full-sensor samples once.
+    half_blind = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 1.0, 1.0]])
+    for extra in (1.0, 3.0):
+        _, parts = FusionLoss(cfg, LossWeights(cautious_degraded=extra))(out(low), b, used_mask=half_blind)
+        assert parts["cautious"] == pytest.approx(p_low["cautious"] * (1 + extra / 2), rel=1e-5)
+
+
+def test_loss_weight_overrides_are_checked() -> None:
+    from lmm_fusion.train import _parse_overrides
+
+    assert _parse_overrides(["cautious_degraded=3"], LossWeights, "--loss-weights") == {"cautious_degraded": 3}
+    with pytest.raises(SystemExit, match="cautious_degradd"):
+        _parse_overrides(["cautious_degradd=3"], LossWeights, "--loss-weights")
+    import argparse
+
+    from lmm_fusion.train import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for bad in ("cautious_degraded=lots", "cautious=-1"):  # refused before any data is read
+        args = parser.parse_args(["--data", "no-such-bag", "--out", "unused", "--loss-weights", bad])
+        with pytest.raises(SystemExit, match=bad.split("=")[0]):
+            run(args)
 
 
 def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ class LossWeights:
     distance: float = 0.5
     occupancy: float = 1.0
     cautious: float = 0.5  # probability mass on risk levels below the true one
+    cautious_degraded: float = 1.0  # extra cautious weight on samples that miss a sensor (1 = double)
     align: float = 0.1  # InfoNCE between modality embeddings of the same moment
     align_temperature: float = 0.1
     focal_gamma: float = 2.0
@@ -67,7 +68,8 @@ class FusionLoss(nn.Module):
     Regressions are compared after dividing by their caps so all are O(1).
     ``data_mask (B, 3)``: which modalities truly exist (for the alignment loss);
     ``used_mask (B, 3)``: the mask the model saw (after modality dropout); degraded samples weigh
-    the cautious-risk term double, so a model missing a sensor leans towards higher risk.
+    the cautious-risk term ``1 + cautious_degraded`` times, so a model missing a sensor leans
+    towards higher risk.
     """
 
     def __init__(self, cfg: ModelConfig, weights: LossWeights | None = None) -> None:
@@ -96,7 +98,8 @@ class FusionLoss(nn.Module):
         p = torch.softmax(out["risk_logits"].float(), dim=-1)
         levels = torch.arange(p.shape[1], device=p.device)
         under = (p * (levels[None, :] < targets["risk"][:, None]).float()).sum(1)
-        degraded = 1.0 + (used_mask.sum(1) < 3).float() if used_mask is not None else torch.ones_like(under)
+        degraded = (1.0 + w.cautious_degraded * (used_mask.sum(1) < 3).float() if used_mask is not None
+                    else torch.ones_like(under))
         parts["cautious"] = (under * degraded).mean()
         if "embeddings" in out and data_mask is not None and w.align > 0:
             parts["align"] = info_nce(out["embeddings"].float(), data_mask > 0.5, w.align_temperature)
