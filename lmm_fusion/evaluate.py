@@ -43,12 +43,12 @@ def predict(model: FusionModel, ds: FusionDataset, keep: tuple[int, int, int] | 
 
     Returns per-sample arrays: ``risk_prob (N,3)``, ``action_prob (N,6)``, ``light_prob (N,4)``,
     ``target_speed``, ``ttc``, ``distance (N,)`` and per-sample occupancy ``occ_inter``/``occ_union``
-    (cell counts at probability 0.5), ``attention (N,3)``, ``degraded (N,)`` (a modality was masked).
+    (cell counts at probability 0.5), ``attention (N,3)``, ``used (N,3)`` (bool: the modalities the model saw).
     """
     model.eval()
     n = len(ds)
     keys = ("risk_prob", "action_prob", "light_prob", "target_speed", "ttc", "distance", "occ_inter",
-            "occ_union", "attention", "degraded")
+            "occ_union", "attention", "used")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     keep_t = torch.tensor(keep if keep is not None else (1, 1, 1), dtype=torch.float32, device=device)
     for s in range(0, n, batch_size):
@@ -67,7 +67,7 @@ def predict(model: FusionModel, ds: FusionDataset, keep: tuple[int, int, int] | 
         parts["occ_inter"].append((occ_pred & occ_true).sum((1, 2)).cpu().numpy())
         parts["occ_union"].append((occ_pred | occ_true).sum((1, 2)).cpu().numpy())
         parts["attention"].append(o["modality_attention"].cpu().numpy())
-        parts["degraded"].append((mask < 0.5).any(1).cpu().numpy())
+        parts["used"].append((mask > 0.5).cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
 
 
@@ -135,7 +135,7 @@ def compute_metrics(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) 
 
 def risk_decisions(pred: dict[str, np.ndarray]) -> np.ndarray:
     """Risk levels ``(N,)`` as the node reports them (:func:`~lmm_fusion.assessment.decide_risk`)."""
-    return decide_risk(pred["risk_prob"], pred["degraded"])
+    return decide_risk(pred["risk_prob"], pred["used"])
 
 
 def _subset(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray], sel: np.ndarray

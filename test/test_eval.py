@@ -199,7 +199,7 @@ def test_compute_metrics_perfect_prediction() -> None:
     pred = {"risk_prob": np.eye(3)[arrays["risk"]], "action_prob": np.eye(6)[arrays["action"]],
             "light_prob": np.eye(4)[arrays["light"]], "target_speed": np.ones(n), "ttc": np.ones(n),
             "distance": np.ones(n), "occ_inter": np.ones(n), "occ_union": np.ones(n), "attention": np.ones((n, 3)) / 3,
-            "degraded": np.zeros(n, bool)}
+            "used": np.ones((n, 3), bool)}
     m = compute_metrics(pred, arrays)
     assert m["action_accuracy"] == m["risk_accuracy"] == m["occupancy_iou"] == 1.0
     assert m["ttc_mae"] == 0.0 and m["risk_under_rate"] == 0.0

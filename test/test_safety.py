@@ -57,18 +57,25 @@ def test_decode_masked_modality_has_zero_attention_and_lower_confidence() -> Non
 
 
 def test_risk_is_arg_max_with_all_sensors_and_cautious_when_degraded() -> None:
-    """With a modality masked, a higher level whose upper-tail probability reaches the threshold wins
-    over a more probable lower one; with every sensor the most probable level is reported."""
-    assert 0.3 < DEGRADED_RISK_TAIL <= 0.45  # the cases below are chosen for such a threshold
-    probs = np.array([[0.5, 0.05, 0.45], [0.7, 0.2, 0.1], [0.0, 0.2, 0.8], [1.0, 0.0, 0.0]])
-    assert decide_risk(probs, False).tolist() == [0, 0, 2, 0]
-    assert decide_risk(probs, True).tolist() == [2, 0, 2, 0]
-    assert decide_risk(probs, np.array([False, True, True, True])).tolist() == [0, 0, 2, 0]
-    assert decide_risk(np.array([0.5, 0.3, 0.2]), True) == 1  # P(risk >= MEDIUM) = 0.5
+    """With a modality masked, a higher level whose upper-tail probability reaches that modality's
+    threshold wins over a more probable lower one; with every sensor the most probable level is
+    reported. Without the camera (the only sensor that sees lamps) the threshold is the lowest."""
+    tail = DEGRADED_RISK_TAIL
+    assert 0.3 < tail["lidar"] <= 0.45 and 0.3 < tail["gnss"] <= 0.45  # the cases below are chosen for these
+    assert 0.1 < tail["camera"] < 0.25
+    probs = np.array([[0.5, 0.05, 0.45], [0.7, 0.2, 0.1], [0.0, 0.2, 0.8], [1.0, 0.0, 0.0], [0.75, 0.05, 0.2]])
+    all_used, no_lidar, no_camera = ALL, np.array([True, False, True]), np.array([False, True, True])
+    assert decide_risk(probs, all_used).tolist() == [0, 0, 2, 0, 0]
+    assert decide_risk(probs, no_lidar).tolist() == [2, 0, 2, 0, 0]
+    assert decide_risk(probs, no_camera).tolist() == [2, 1, 2, 0, 2]
+    assert decide_risk(probs, ~ALL).tolist() == [2, 1, 2, 0, 2]  # several masked: the lowest threshold
+    per_row = np.array([all_used, no_lidar, no_lidar, no_lidar, no_lidar])
+    assert decide_risk(probs, per_row).tolist() == [0, 0, 2, 0, 0]
+    assert decide_risk(np.array([0.5, 0.3, 0.2]), no_lidar) == 1  # P(risk >= MEDIUM) = 0.5
     logits = np.log(np.array([[0.55, 0.1, 0.35]], np.float32))
     out = {**outputs(), "risk_logits": logits}
     assert decode(out, 5.0, ALL, AGES, 10.0, 50.0).risk == Risk.LOW
-    assert decode(out, 5.0, np.array([True, False, True]), AGES, 10.0, 50.0).risk == Risk.MEDIUM
+    assert decode(out, 5.0, no_lidar, AGES, 10.0, 50.0).risk == Risk.MEDIUM
 
 
 def test_invalid_assessment_says_no_assessment() -> None:
