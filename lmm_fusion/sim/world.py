@@ -623,9 +623,10 @@ class World:
         # velocity over ground in base_link axes (ego frame is not inertial; this is the world velocity)
         vel = np.stack([ch * vel_road[:, 0] - sh * vel_road[:, 1], sh * vel_road[:, 0] + ch * vel_road[:, 1]],
                        axis=-1) if n else np.zeros((0, 2))
+        signals = tuple(a.signal(t_rel) for a in acts)
         boxes = Boxes(centers, yaw, size, np.array([a.color for a in acts], dtype=np.uint8).reshape(n, 3),
                       np.array([REFLECTIVITY[a.material] for a in acts]), tuple(a.kind for a in acts), vel,
-                      tuple(a.signal(t_rel) for a in acts))
+                      signals)
         lamps: list[Lamp] = []
         light_in: tuple[float, Light] | None = None
         stop_lines: list[float] = []
@@ -647,12 +648,12 @@ class World:
                     c[2] = h.z0 + h.height / 2 + (1 - k) * LAMP_SPACING
                     lamps.append(Lamp(c, normal, colour, st == on))
         obstacles = []
-        for a in acts:
+        for a, sig in zip(acts, signals, strict=True):
             if a.kind in ("building",) or a.z0 > 2.0:  # overhead structures do not block the lane
                 continue
             hs, hd = a.half_extents_sd()
             obstacles.append(Obstacle(gap=a.s - hs - front, lateral=a.d - d_e, half_width=hd, speed=a.vs,
-                                      length=2 * hs, kind=a.kind, lamps=a.signal(t_rel) if self.lamp_cues else ""))
+                                      length=2 * hs, kind=a.kind, lamps=sig if self.lamp_cues else ""))
         lanes_left = ep.n_lanes - 1 - ep.ego_lane
         inp = ExpertInput(ego_speed=self.v, obstacles=tuple(obstacles), lane_width=ep.lane_width,
                           lanes_left=lanes_left, lanes_right=ep.ego_lane, light=light_in,
