@@ -39,7 +39,7 @@ def decide_risk(risk_probs: np.ndarray, used: np.ndarray) -> np.ndarray:
     thresholds = np.array([DEGRADED_RISK_TAIL[m] for m in MODALITIES])
     threshold = np.where(used, np.inf, thresholds).min(-1)  # +inf where nothing is masked
     tail = np.cumsum(p[..., ::-1], axis=-1)[..., ::-1]  # P(risk >= level); non-increasing in level
-    cautious = np.maximum((tail >= np.asarray(threshold)[..., None]).sum(-1) - 1, 0)
+    cautious = np.maximum((tail >= threshold[..., None]).sum(-1) - 1, 0)
     return np.where(used.all(-1), p.argmax(-1), cautious).astype(np.int64)
 
 

@@ -33,6 +33,9 @@ GROUND_RGB = (96, 110, 78)
 MARKING_RGB = (235, 235, 225)
 LAMP_RGB = {"red": (255, 45, 30), "yellow": (255, 190, 25), "green": (40, 255, 120)}
 LAMP_OFF_RGB = (45, 45, 45)
+#: Vehicle rear lamps by signal: (RGB, radius [m], halo radius as a multiple of the lamp radius).
+REAR_LAMPS = {"tail": ((150, 20, 20), 0.07, 1.0), "brake": ((255, 35, 35), 0.1, 2.2),
+              "hazard": ((255, 165, 0), 0.1, 2.2)}
 #: Box faces in corner indices (corners: bit0 = +x, bit1 = +y, bit2 = +z in the box frame).
 _FACES = ((1, 3, 7, 5), (0, 4, 6, 2), (2, 6, 7, 3), (0, 1, 5, 4), (4, 5, 7, 6), (0, 2, 3, 1))
 _FACE_NORMALS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], float)
@@ -292,9 +295,7 @@ class CameraRenderer:
         red brake lamps, amber hazard lamps; a turn signal ("left"/"right", towards +y/-y of the
         vehicle) is an amber lamp outboard of that side's tail lamp, drawn steadily lit (the model
         sees one frame; a blinking lamp would be dark in half of them)."""
-        lamps = {"tail": ((150, 20, 20), 0.07, 1.0), "brake": ((255, 35, 35), 0.1, 2.2),
-                 "hazard": ((255, 165, 0), 0.1, 2.2)}
-        col, radius, glow = lamps.get(signal, lamps["tail"])
+        col, radius, glow = REAR_LAMPS.get(signal, REAR_LAMPS["tail"])
         z = -size[2] / 2 + min(0.85, 0.55 * size[2])
         for side in (-1.0, 1.0):
             local = np.array([-size[0] / 2 - 0.02, side * (size[1] / 2 - 0.22), z])
@@ -302,7 +303,7 @@ class CameraRenderer:
         if signal in ("left", "right"):
             side = 1.0 if signal == "left" else -1.0
             local = np.array([-size[0] / 2 - 0.02, side * (size[1] / 2 - 0.05), z])
-            amber, radius, glow = lamps["hazard"]  # the same lamp as the hazard lights, on one side
+            amber, radius, glow = REAR_LAMPS["hazard"]  # the same lamp as the hazard lights, on one side
             self._glow_dot(img, center + rot @ local, radius, amber, glow)
 
     def _draw_lamps(self, img: np.ndarray, scene: Scene, lamp_ids: list[int]) -> None:
