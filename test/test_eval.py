@@ -13,6 +13,7 @@ import torch
 from lmm_fusion.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples, merge_sources
 from lmm_fusion.evaluate import (
     ABLATION_MASKS,
+    by_sensors_in_data,
     compute_metrics,
     ece,
     evaluate,
@@ -172,6 +173,8 @@ def test_evaluate_report_keys_and_ablation(drive: Path) -> None:
     split = r["fusion_gain_by_light"]
     assert sum(m["contribution"] for m in split.values()) == pytest.approx(r["fusion_gain_action_accuracy"])
     assert "| no light |" in format_markdown(r)
+    assert sum(m["n"] for m in r["by_sensors_in_data"].values()) == r["n"]
+    assert "| sensors in the data |" in format_markdown(r)
 
 
 def test_fusion_gain_by_light_splits_the_gain() -> None:
@@ -190,6 +193,28 @@ def test_fusion_gain_by_light_splits_the_gain() -> None:
     assert dark["gain"] == pytest.approx(-1 / 6) and dark["contribution"] == pytest.approx(-0.1)
     overall = (fused == action).mean() - (single == action).mean()
     assert lit["contribution"] + dark["contribution"] == pytest.approx(overall)
+
+
+def test_by_sensors_in_data_splits_by_what_the_data_held() -> None:
+    # 6 samples: 3 with every sensor, 2 before the GNSS estimate exists, 1 with LiDAR alone.
+    mask = np.array([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 0], [0, 1, 0]], bool)
+    action = np.array([0, 1, 2, 3, 4, 5])
+    predicted = np.array([0, 1, 2, 3, 0, 0])  # right with every sensor, half right without GNSS, wrong alone
+    risk = np.array([0, 1, 2, 2, 2, 1])
+    n = len(action)
+    arrays = {"mask": mask, "action": action, "risk": risk, "light": np.zeros(n, int),
+              "target_speed": np.zeros(n), "ttc": np.zeros(n), "distance": np.zeros(n)}
+    pred = {"action_prob": np.eye(6)[predicted], "risk_prob": np.eye(3)[[0, 1, 2, 2, 1, 2]],
+            "light_prob": np.eye(4)[np.zeros(n, int)], "target_speed": np.zeros(n), "ttc": np.zeros(n),
+            "distance": np.zeros(n), "occ_inter": np.ones(n), "occ_union": np.ones(n),
+            "attention": np.ones((n, 3)) / 3, "used": mask}
+    split = by_sensors_in_data(pred, arrays)
+    assert next(iter(split)) == "all" and set(split) == {"all", "camera+lidar", "lidar"}
+    assert [split[k]["n"] for k in ("all", "camera+lidar", "lidar")] == [3, 2, 1]
+    assert split["all"]["share"] == pytest.approx(0.5) and split["all"]["action_accuracy"] == 1.0
+    assert split["camera+lidar"]["action_accuracy"] == 0.5 and split["lidar"]["action_accuracy"] == 0.0
+    assert split["camera+lidar"]["risk_under_rate"] == 0.5  # HIGH called MEDIUM without GNSS
+    assert split["lidar"]["risk_over_rate"] == 1.0
 
 
 def test_compute_metrics_perfect_prediction() -> None:
