@@ -193,15 +193,16 @@ def test_dataset_one_family_per_drive_and_worker_independent(tmp_path: Path) -> 
         assert fa.read_bytes() == fb.read_bytes()
     manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
     assert [d["path"] for d in manifest["drives"]] == [Path(s.path).name for s in one]
-    assert manifest["lamp_cues"] is False
+    assert manifest["lamp_cues"] is True  # the default world
 
 
 def test_lamp_cues_from_the_cli_reach_the_labels(tmp_path: Path) -> None:
-    """``--lamp-cues``: the same cut-in drive, but labels that react to the turn signal."""
+    """Lamp cues (the default): the same cut-in drive as ``--no-lamp-cues``, but labels that react to
+    the turn signal."""
     from lmm_fusion.cli import main
 
     rationales = {}
-    for name, extra in (("plain", []), ("cued", ["--lamp-cues"])):
+    for name, extra in (("plain", ["--no-lamp-cues"]), ("cued", [])):
         rc = main(["synth", str(tmp_path / name), "--seconds", "4", "--seed", "7", "--camera", "64x36",
                    "--lidar-beams", "4", "--lidar-columns", "64", "--scenario", "cut_in", "--no-progress", *extra])
         assert rc == 0

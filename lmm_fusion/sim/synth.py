@@ -178,7 +178,7 @@ def sensor_schedule(seconds: float, rig: SensorRig, rng: np.random.Generator) ->
 def synthesize(out: Path, seconds: float, seed: int, scenarios: Sequence[Scenario] | None = None,
                rig: SensorRig | None = None, compressed: bool = False, storage: str = "mcap",
                progress: bool = True, start: float = 0.0, warmup: float = DEFAULT_WARMUP,
-               lamp_cues: bool = False) -> Path:
+               lamp_cues: bool = True) -> Path:
     """Write a ``seconds`` long drive to the rosbag2 folder ``out`` (must not exist) and return it.
 
     ``scenarios`` are cycled episode by episode (default: every family); ``rig`` defaults to
@@ -196,7 +196,7 @@ def synthesize(out: Path, seconds: float, seed: int, scenarios: Sequence[Scenari
 def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Sequence[Scenario] | None = None,
                           rig: SensorRig | None = None, compressed: bool = False, storage: str = "mcap",
                           progress: bool = True, start: float = 0.0,
-                          warmup: float = DEFAULT_WARMUP, lamp_cues: bool = False) -> tuple[Path, SynthStats]:
+                          warmup: float = DEFAULT_WARMUP, lamp_cues: bool = True) -> tuple[Path, SynthStats]:
     """:func:`synthesize`, also returning :class:`SynthStats` (counts, per-stage CPU time)."""
     if not (seconds > 0 and math.isfinite(seconds)):
         raise ValueError(f"seconds must be a positive number, got {seconds!r}")
@@ -359,9 +359,10 @@ def _int_in(lo: int, hi: int) -> Any:
 
 
 def add_world_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lamp-cues", action="store_true",
+    parser.add_argument("--lamp-cues", action=argparse.BooleanOptionalAction, default=True,
                         help="cutting-in drivers signal first, and the labels react to brake lamps and turn "
-                             "signals (camera-only cues; docs/synthetic_world.md)")
+                             "signals (camera-only cues; docs/synthetic_world.md). On by default; "
+                             "--no-lamp-cues gives the world without them")
 
 
 def add_sensor_arguments(parser: argparse.ArgumentParser) -> None:

@@ -72,7 +72,7 @@ def _make(job: tuple[DriveSpec, SensorRig, bool, str, bool]) -> str:
 
 def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorRig | None = None,
                  compressed: bool = False, storage: str = "mcap", workers: int = 1,
-                 progress: bool = True, start_max: float = 0.0, lamp_cues: bool = False) -> list[DriveSpec]:
+                 progress: bool = True, start_max: float = 0.0, lamp_cues: bool = True) -> list[DriveSpec]:
     """Write ``drives`` drives of ``seconds`` each under ``out`` (created; existing drives are an error);
     ``start_max`` [s]: draw each drive's first-label time in ``[0, start_max]`` (see the module doc);
     ``lamp_cues``: the world's turn signals and lamp rules (recorded in the manifest)."""

@@ -324,14 +324,15 @@ class World:
     """Episodes of scenario families on one continuous ego drive.
 
     ``rng`` (numpy Generator) is the only source of randomness, so a seed fixes the drive.
-    ``scenarios`` are cycled in order; each episode lasts U(6, 10) s. ``lamp_cues``: cutting-in
-    drivers signal first, and the expert reacts to the lamps it sees (a braking lead, a neighbour
-    signalling into the ego lane; ``docs/synthetic_world.md``); it draws no extra random numbers, so
-    a seed gives the same scenes with and without it.
+    ``scenarios`` are cycled in order; each episode lasts U(6, 10) s. ``lamp_cues`` (on by default;
+    off gives the older world without them): cutting-in drivers signal first, and the expert reacts
+    to the lamps it sees (a braking lead, a neighbour signalling into the ego lane;
+    ``docs/synthetic_world.md``); it draws no extra random numbers, so a seed gives the same scenes
+    with and without it.
     """
 
     def __init__(self, rng: np.random.Generator, scenarios: Sequence[Scenario] | None = None,
-                 t0: float = 0.0, lamp_cues: bool = False) -> None:
+                 t0: float = 0.0, lamp_cues: bool = True) -> None:
         self.rng = rng
         self.lamp_cues = lamp_cues
         self.scenarios = list(scenarios) if scenarios else list(Scenario)
