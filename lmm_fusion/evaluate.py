@@ -2,7 +2,8 @@
 
 ``lmm-fusion eval --data BAG... --model DIR --json`` prints one JSON object with action accuracy, risk
 accuracy and macro-F1, light accuracy, target-speed / TTC / distance MAE, occupancy IoU, calibration
-(ECE), a per-scenario-family breakdown and an ablation of the same model under every modality mask;
+(ECE), a per-scenario-family breakdown, the headline split by which sensors the data held at each sample
+(a drive's cold start lacks GNSS), and an ablation of the same model under every modality mask;
 it also writes a confusion-matrix and an ablation plot (PNG).
 """
 
