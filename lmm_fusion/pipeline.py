@@ -145,15 +145,21 @@ class FusionPipeline:
         # One transform to base_link per cycle, shared by the BEV gridding and the guard's free distance.
         base = self.lidar_in_base(snapshot.frames.get("lidar")) if mask[lidar_i] else None
         inputs = self.preprocessor.inputs(snapshot, lidar_base=base)
+        # Report and decide with the mask the model ran with, not the sync's: the preprocessor also
+        # drops a GNSS state without a motion estimate yet (a drive's first fixes) and a frame that
+        # does not decode, and the risk rule, confidence and degraded flag must say so, as in eval.
+        used = inputs["modality_mask"].reshape(-1) > 0.5
+        if not used.any():
+            return invalid(snapshot.now, used, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
         t1 = time.perf_counter()
         outputs = self.backend.infer(inputs)
         t2 = time.perf_counter()
-        a = decode(outputs, snapshot.now, mask, ages, self.model_cfg.ttc_max, self.model_cfg.distance_max)
+        a = decode(outputs, snapshot.now, used, ages, self.model_cfg.ttc_max, self.model_cfg.distance_max)
         t3 = time.perf_counter()
         free = None
-        if mask[lidar_i]:
+        if used[lidar_i]:
             free = math.inf if base is None else lane_free_distance(base, self.safety_cfg)
-        ego = snapshot.frames.get("gnss") if mask[gnss_i] else None
+        ego = snapshot.frames.get("gnss") if used[gnss_i] else None
         speed = float(ego.speed) if ego is not None and getattr(ego, "valid", True) else None
         a = apply_guard(a, free, speed, self.safety_cfg)
         t4 = time.perf_counter()

@@ -66,6 +66,33 @@ def test_full_cycle_with_lidar_and_camera(pipeline: FusionPipeline) -> None:
     assert a.latency_ms["total"] >= a.latency_ms["inference"]
 
 
+def test_gnss_without_a_motion_estimate_is_reported_masked(pipeline: FusionPipeline) -> None:
+    """A drive's first fixes give a GNSS state that is not yet valid: the model runs without GNSS, and
+    the assessment must say so (degraded, cautious risk rule, reduced confidence), not claim GNSS."""
+    from lmm_fusion.assessment import MASKED_CONFIDENCE_FACTOR, Assessment, decide_risk
+    from lmm_fusion.io.gnss import EgoState
+
+    def cycle(valid: bool) -> Assessment:
+        sync = SensorSync()
+        sync.update("camera", 10.0, np.zeros((90, 160, 3), np.uint8))
+        sync.update("lidar", 10.0, wall_at(EGO_FRONT_OFFSET + 20.0, pipeline.rig))
+        sync.update("gnss", 10.0, EgoState(stamp=10.0, east=0.0, north=0.0, up=0.0, speed=8.0 if valid else 0.0,
+                                           accel=0.0, heading=0.0, yaw_rate=0.0, status=0, horizontal_std=0.05,
+                                           valid=valid))
+        pipeline.preprocessor.reset()
+        return pipeline.cycle(sync.snapshot(10.05))
+
+    warm, cold = cycle(True), cycle(False)
+    assert warm.valid and not warm.degraded and warm.masked_names() == []
+    assert cold.valid and cold.degraded and cold.masked_names() == ["gnss"]
+    assert cold.modalities[2].age == pytest.approx(0.05)  # the fix arrived; the estimate did not
+    assert cold.modalities[2].attention == 0.0
+    assert cold.risk == decide_risk(cold.risk_probs, np.array([True, True, False]))
+    assert cold.ego_speed is None
+    assert cold.confidence == pytest.approx(float(cold.action_probs[cold.model_action]) * MASKED_CONFIDENCE_FACTOR,
+                                            rel=1e-5)
+
+
 def test_stale_lidar_is_masked(pipeline: FusionPipeline) -> None:
     sync = SensorSync()
     sync.update("lidar", 10.0, wall_at(20.0, pipeline.rig))

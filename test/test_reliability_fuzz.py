@@ -406,9 +406,13 @@ class InProcessNode:
         return st_.accepted[sensor], st_.rejected[sensor], self.node.callback_errors[sensor]
 
     def cycle(self) -> tuple[Any, dict[str, Any]]:
-        """Feed one valid message per sensor, run one cycle; (assessment, {status name: status})."""
+        """Feed valid messages, one per sensor and for GNSS enough fixes for a motion estimate (the
+        model uses GNSS only then), run one cycle; (assessment, {status name: status})."""
+        from lmm_fusion.io.gnss import EgoMotionConfig
+
         for s in MODALITIES:
-            self.feed(good_spec(s, self.rng))
+            for _ in range(EgoMotionConfig().min_fixes if s == "gnss" else 1):
+                self.feed(good_spec(s, self.rng))
         self.node._cycle()
         msg = self.diagnostics[-1]
         return self.node.last_assessment, {s.name: s for s in msg.status}
