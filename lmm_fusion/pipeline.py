@@ -159,8 +159,9 @@ class FusionPipeline:
         free = None
         if used[lidar_i]:
             free = math.inf if base is None else lane_free_distance(base, self.safety_cfg)
+        # GNSS counts as used only with a valid motion estimate (the preprocessor's rule), so its speed is one.
         ego = snapshot.frames.get("gnss") if used[gnss_i] else None
-        speed = float(ego.speed) if ego is not None and getattr(ego, "valid", True) else None
+        speed = float(ego.speed) if ego is not None else None
         a = apply_guard(a, free, speed, self.safety_cfg)
         t4 = time.perf_counter()
         return a.with_latency(preprocess=(t1 - t0) * 1e3, inference=(t2 - t1) * 1e3, decode=(t3 - t2) * 1e3,
