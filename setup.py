@@ -32,7 +32,7 @@ setup(
     entry_points={
         "console_scripts": [
             "lmm-fusion = lmm_fusion.cli:main",
-            "fusion_node = lmm_fusion.node:main",
+            "fusion_node = lmm_fusion.ros.node:main",
         ],
     },
 )

@@ -13,21 +13,21 @@ import sys
 
 #: subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("lmm_fusion.demo", "synthesise a drive, run the real node on it over DDS, summarise"),
-    "synth": ("lmm_fusion.sim.synth", "synthesise a drive (rosbag2 with ground truth)"),
-    "dataset": ("lmm_fusion.sim.synth_dataset", "synthesise many short drives for training"),
-    "contact-sheet": ("lmm_fusion.sim.contact_sheet", "render a PNG of camera + BEV frames per scenario"),
-    "train": ("lmm_fusion.train", "train the fusion model on drives"),
-    "eval": ("lmm_fusion.evaluate", "evaluate a model on drives (JSON + plots, modality ablation)"),
+    "demo": ("lmm_fusion.tools.demo", "synthesise a drive, run the real node on it over DDS, summarise"),
+    "synth": ("lmm_fusion.synth.drive", "synthesise a drive (rosbag2 with ground truth)"),
+    "dataset": ("lmm_fusion.synth.dataset", "synthesise many short drives for training"),
+    "contact-sheet": ("lmm_fusion.synth.contact_sheet", "render a PNG of camera + BEV frames per scenario"),
+    "train": ("lmm_fusion.training.train", "train the fusion model on drives"),
+    "eval": ("lmm_fusion.training.evaluate", "evaluate a model on drives (JSON + plots, modality ablation)"),
     "export": ("lmm_fusion.runtime.export", "export a model to ONNX and check parity"),
-    "quantize": ("lmm_fusion.runtime.quantize", "INT8 Q/DQ ONNX calibrated on a bag"),
-    "build-engine": ("lmm_fusion.runtime.engine", "build (or validate) a cached TensorRT engine"),
-    "bench": ("lmm_fusion.bench", "benchmark every stage (JSON)"),
-    "load": ("lmm_fusion.loadtest", "drive the real node with full-size sensors; rate, latency, CPU, RSS"),
-    "node": ("lmm_fusion.node", "run the ROS 2 fusion node"),
-    "play": ("lmm_fusion.player", "publish a rosbag2 over DDS at its recorded pace with /clock"),
-    "replay": ("lmm_fusion.replay", "replay bags offline through the pipeline: outputs, metrics, video"),
-    "carla": ("lmm_fusion.sim.carla_bridge", "drive the pipeline in a CARLA server"),
+    "quantize": ("lmm_fusion.training.quantize", "INT8 Q/DQ ONNX calibrated on a bag"),
+    "build-engine": ("lmm_fusion.runtime.tensorrt", "build (or validate) a cached TensorRT engine"),
+    "bench": ("lmm_fusion.tools.bench", "benchmark every stage (JSON)"),
+    "load": ("lmm_fusion.tools.loadtest", "drive the real node with full-size sensors; rate, latency, CPU, RSS"),
+    "node": ("lmm_fusion.ros.node", "run the ROS 2 fusion node"),
+    "play": ("lmm_fusion.ros.player", "publish a rosbag2 over DDS at its recorded pace with /clock"),
+    "replay": ("lmm_fusion.offline.replay", "replay bags offline through the pipeline: outputs, metrics, video"),
+    "carla": ("lmm_fusion.carla.bridge", "drive the pipeline in a CARLA server"),
 }
 
 

@@ -1,4 +1,4 @@
-"""lmm_fusion.bags: rosbag2 writing and reading in both storages, types, order, QoS, errors."""
+"""lmm_fusion.io.bags: rosbag2 writing and reading in both storages, types, order, QoS, errors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmm_fusion.bags import BagWriter, bag_counts, bag_topics, offered_qos, read_bag
+from lmm_fusion.io.bags import BagWriter, bag_counts, bag_topics, offered_qos, read_bag
 from lmm_fusion.io.common import make_header
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.io.msgtypes import rosbags_types
@@ -66,7 +66,7 @@ def test_custom_messages_roundtrip(tmp_path: Path, types) -> None:
     with BagWriter(tmp_path / "bag") as bag:
         bag.write("/ground_truth/action_suggestion", 3.0, msg)
     (got,) = read_bag(tmp_path / "bag")
-    assert got.msgtype == "lmm_fusion_msgs/msg/ActionSuggestion"
+    assert got.msgtype == "lmm_fusion/msg/ActionSuggestion"
     assert got.msg.action == 3 and got.msg.rationale == "stop"
 
 

@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 import numpy as np
 import pytest
 
-from lmm_fusion.rig import SensorRig
-from lmm_fusion.sim import carla_bridge as cb
-from lmm_fusion.sim import carla_convert as cc
+from lmm_fusion.base.rig import SensorRig
+from lmm_fusion.carla import bridge as cb
+from lmm_fusion.carla import convert as cc
 
 HAVE_CARLA = importlib.util.find_spec("carla") is not None
 needs_carla = pytest.mark.skipif(not HAVE_CARLA, reason="carla client (carla==0.9.16) not installed")
@@ -335,7 +335,7 @@ def _outputs_without_pipeline(self: Any, bridge: Any, rig: SensorRig) -> None:
 def test_vehicle_control_and_lanes_with_carla_types() -> None:
     import carla
 
-    from lmm_fusion.sim.carla_control import ControlCommand
+    from lmm_fusion.carla.control import ControlCommand
 
     vc = cb.vehicle_control(carla, ControlCommand("pipeline", throttle=0.4, steer=-0.2, brake=0.0))
     assert isinstance(vc, carla.VehicleControl)
@@ -499,11 +499,11 @@ class RoadWorld(FakeWorld):
 def test_sync_loop_records_bag_and_drives(tmp_path: Path, compressed: bool) -> None:
     import carla
 
-    from lmm_fusion import topics
-    from lmm_fusion.bags import bag_counts, read_bag
+    from lmm_fusion.base import topics
+    from lmm_fusion.base.rig import CameraModel
+    from lmm_fusion.base.vocabulary import Scenario
     from lmm_fusion.io import read_image
-    from lmm_fusion.labels import Scenario
-    from lmm_fusion.rig import CameraModel
+    from lmm_fusion.io.bags import bag_counts, read_bag
 
     rig = SensorRig(camera=CameraModel(width=64, height=32))
     world = RoadWorld(rig, drop_lidar_frame=506)  # a frame on which the 10 Hz LiDAR is due
@@ -554,7 +554,7 @@ def test_sync_loop_records_bag_and_drives(tmp_path: Path, compressed: bool) -> N
 def test_async_loop_feeds_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     import carla
 
-    from lmm_fusion.rig import CameraModel
+    from lmm_fusion.base.rig import CameraModel
 
     rig = SensorRig(camera=CameraModel(width=64, height=32))
     world = RoadWorld(rig, drop_lidar_frame=-1)

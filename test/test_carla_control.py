@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from lmm_fusion.labels import Action
-from lmm_fusion.sim.carla_control import (
+from lmm_fusion.base.vocabulary import Action
+from lmm_fusion.carla.control import (
     ClosedLoopController,
     LateralConfig,
     LongitudinalPid,

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
+from lmm_fusion.base.rig import EGO_FRONT_OFFSET, Mount, SensorRig
+from lmm_fusion.base.vocabulary import Light
+from lmm_fusion.carla import convert as cc
 from lmm_fusion.io.errors import MessageError
-from lmm_fusion.labels import Light
-from lmm_fusion.rig import EGO_FRONT_OFFSET, Mount, SensorRig
-from lmm_fusion.sim import carla_convert as cc
 
 HAVE_CARLA = importlib.util.find_spec("carla") is not None
 
@@ -21,8 +21,8 @@ HAVE_CARLA = importlib.util.find_spec("carla") is not None
 def test_module_imports_without_carla() -> None:
     # A fresh interpreter with 'carla' made unimportable: the pure modules must not need it.
     code = ("import sys; sys.modules['carla'] = None\n"
-            "import lmm_fusion.sim.carla_convert, lmm_fusion.sim.carla_control, lmm_fusion.sim.carla_record\n"
-            "import lmm_fusion.sim.carla_bridge\n"
+            "import lmm_fusion.carla.convert, lmm_fusion.carla.control, lmm_fusion.carla.record\n"
+            "import lmm_fusion.carla.bridge\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -220,7 +220,7 @@ def test_carla_matrix_matches_carla_transform() -> None:
 def test_mount_round_trip_through_carla_objects() -> None:
     import carla
 
-    from lmm_fusion.sim.carla_bridge import make_transform
+    from lmm_fusion.carla.bridge import make_transform
 
     m = Mount(x=1.8, y=0.3, z=1.45, roll=0.02, pitch=math.radians(3), yaw=-0.4)
     t = make_transform(carla, cc.mount_to_carla(m))

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmm_fusion import topics
-from lmm_fusion.grid import OCCUPANCY_GRID
-from lmm_fusion.labels import Action, Light, Risk, Scenario
-from lmm_fusion.rig import EGO_FRONT_OFFSET, SensorRig
-from lmm_fusion.sim.carla_record import (
+from lmm_fusion.base import topics
+from lmm_fusion.base.grid import OCCUPANCY_GRID
+from lmm_fusion.base.rig import EGO_FRONT_OFFSET, SensorRig
+from lmm_fusion.base.vocabulary import Action, Light, Risk, Scenario
+from lmm_fusion.carla.record import (
     Actor,
     CarlaRecorder,
     EgoTruth,
@@ -23,7 +23,7 @@ from lmm_fusion.sim.carla_record import (
     ground_truth,
     project_to_path,
 )
-from lmm_fusion.sim.expert import occupancy
+from lmm_fusion.groundtruth.expert import occupancy
 
 PERIODS = {"camera": 1, "lidar": 2, "gnss": 2}
 
@@ -209,8 +209,8 @@ def test_actor_kind() -> None:
 
 # ------------------------------------------------------------------------------------------ recorder
 def test_recorder_writes_synthetic_layout(tmp_path: Path) -> None:
-    from lmm_fusion.bags import bag_counts, bag_topics, read_bag
     from lmm_fusion.io import create_cloud, make_header, rosbags_types
+    from lmm_fusion.io.bags import bag_counts, bag_topics, read_bag
 
     rig = SensorRig()
     types = rosbags_types()
@@ -228,8 +228,8 @@ def test_recorder_writes_synthetic_layout(tmp_path: Path) -> None:
                                            ("x", "y", "z", "intensity")))
             rec.write_truth(stamp, ground_truth(ego, [lead]), ego, [lead])
     t = bag_topics(path)
-    assert t[topics.GT_SCENE] == "lmm_fusion_msgs/msg/SceneAssessment"
-    assert t[topics.GT_ACTION] == "lmm_fusion_msgs/msg/ActionSuggestion"
+    assert t[topics.GT_SCENE] == "lmm_fusion/msg/SceneAssessment"
+    assert t[topics.GT_ACTION] == "lmm_fusion/msg/ActionSuggestion"
     assert t[topics.GT_OCCUPANCY] == "nav_msgs/msg/OccupancyGrid"
     assert t[topics.GT_SCENARIO] == "std_msgs/msg/String"
     assert t[topics.GT_EGO] == "nav_msgs/msg/Odometry"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from lmm_fusion.demo import format_summary, loopback_env, summarise
+from lmm_fusion.tools.demo import format_summary, loopback_env, summarise
 
 T0 = 1000.0
 

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmm_fusion.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples, merge_sources
-from lmm_fusion.evaluate import (
+from lmm_fusion.base.vocabulary import Scenario
+from lmm_fusion.model import FusionModel, ModelConfig, save_model
+from lmm_fusion.training.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples, merge_sources
+from lmm_fusion.training.evaluate import (
     ABLATION_MASKS,
     by_sensors_in_data,
     compute_metrics,
@@ -21,8 +23,6 @@ from lmm_fusion.evaluate import (
     fusion_gain_by_light,
     macro_f1,
 )
-from lmm_fusion.labels import Scenario
-from lmm_fusion.model import FusionModel, ModelConfig, save_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import TINY
@@ -35,7 +35,7 @@ SMALL = {k: v for k, v in TINY.items() if k not in ("input_grid", "occupancy_gri
 @pytest.fixture(scope="module")
 def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1 s synthetic drive with a small camera and a sparse LiDAR (fast to make and read)."""
-    from lmm_fusion.sim.synth import rig_from_args, synthesize
+    from lmm_fusion.synth.drive import rig_from_args, synthesize
 
     root = tmp_path_factory.mktemp("drives")
     rig = rig_from_args(camera=(160, 90), lidar_beams=16, lidar_columns=256)
@@ -124,7 +124,7 @@ def test_merge_fills_each_array_from_files_and_memory(drive: Path, tmp_path: Pat
 def test_warm_up_frames_fill_the_lidar_history(tmp_path: Path) -> None:
     """A drive labelled from mid-world: the unlabelled warm-up frames reach the preprocessor, so the
     first sample already has GNSS and a LiDAR history; without warm-up its history is the frame itself."""
-    from lmm_fusion.sim.synth import START_TIME, rig_from_args, synthesize
+    from lmm_fusion.synth.drive import START_TIME, rig_from_args, synthesize
 
     rig = rig_from_args(camera=(160, 90), lidar_beams=16, lidar_columns=256)
     cfg = ModelConfig(**SMALL)

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from lmm_fusion.grid import INPUT_GRID, OCCUPANCY_GRID, BevGrid
-from lmm_fusion.rig import OPTICAL_TO_BODY, Mount, SensorRig
+from lmm_fusion.base.grid import INPUT_GRID, OCCUPANCY_GRID, BevGrid
+from lmm_fusion.base.rig import OPTICAL_TO_BODY, Mount, SensorRig
 
 
 def test_grid_shapes_and_indices() -> None:
@@ -36,7 +36,7 @@ def test_camera_intrinsics_follow_fov() -> None:
 
 
 def test_transform_points_matches_homogeneous_product() -> None:
-    from lmm_fusion.rig import transform_points
+    from lmm_fusion.base.rig import transform_points
 
     rng = np.random.default_rng(0)
     t = Mount(x=1.2, y=-0.3, z=1.8, roll=0.05, pitch=-0.1, yaw=0.4).matrix()

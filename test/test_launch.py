@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from lmm_fusion.node import PARAMS
+from lmm_fusion.ros.node import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "fusion.launch.py"
@@ -145,13 +145,20 @@ def _walk(obj: Any) -> list[Any]:
 
 
 def test_named_executables_and_installed_files_exist() -> None:
+    # The venv path (pip) and a ROS install (the root CMakeLists.txt) name the same executables.
     setup = (ROOT / "setup.py").read_text()
-    assert re.search(r'"fusion_node = lmm_fusion\.node:main"', setup)
+    assert re.search(r'"fusion_node = lmm_fusion\.ros\.node:main"', setup)
+    assert "from lmm_fusion.ros.node import main" in (ROOT / "scripts" / "fusion_node").read_text()
+    assert "from lmm_fusion.cli import main" in (ROOT / "scripts" / "lmm-fusion").read_text()
     from lmm_fusion.cli import COMMANDS
 
-    assert COMMANDS["play"][0] == "lmm_fusion.player" and COMMANDS["node"][0] == "lmm_fusion.node"
-    # setup.py installs launch/*.launch.py and config/*.{yaml,rviz} into share/lmm_fusion
+    assert COMMANDS["play"][0] == "lmm_fusion.ros.player" and COMMANDS["node"][0] == "lmm_fusion.ros.node"
+    # Both install launch/*.launch.py, config/ and the shipped model into share/lmm_fusion.
     assert 'glob("launch/*.launch.py")' in setup and 'glob("config/*.rviz")' in setup
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    assert "install(PROGRAMS scripts/fusion_node scripts/lmm-fusion DESTINATION lib/${PROJECT_NAME})" in cmake
+    assert "install(DIRECTORY launch config DESTINATION share/${PROJECT_NAME})" in cmake
+    assert "install(DIRECTORY models/ DESTINATION share/${PROJECT_NAME}/models)" in cmake
 
 
 def test_rviz_config_displays() -> None:

@@ -1,5 +1,5 @@
 """Messages built with rclpy classes and with rosbags classes read back identically; CDR round trips;
-lmm_fusion_msgs over DDS in one process; the label enums equal the message constants."""
+lmm_fusion/msg/* over DDS in one process; the label enums equal the message constants."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lmm_fusion.base.vocabulary import Action, Light, Risk
 from lmm_fusion.io import (
     create_cloud,
     create_compressed_image,
@@ -25,7 +26,6 @@ from lmm_fusion.io import (
     typestore,
 )
 from lmm_fusion.io.msgtypes import MsgTypes, ros_type_name
-from lmm_fusion.labels import Action, Light, Risk
 
 OUSTER = np.dtype({
     "names": ["x", "y", "z", "intensity", "t", "ring"],
@@ -128,8 +128,8 @@ def _scene(types: MsgTypes) -> Any:
 def test_scene_assessment_cdr_round_trip() -> None:
     store = typestore()
     msg = _scene(rosbags_types())
-    back = store.deserialize_cdr(store.serialize_cdr(msg, "lmm_fusion_msgs/msg/SceneAssessment"),
-                                 "lmm_fusion_msgs/msg/SceneAssessment")
+    back = store.deserialize_cdr(store.serialize_cdr(msg, "lmm_fusion/msg/SceneAssessment"),
+                                 "lmm_fusion/msg/SceneAssessment")
     assert back.risk_level == Risk.HIGH and [m.name for m in back.modalities] == ["camera", "lidar", "gnss"]
     np.testing.assert_array_equal(back.risk_probabilities, msg.risk_probabilities)
 
@@ -151,10 +151,9 @@ def test_scene_assessment_over_dds_in_one_process(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     monkeypatch.delenv("ROS_LOCALHOST_ONLY", raising=False)  # deprecated in Jazzy; would conflict
     import rclpy
+    from lmm_fusion.msg import SceneAssessment
     from rclpy.context import Context
     from rclpy.executors import SingleThreadedExecutor
-
-    from lmm_fusion_msgs.msg import SceneAssessment
 
     ctx = Context()
     rclpy.init(context=ctx, domain_id=domain)

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm_fusion import topics
-from lmm_fusion.demo import OutputCollector, Processes, loopback_env, node_command, wait_until
+from lmm_fusion.base import topics
+from lmm_fusion.base.vocabulary import MODALITIES, Action, Light, Risk
 from lmm_fusion.io import create_cloud, create_fix, create_image, make_header, rclpy_types
-from lmm_fusion.labels import MODALITIES, Action, Light, Risk
+from lmm_fusion.tools.demo import OutputCollector, Processes, loopback_env, node_command, wait_until
 
 pytestmark = [pytest.mark.dds, pytest.mark.slow]
 

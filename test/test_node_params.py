@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from lmm_fusion import topics
-from lmm_fusion.node import PARAMS, _descriptor, add_arguments, ros_argv, safety_config, validate
-from lmm_fusion.safety import SafetyConfig
+from lmm_fusion.base import topics
+from lmm_fusion.cycle.safety import SafetyConfig
+from lmm_fusion.ros.node import PARAMS, _descriptor, add_arguments, ros_argv, safety_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_cli_builds_ros_args() -> None:
 
 
 def test_node_class_builds_without_init() -> None:
-    from lmm_fusion.node import node_class
+    from lmm_fusion.ros.node import node_class
 
     cls = node_class()
     assert cls.__name__ == "FusionNode"

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmm_fusion.labels import MODALITIES
-from lmm_fusion.pipeline import FusionPipeline, resolve_model_dir
-from lmm_fusion.rig import EGO_FRONT_OFFSET, SensorRig
-from lmm_fusion.safety import SafetyConfig
-from lmm_fusion.sync import SensorSync
+from lmm_fusion.base.rig import EGO_FRONT_OFFSET, SensorRig
+from lmm_fusion.base.vocabulary import MODALITIES
+from lmm_fusion.cycle.pipeline import FusionPipeline, resolve_model_dir
+from lmm_fusion.cycle.safety import SafetyConfig
+from lmm_fusion.cycle.sync import SensorSync
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_full_cycle_with_lidar_and_camera(pipeline: FusionPipeline) -> None:
 def test_gnss_without_a_motion_estimate_is_reported_masked(pipeline: FusionPipeline) -> None:
     """A drive's first fixes give a GNSS state that is not yet valid: the model runs without GNSS, and
     the assessment must say so (degraded, cautious risk rule, reduced confidence), not claim GNSS."""
-    from lmm_fusion.assessment import MASKED_CONFIDENCE_FACTOR, Assessment, decide_risk
+    from lmm_fusion.cycle.assessment import MASKED_CONFIDENCE_FACTOR, Assessment, decide_risk
     from lmm_fusion.io.gnss import EgoState
 
     def cycle(valid: bool) -> Assessment:

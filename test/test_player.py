@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm_fusion import topics
-from lmm_fusion.bags import BagWriter
-from lmm_fusion.demo import Processes, loopback_env, wait_until
+from lmm_fusion.base import topics
 from lmm_fusion.io import create_cloud, create_image, make_header, rosbags_types
+from lmm_fusion.io.bags import BagWriter
+from lmm_fusion.tools.demo import Processes, loopback_env, wait_until
 
 pytestmark = [pytest.mark.dds]
 

@@ -10,10 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
+from lmm_fusion.base.rig import Mount, SensorRig
+from lmm_fusion.cycle.preprocess import BevHistory, Preprocessor
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.model import ModelConfig
-from lmm_fusion.preprocess import BevHistory, Preprocessor
-from lmm_fusion.rig import Mount, SensorRig
 
 
 @dataclass
@@ -134,7 +134,7 @@ def test_inputs_mask_follows_snapshot_and_validity() -> None:
 
 
 def test_bev_with_precomputed_base_points_is_identical() -> None:
-    from lmm_fusion.bench import synthetic_points
+    from lmm_fusion.tools.bench import synthetic_points
 
     pre = Preprocessor(ModelConfig())
     pts = synthetic_points(5000, seed=3)

@@ -9,18 +9,18 @@ import onnx
 import pytest
 import torch
 
+from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
 from lmm_fusion.model import OUTPUT_NAMES, FusionModel, ModelConfig, save_model
-from lmm_fusion.rig import CameraModel, LidarModel, SensorRig
 from lmm_fusion.runtime.backends import OnnxRuntimeBackend, make_backend
 from lmm_fusion.runtime.export import unsupported_ops
-from lmm_fusion.runtime.quantize import calibration_inputs, quantize
+from lmm_fusion.training.quantize import calibration_inputs, quantize
 
 RIG = SensorRig(camera=CameraModel(320, 180), lidar=LidarModel(beams=16, columns=256))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from lmm_fusion.sim.synth import synthesize
+    from lmm_fusion.synth.drive import synthesize
 
     torch.manual_seed(0)
     model_dir = tmp_path_factory.mktemp("model")
@@ -73,7 +73,7 @@ def test_quantized_graph_is_qdq_symmetric_and_close_to_fp32(setup: tuple[Path, P
 
 
 def test_precision_deltas_compare_the_same_samples(setup: tuple[Path, Path]) -> None:
-    from lmm_fusion.runtime.quantize import precision_deltas
+    from lmm_fusion.training.quantize import precision_deltas
 
     model_dir, bag = setup
     out = model_dir / "model.int8.onnx"

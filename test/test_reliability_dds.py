@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm_fusion import topics
-from lmm_fusion.demo import OutputCollector, Processes, loopback_env, node_command, wait_until
+from lmm_fusion.base import topics
+from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.io import create_cloud, create_fix, create_image, make_header, rclpy_types
-from lmm_fusion.labels import MODALITIES
-from lmm_fusion.ros_outputs import ERROR, OK, WARN
+from lmm_fusion.ros.outputs import ERROR, OK, WARN
+from lmm_fusion.tools.demo import OutputCollector, Processes, loopback_env, node_command, wait_until
 
 pytestmark = [pytest.mark.dds, pytest.mark.slow]
 
@@ -332,8 +332,8 @@ def test_loop_jump_back_resets_and_keeps_publishing(sim: NodeRig) -> None:
 
 def _write_small_bag(path: Path, t0: float, seconds: float) -> None:
     """A rosbag2 of the feeder's small sensors, header stamps = record times from ``t0`` [s]."""
-    from lmm_fusion.bags import BagWriter
     from lmm_fusion.io import rosbags_types
+    from lmm_fusion.io.bags import BagWriter
 
     t = rosbags_types()
     rng = np.random.default_rng(0)

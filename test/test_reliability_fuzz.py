@@ -7,9 +7,9 @@ Two ways in:
   domain id), configured and activated, and its subscription callbacks ``_on_sensor`` /
   ``_on_camera_info`` are called with rclpy messages; one ``_cycle`` afterwards publishes the
   DiagnosticArray that is checked;
-* the replay path: a bag written with :class:`~lmm_fusion.bags.BagWriter` holding malformed messages
-  between good ones, read through :class:`~lmm_fusion.ingest.SensorIngest` and
-  :func:`~lmm_fusion.bagfeed.iter_cycles`.
+* the replay path: a bag written with :class:`~lmm_fusion.io.bags.BagWriter` holding malformed messages
+  between good ones, read through :class:`~lmm_fusion.cycle.ingest.SensorIngest` and
+  :func:`~lmm_fusion.cycle.bagfeed.iter_cycles`.
 
 Strategies reuse the reader-level ones of ``test_io_fuzz.py`` (garbage messages) and add mutants of
 valid messages (one to three fields changed: sizes, steps, offsets, datatypes, encodings, endianness,
@@ -35,10 +35,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_io_fuzz import clouds, compressed_images, fixes, raw_images, sizes
 
-from lmm_fusion import topics
+from lmm_fusion.base import topics
+from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.io import rclpy_types, rosbags_types
 from lmm_fusion.io.image import ENCODINGS
-from lmm_fusion.labels import MODALITIES
 
 LONG = os.environ.get("LMM_FUZZ_LONG") == "1"
 settings.register_profile("reliability-quick", max_examples=150, deadline=None, database=None,
@@ -372,7 +372,7 @@ class InProcessNode:
         from rclpy.lifecycle import TransitionCallbackReturn
         from rclpy.parameter import Parameter
 
-        from lmm_fusion.node import node_class
+        from lmm_fusion.ros.node import node_class
 
         self.ctx = Context()
         rclpy.init(context=self.ctx, domain_id=random.randint(1, 101))
@@ -452,7 +452,7 @@ def _check_one(n: InProcessNode, spec: Spec) -> None:
 def _check_diagnostics_and_flow(n: InProcessNode, kind: str) -> None:
     """After fuzzing ``kind``: a known-bad message is rejected and counted, /diagnostics shows the total
     and WARN for that sensor, and the other sensors are used by the next cycle."""
-    from lmm_fusion.ros_outputs import WARN, level_of
+    from lmm_fusion.ros.outputs import WARN, level_of
 
     if kind == "CameraInfo":
         a, _ = n.cycle()
@@ -525,7 +525,7 @@ TOPIC = {"Image": topics.CAMERA_IMAGE, "PointCloud2": topics.LIDAR_POINTS, "NavS
 
 @pytest.fixture(scope="module")
 def pipeline() -> Any:
-    from lmm_fusion.pipeline import FusionPipeline
+    from lmm_fusion.cycle.pipeline import FusionPipeline
 
     return FusionPipeline(None, "torch", threads=1)
 
@@ -535,11 +535,11 @@ def pipeline() -> Any:
 def test_fuzz_replay_path(tmp_path_factory: pytest.TempPathFactory, pipeline: Any, bad: list[Spec]) -> None:
     """Malformed messages between good ones in a bag: replay never raises, counts every message, and
     once the bad ones are over every sensor is used again; the pipeline runs on every cycle."""
-    from lmm_fusion.bagfeed import iter_cycles
-    from lmm_fusion.bags import BagWriter
-    from lmm_fusion.ingest import SensorIngest
-    from lmm_fusion.labels import Action
-    from lmm_fusion.sync import SensorSync
+    from lmm_fusion.base.vocabulary import Action
+    from lmm_fusion.cycle.bagfeed import iter_cycles
+    from lmm_fusion.cycle.ingest import SensorIngest
+    from lmm_fusion.cycle.sync import SensorSync
+    from lmm_fusion.io.bags import BagWriter
 
     t, rng, t0 = rosbags_types(), np.random.default_rng(1), 100.0
     events: list[tuple[float, str, Spec]] = []

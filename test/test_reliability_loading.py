@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lmm_fusion.demo import loopback_env, node_command
-from lmm_fusion.model.io import CONFIG_FILE, WEIGHTS_FILE, load_model
+from lmm_fusion.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model
+from lmm_fusion.tools.demo import loopback_env, node_command
 
 ROOT = Path(__file__).resolve().parents[1]
 # Anything that can execute code while loading a file.
@@ -39,7 +39,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from lmm_fusion.model import FusionModel, ModelConfig
-    from lmm_fusion.model.io import save_model
+    from lmm_fusion.model.checkpoint import save_model
 
     torch.manual_seed(0)
     return save_model(FusionModel(ModelConfig()), tmp_path_factory.mktemp("model") / "good")
@@ -108,7 +108,7 @@ def test_corrupt_onnx_is_an_error_naming_the_file(model_dir: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("kind", ["missing", "file", "no-config"])
 def test_model_dir_parameter_is_checked(tmp_path: Path, kind: str) -> None:
-    from lmm_fusion.node import PARAMS, validate
+    from lmm_fusion.ros.node import PARAMS, validate
 
     path = tmp_path / "model"
     if kind == "file":

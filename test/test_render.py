@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from lmm_fusion.assessment import Assessment, invalid, modality_states
-from lmm_fusion.grid import OCCUPANCY_GRID
-from lmm_fusion.labels import Action, Risk
-from lmm_fusion.metrics import GroundTruth
-from lmm_fusion.render import (
+from lmm_fusion.base.grid import OCCUPANCY_GRID
+from lmm_fusion.base.vocabulary import Action, Risk
+from lmm_fusion.cycle.assessment import Assessment, invalid, modality_states
+from lmm_fusion.groundtruth.scoring import GroundTruth
+from lmm_fusion.offline.render import (
     CAMERA_WIDTH,
     PANEL_HEIGHT,
     CycleRecord,

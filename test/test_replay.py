@@ -12,13 +12,13 @@ import cv2
 import numpy as np
 import pytest
 
-from lmm_fusion import topics as T
-from lmm_fusion.bagfeed import GROUND_TRUTH_TOPICS
-from lmm_fusion.bags import BagWriter, read_bag
+from lmm_fusion.base import topics as T
+from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
+from lmm_fusion.cycle.bagfeed import GROUND_TRUTH_TOPICS
 from lmm_fusion.io import create_compressed_image, read_image, rosbags_types
+from lmm_fusion.io.bags import BagWriter, read_bag
 from lmm_fusion.io.common import stamp_to_sec
-from lmm_fusion.replay import OUTPUT_TOPICS, WALL_CLOCK_KEYS, ReplayOptions, replay
-from lmm_fusion.rig import CameraModel, LidarModel, SensorRig
+from lmm_fusion.offline.replay import OUTPUT_TOPICS, WALL_CLOCK_KEYS, ReplayOptions, replay
 
 RIG = SensorRig(camera=CameraModel(320, 180), lidar=LidarModel(beams=16, columns=256))
 SECONDS = 2.5
@@ -80,7 +80,7 @@ def _derive(
 
 @pytest.fixture(scope="module")
 def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmm_fusion.sim.synth import synthesize
+    from lmm_fusion.synth.drive import synthesize
 
     return synthesize(tmp_path_factory.mktemp("drive") / "bag", SECONDS, seed=3, rig=RIG, progress=False)
 
@@ -125,8 +125,8 @@ def test_outputs_readable_by_mcap_with_types_and_stamps(runs: tuple[Path, Path])
     from mcap_ros2.decoder import DecoderFactory
 
     expected = {
-        OUTPUT_TOPICS["scene"]: "lmm_fusion_msgs/msg/SceneAssessment",
-        OUTPUT_TOPICS["action"]: "lmm_fusion_msgs/msg/ActionSuggestion",
+        OUTPUT_TOPICS["scene"]: "lmm_fusion/msg/SceneAssessment",
+        OUTPUT_TOPICS["action"]: "lmm_fusion/msg/ActionSuggestion",
         OUTPUT_TOPICS["occupancy"]: "nav_msgs/msg/OccupancyGrid",
         OUTPUT_TOPICS["markers"]: "visualization_msgs/msg/MarkerArray",
     }
@@ -152,7 +152,7 @@ def test_outputs_readable_by_rosbags_with_inputs_to_view_them(runs: tuple[Path, 
     out = runs[0]
     msgs = list(read_bag(out))  # the output folder is itself a rosbag2 (metadata.yaml + outputs.mcap)
     types = {m.topic: m.msgtype for m in msgs}
-    assert types[OUTPUT_TOPICS["scene"]] == "lmm_fusion_msgs/msg/SceneAssessment"
+    assert types[OUTPUT_TOPICS["scene"]] == "lmm_fusion/msg/SceneAssessment"
     for topic in (T.CAMERA_IMAGE, T.LIDAR_POINTS, T.TF_STATIC):
         assert topic in types
     scenes = [m for m in msgs if m.topic == OUTPUT_TOPICS["scene"]]
@@ -229,7 +229,7 @@ def test_real_bag_shape_sqlite_compressed_renamed_no_ground_truth(drive: Path, t
     assert m["cycles"]["degraded"] <= 3  # only while the GNSS motion estimate starts up
     out = list(read_bag(tmp_path / "out", [OUTPUT_TOPICS["scene"], "/front/image/compressed"]))
     assert {x.msgtype for x in out} == {
-        "lmm_fusion_msgs/msg/SceneAssessment",
+        "lmm_fusion/msg/SceneAssessment",
         "sensor_msgs/msg/CompressedImage",
     }
 
@@ -238,8 +238,8 @@ def test_real_bag_shape_sqlite_compressed_renamed_no_ground_truth(drive: Path, t
 def test_missing_sensor_replays_masked_and_degraded(
     drive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], sensor: str, topic: str
 ) -> None:
+    from lmm_fusion.base.vocabulary import MODALITIES
     from lmm_fusion.cli import main
-    from lmm_fusion.labels import MODALITIES
 
     bag = _derive(drive, tmp_path / f"no{sensor}", "mcap", drop={topic})
     assert (
@@ -285,9 +285,9 @@ def test_missing_bag_is_an_error(tmp_path: Path) -> None:
 
 
 def test_passthrough_does_not_move_the_cycle_clock(drive: Path) -> None:
-    from lmm_fusion.bagfeed import iter_cycles
-    from lmm_fusion.ingest import SensorIngest
-    from lmm_fusion.sync import SensorSync
+    from lmm_fusion.cycle.bagfeed import iter_cycles
+    from lmm_fusion.cycle.ingest import SensorIngest
+    from lmm_fusion.cycle.sync import SensorSync
 
     plain = [c.t for c in iter_cycles(drive, SensorIngest(SensorSync(), RIG), 10.0)]
     seen: list[str] = []
@@ -400,7 +400,7 @@ def test_damaged_bag_keeps_what_was_read_and_fails_clearly(
 
 
 def test_damaged_bag_raises_bag_error_after_writing_results(drive: Path, tmp_path: Path) -> None:
-    from lmm_fusion.bags import BagError
+    from lmm_fusion.io.bags import BagError
     from lmm_fusion.io.errors import MessageError
 
     bag = _damage(drive, tmp_path / "bag", "truncated")
@@ -417,7 +417,7 @@ def test_mapped_mcap_reading_matches_rosbags(drive: Path) -> None:
     """The zero-copy reader of uncompressed MCAP chunks delivers what rosbags reads, in the same order."""
     from rosbags.highlevel import AnyReader
 
-    from lmm_fusion.bags import BagReader
+    from lmm_fusion.io.bags import BagReader
 
     with AnyReader([drive]) as ref:
         expected = [(c.topic, t, bytes(raw)) for c, t, raw in ref.messages()]

@@ -1,4 +1,4 @@
-"""Per-sample accuracy (lmm_fusion.metrics): ground truth from messages, errors, aggregation, windows."""
+"""Per-sample accuracy (lmm_fusion.groundtruth.scoring): ground truth from messages, errors, aggregation, windows."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from lmm_fusion import topics as T
-from lmm_fusion.assessment import Assessment, modality_states
-from lmm_fusion.grid import OCCUPANCY_GRID
-from lmm_fusion.io import make_header, rosbags_types
-from lmm_fusion.io.errors import MessageError
-from lmm_fusion.labels import Action, Light, Risk
-from lmm_fusion.metrics import (
+from lmm_fusion.base import topics as T
+from lmm_fusion.base.grid import OCCUPANCY_GRID
+from lmm_fusion.base.vocabulary import Action, Light, Risk
+from lmm_fusion.cycle.assessment import Assessment, modality_states
+from lmm_fusion.groundtruth.scoring import (
     DISTANCE_CAP,
     TTC_CAP,
     GroundTruth,
@@ -24,6 +22,8 @@ from lmm_fusion.metrics import (
     score,
     window_key,
 )
+from lmm_fusion.io import make_header, rosbags_types
+from lmm_fusion.io.errors import MessageError
 
 ALL = np.ones(3, bool)
 

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm_fusion import ros_outputs as ro
-from lmm_fusion.assessment import Assessment, decode, invalid
-from lmm_fusion.diagnostics import DiagnosticsConfig, FusionDiagnostics, age_check
-from lmm_fusion.grid import OCCUPANCY_GRID
+from lmm_fusion.base.grid import OCCUPANCY_GRID
+from lmm_fusion.base.vocabulary import Action
+from lmm_fusion.cycle.assessment import Assessment, decode, invalid
+from lmm_fusion.cycle.safety import apply_guard
 from lmm_fusion.io.msgtypes import MsgTypes, rclpy_types, rosbags_types, typestore
-from lmm_fusion.labels import Action
-from lmm_fusion.safety import apply_guard
+from lmm_fusion.ros import outputs as ro
+from lmm_fusion.ros.diagnostics import DiagnosticsConfig, FusionDiagnostics, age_check
 
 KINDS = ["rosbags", "rclpy"]
 

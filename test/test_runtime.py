@@ -20,8 +20,8 @@ from lmm_fusion.runtime.backends import (
     make_backend,
     ort_providers,
 )
-from lmm_fusion.runtime.engine import EngineCache, EngineError, EngineKey, TensorSpec, onnx_io
 from lmm_fusion.runtime.export import TENSORRT_OPS, example_inputs, export_onnx, input_shapes, unsupported_ops
+from lmm_fusion.runtime.tensorrt import EngineCache, EngineError, EngineKey, TensorSpec, onnx_io
 
 #: Tolerances per precision against torch fp32 (max abs error on logits/regressions).
 FP32_TOL = 1e-4
@@ -118,7 +118,7 @@ def test_tensorrt_backend_matches_torch(model_dir: Path) -> None:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs an NVIDIA GPU: pip install '.[gpu]')")
     if not HAS_CUDA:
         pytest.skip("TensorRT needs a CUDA GPU")
-    from lmm_fusion.runtime.engine import TensorRTBackend
+    from lmm_fusion.runtime.tensorrt import TensorRTBackend
 
     inputs = example_inputs(ModelConfig(), seed=5)
     ref = make_backend("torch", model_dir, device="cpu").infer(inputs)

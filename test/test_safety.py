@@ -8,10 +8,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from lmm_fusion.assessment import DEGRADED_RISK_TAIL, MASKED_CONFIDENCE_FACTOR, Assessment, decide_risk, decode, invalid
-from lmm_fusion.labels import Action, Risk
-from lmm_fusion.rig import EGO_FRONT_OFFSET
-from lmm_fusion.safety import SafetyConfig, apply_guard, lane_free_distance, stopping_speed_cap
+from lmm_fusion.base.rig import EGO_FRONT_OFFSET
+from lmm_fusion.base.vocabulary import Action, Risk
+from lmm_fusion.cycle.assessment import (
+    DEGRADED_RISK_TAIL,
+    MASKED_CONFIDENCE_FACTOR,
+    Assessment,
+    decide_risk,
+    decode,
+    invalid,
+)
+from lmm_fusion.cycle.safety import SafetyConfig, apply_guard, lane_free_distance, stopping_speed_cap
 
 ALL = np.array([True, True, True])
 AGES = {"camera": 0.02, "lidar": 0.05, "gnss": 0.03}

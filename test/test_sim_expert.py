@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from lmm_fusion.grid import OCCUPANCY_GRID
-from lmm_fusion.labels import Action, Light, Risk, Scenario
-from lmm_fusion.rig import EGO_FRONT_OFFSET
-from lmm_fusion.sim.expert import ExpertInput, Obstacle, assess, comfortable_stop_distance, occupancy
-from lmm_fusion.sim.world import World, static_scene
+from lmm_fusion.base.grid import OCCUPANCY_GRID
+from lmm_fusion.base.rig import EGO_FRONT_OFFSET
+from lmm_fusion.base.vocabulary import Action, Light, Risk, Scenario
+from lmm_fusion.groundtruth.expert import ExpertInput, Obstacle, assess, comfortable_stop_distance, occupancy
+from lmm_fusion.synth.world import World, static_scene
 
 
 def _stopped_car(gap: float, lateral: float = 0.0) -> Obstacle:
@@ -137,7 +137,7 @@ def test_ego_speed_not_determined_by_scene() -> None:
 
 
 def test_ego_never_drives_through_objects() -> None:
-    from lmm_fusion.rig import EGO_LENGTH, EGO_WIDTH
+    from lmm_fusion.base.rig import EGO_LENGTH, EGO_WIDTH
 
     for seed in range(3):
         w = World(np.random.default_rng(seed))
@@ -178,7 +178,7 @@ def test_a_neighbour_signalling_into_the_ego_lane_means_slow_down() -> None:
 def test_lamp_cues_change_labels_not_scenes() -> None:
     """With lamp cues the cutting-in car signals towards the ego lane SIGNAL_LEAD s before it steers;
     the world draws no extra random numbers, so the scenes are the same without them."""
-    from lmm_fusion.sim.world import SIGNAL_LEAD
+    from lmm_fusion.synth.world import SIGNAL_LEAD
 
     worlds = [World(np.random.default_rng(7), [Scenario.CUT_IN], lamp_cues=cues) for cues in (False, True)]
     cutter = next(a for a in worlds[1].episode.actors if math.isfinite(a.cut_at))

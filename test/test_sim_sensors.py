@@ -9,12 +9,12 @@ import numpy as np
 import pymap3d
 import pytest
 
-from lmm_fusion.labels import Light
-from lmm_fusion.rig import CameraModel, LidarModel, Mount, SensorRig
-from lmm_fusion.sim.camera import CameraRenderer, camera_info_arrays
-from lmm_fusion.sim.gnss import STATUS_FIX, STATUS_GBAS_FIX, GnssSimulator
-from lmm_fusion.sim.lidar import POINT_DTYPE, LidarSimulator
-from lmm_fusion.sim.world import Lamp, World, static_scene
+from lmm_fusion.base.rig import CameraModel, LidarModel, Mount, SensorRig
+from lmm_fusion.base.vocabulary import Light
+from lmm_fusion.synth.camera import CameraRenderer, camera_info_arrays
+from lmm_fusion.synth.gnss import STATUS_FIX, STATUS_GBAS_FIX, GnssSimulator
+from lmm_fusion.synth.lidar import POINT_DTYPE, LidarSimulator
+from lmm_fusion.synth.world import Lamp, World, static_scene
 
 
 def _rig(beams: int = 16, columns: int = 256, **lidar: float) -> SensorRig:
@@ -211,8 +211,8 @@ def test_rear_lamps_show_motion_state_to_camera_only() -> None:
 
 def test_a_car_waiting_at_the_stop_line_sees_the_signal_head() -> None:
     """The head over the ego lane stands 15-25 m beyond the line, inside the camera's view from the line."""
-    from lmm_fusion.labels import Scenario
-    from lmm_fusion.rig import EGO_FRONT_OFFSET, transform_points
+    from lmm_fusion.base.rig import EGO_FRONT_OFFSET, transform_points
+    from lmm_fusion.base.vocabulary import Scenario
 
     rig = SensorRig(camera=CameraModel(width=640, height=360))
     base_to_optical = np.linalg.inv(rig.camera_optical_to_base())

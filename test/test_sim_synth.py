@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmm_fusion import topics
-from lmm_fusion.bags import bag_topics, read_bag
-from lmm_fusion.grid import OCCUPANCY_GRID
+from lmm_fusion.base import topics
+from lmm_fusion.base.grid import OCCUPANCY_GRID
+from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
+from lmm_fusion.base.vocabulary import MODALITIES, Scenario
+from lmm_fusion.io.bags import bag_topics, read_bag
 from lmm_fusion.io.common import stamp_to_sec
 from lmm_fusion.io.gnss import read_fix
 from lmm_fusion.io.image import read_image
 from lmm_fusion.io.pointcloud import read_points
-from lmm_fusion.labels import MODALITIES, Scenario
-from lmm_fusion.rig import CameraModel, LidarModel, SensorRig
-from lmm_fusion.sim.synth import START_TIME, synthesize
+from lmm_fusion.synth.drive import START_TIME, synthesize
 
 SECONDS = 2.0
 RIG = SensorRig(camera=CameraModel(width=320, height=180), lidar=LidarModel(beams=16, columns=256))
@@ -29,8 +29,8 @@ EXPECTED_TYPES = {
     topics.LIDAR_POINTS: "sensor_msgs/msg/PointCloud2",
     topics.GNSS_FIX: "sensor_msgs/msg/NavSatFix",
     topics.TF_STATIC: "tf2_msgs/msg/TFMessage",
-    topics.GT_SCENE: "lmm_fusion_msgs/msg/SceneAssessment",
-    topics.GT_ACTION: "lmm_fusion_msgs/msg/ActionSuggestion",
+    topics.GT_SCENE: "lmm_fusion/msg/SceneAssessment",
+    topics.GT_ACTION: "lmm_fusion/msg/ActionSuggestion",
     topics.GT_OCCUPANCY: "nav_msgs/msg/OccupancyGrid",
     topics.GT_SCENARIO: "std_msgs/msg/String",
     topics.GT_EGO: "nav_msgs/msg/Odometry",
@@ -180,7 +180,7 @@ def test_scenario_cycle_and_cli(tmp_path: Path) -> None:
 def test_dataset_one_family_per_drive_and_worker_independent(tmp_path: Path) -> None:
     import json
 
-    from lmm_fusion.sim.synth_dataset import drive_seed, make_dataset
+    from lmm_fusion.synth.dataset import drive_seed, make_dataset
 
     tiny = SensorRig(camera=CameraModel(width=64, height=36), lidar=LidarModel(beams=4, columns=64))
     one = make_dataset(tmp_path / "one", 3, 0.5, seed=4, rig=tiny, workers=1, progress=False)
@@ -238,7 +238,7 @@ def test_a_drive_labelled_from_mid_world(tmp_path: Path) -> None:
 
 
 def test_dataset_start_times_are_seeded_and_bounded() -> None:
-    from lmm_fusion.sim.synth_dataset import plan
+    from lmm_fusion.synth.dataset import plan
 
     a = plan(Path("d"), 20, 2.0, seed=3, start_max=9.0)
     assert [s.start for s in a] == [s.start for s in plan(Path("d"), 30, 2.0, seed=3, start_max=9.0)[:20]]
@@ -250,7 +250,7 @@ def test_dataset_start_times_are_seeded_and_bounded() -> None:
 def test_contact_sheet_and_existing_output(tmp_path: Path, drive: Path) -> None:
     import cv2
 
-    from lmm_fusion.sim.contact_sheet import contact_sheet
+    from lmm_fusion.synth.contact_sheet import contact_sheet
 
     tiny = SensorRig(camera=CameraModel(width=96, height=54), lidar=LidarModel(beams=8, columns=128))
     png = contact_sheet(tmp_path / "sheet.png", seed=1, rig=tiny, per_family=1)

@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from lmm_fusion.sync import SensorSync, SyncConfig
+from lmm_fusion.cycle.sync import SensorSync, SyncConfig
 
 
 def make() -> SensorSync:

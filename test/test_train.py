@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from lmm_fusion.dataset import ARRAYS, FusionDataset
 from lmm_fusion.model import FusionModel, ModelConfig, load_model
 from lmm_fusion.model.losses import FusionLoss, LossWeights, info_nce
-from lmm_fusion.train import augment, lr_at, modality_dropout, train
+from lmm_fusion.training.dataset import ARRAYS, FusionDataset
+from lmm_fusion.training.train import augment, lr_at, modality_dropout, train
 
 TINY = dict(image_height=32, image_width=64, image_roi_rows=8, camera_channels=(8, 8, 16, 16),
             lidar_stages=(8, 8, 16, 16),
@@ -125,14 +125,14 @@ def test_cautious_term_penalises_underestimated_risk() -> None:
 
 
 def test_loss_weight_overrides_are_checked() -> None:
-    from lmm_fusion.train import _parse_overrides
+    from lmm_fusion.training.train import _parse_overrides
 
     assert _parse_overrides(["cautious_degraded=3"], LossWeights, "--loss-weights") == {"cautious_degraded": 3}
     with pytest.raises(SystemExit, match="cautious_degradd"):
         _parse_overrides(["cautious_degradd=3"], LossWeights, "--loss-weights")
     import argparse
 
-    from lmm_fusion.train import add_arguments, run
+    from lmm_fusion.training.train import add_arguments, run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -222,9 +222,9 @@ def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_train import TINY, toy_arrays
-        from lmm_fusion.dataset import FusionDataset
+        from lmm_fusion.training.dataset import FusionDataset
         from lmm_fusion.model import ModelConfig
-        from lmm_fusion.train import train
+        from lmm_fusion.training.train import train
         torch.set_num_threads(1)
         cfg = ModelConfig(**TINY)
         ds = FusionDataset.from_arrays(toy_arrays(32), cfg)

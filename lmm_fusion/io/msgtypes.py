@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: Package name of the interfaces before they moved into the ``lmm_fusion`` package (still read from bags).
+LEGACY_MSG_PACKAGE = "lmm_fusion_msgs"
+
 #: Message types the project uses, as (attribute name, ROS type name).
 _TYPES: tuple[tuple[str, str], ...] = (
     ("Time", "builtin_interfaces/msg/Time"),
@@ -46,9 +49,9 @@ _TYPES: tuple[tuple[str, str], ...] = (
     ("DiagnosticStatus", "diagnostic_msgs/msg/DiagnosticStatus"),
     ("KeyValue", "diagnostic_msgs/msg/KeyValue"),
     ("Clock", "rosgraph_msgs/msg/Clock"),
-    ("ModalityStatus", "lmm_fusion_msgs/msg/ModalityStatus"),
-    ("SceneAssessment", "lmm_fusion_msgs/msg/SceneAssessment"),
-    ("ActionSuggestion", "lmm_fusion_msgs/msg/ActionSuggestion"),
+    ("ModalityStatus", "lmm_fusion/msg/ModalityStatus"),
+    ("SceneAssessment", "lmm_fusion/msg/SceneAssessment"),
+    ("ActionSuggestion", "lmm_fusion/msg/ActionSuggestion"),
 )
 
 
@@ -73,33 +76,37 @@ class MsgTypes:
 
 
 def msg_definition_dir() -> Path:
-    """Folder holding the ``lmm_fusion_msgs`` ``.msg`` files (source tree first, then install)."""
+    """Folder holding the package's ``msg/*.msg`` files (source tree first, then install)."""
     candidates = [
-        Path(__file__).resolve().parents[2] / "lmm_fusion_msgs" / "msg",
-        Path(sys.prefix) / "share" / "lmm_fusion_msgs" / "msg",
+        Path(__file__).resolve().parents[2] / "msg",
+        Path(sys.prefix) / "share" / "lmm_fusion" / "msg",
     ]
     try:  # a system ROS 2 install
         from ament_index_python.packages import get_package_share_directory
 
-        candidates.append(Path(get_package_share_directory("lmm_fusion_msgs")) / "msg")
+        candidates.append(Path(get_package_share_directory("lmm_fusion")) / "msg")
     except Exception:
         pass
     for c in candidates:
         if (c / "SceneAssessment.msg").is_file():
             return c
-    raise FileNotFoundError(f"lmm_fusion_msgs .msg files not found in any of {[str(c) for c in candidates]}")
+    raise FileNotFoundError(f"lmm_fusion .msg files not found in any of {[str(c) for c in candidates]}")
 
 
 @functools.cache
 def typestore() -> Any:
-    """The rosbags typestore for ROS 2 Jazzy with ``lmm_fusion_msgs`` registered from its .msg files."""
+    """The rosbags typestore for ROS 2 Jazzy with the ``lmm_fusion`` messages registered from their .msg files.
+
+    Each type is registered under its name ``lmm_fusion/msg/X`` and under ``lmm_fusion_msgs/msg/X``, the
+    name of the separate interface package of earlier releases, so bags recorded with it still read.
+    """
     from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
     store = get_typestore(Stores.ROS2_JAZZY)
     folder = msg_definition_dir()
     extra: dict[str, Any] = {}
     for path in sorted(folder.glob("*.msg")):
-        extra.update(get_types_from_msg(path.read_text(), f"lmm_fusion_msgs/msg/{path.stem}"))
+        extra.update(get_types_from_msg(path.read_text(), f"lmm_fusion/msg/{path.stem}"))
     store.register(extra)
     return store
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lmm_fusion.grid import INPUT_GRID, OCCUPANCY_GRID, BevGrid
+from lmm_fusion.base.grid import INPUT_GRID, OCCUPANCY_GRID, BevGrid
 
 #: Bumped when the meaning of a field or of a tensor changes incompatibly.
 CONFIG_VERSION = 2
@@ -19,11 +19,12 @@ class ModelConfig:
 
     Image input: ``(3, image_height, image_width)`` RGB normalised with ``image_mean``/``image_std``; with
     ``image_roi_rows > 0`` its top rows are a close-up of the ``image_roi`` window (where distant traffic
-    lights appear) and the rest is the whole view (see :meth:`lmm_fusion.preprocess.Preprocessor.resize_image`).
+    lights appear) and the rest is the whole view (see :meth:`lmm_fusion.cycle.preprocess.Preprocessor.resize_image`).
     BEV input: ``(bev_input_channels, ny, nx)`` on ``input_grid`` (metres in ``base_link``): the current
     LiDAR frame's ``bev_channels`` followed by the same channels of ``bev_history_frames`` earlier frames,
-    ``bev_history_lag``, 2 x ``bev_history_lag``, ... seconds older (see :class:`lmm_fusion.preprocess.BevHistory`).
-    Ego input: ``(ego_features,)`` built by :class:`lmm_fusion.preprocess.Preprocessor`.
+    ``bev_history_lag``, 2 x ``bev_history_lag``, ... seconds older
+    (see :class:`lmm_fusion.cycle.preprocess.BevHistory`).
+    Ego input: ``(ego_features,)`` built by :class:`lmm_fusion.cycle.preprocess.Preprocessor`.
     """
 
     # --- camera

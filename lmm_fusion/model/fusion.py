@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmm_fusion.labels import MODALITIES
+from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.model.config import ModelConfig
 from lmm_fusion.model.encoders import BevEncoder, CameraEncoder, EgoEncoder
 from lmm_fusion.model.heads import Heads, OccupancyHead

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmm_fusion.labels import Action, Light, Risk
+from lmm_fusion.base.vocabulary import Action, Light, Risk
 from lmm_fusion.model.config import ModelConfig
 
 

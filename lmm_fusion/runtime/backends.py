@@ -161,6 +161,12 @@ class OnnxRuntimeBackend(Backend):
         # Idle worker threads sleep instead of spinning: on a small vehicle computer the spin steals the
         # core that the sensor callbacks need between cycles.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if ".int8" in path.name:
+            # Q/DQ pairs run as written (float arithmetic on exactly quantized values), not fused into
+            # ONNX Runtime's int8 kernels: on x86-64 without VNNI those saturate their 16-bit
+            # intermediates, so the same graph would give other values on another CPU. Emulated,
+            # the values are the same everywhere and match what the graph specifies for TensorRT.
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         providers = ort_providers(ort.get_available_providers(), prefer_gpu)
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         active = self.session.get_providers()
@@ -220,7 +226,7 @@ def make_backend(
         onnx_path = ensure_onnx(model_dir, precision)
         return OnnxRuntimeBackend(onnx_path, threads=threads, prefer_gpu=device != "cpu")
     if kind == "tensorrt":
-        from lmm_fusion.runtime.engine import TensorRTBackend
+        from lmm_fusion.runtime.tensorrt import TensorRTBackend
 
         return TensorRTBackend(ensure_onnx(model_dir, precision), precision=precision)
 
@@ -256,8 +262,8 @@ def ensure_onnx(model_dir: Path, precision: str = "fp32") -> Path:
     Staleness is decided by content, not file times (a git checkout sets arbitrary times): the export
     report beside the ONNX file records the sha256 of the weights it was exported from.
     """
-    from lmm_fusion.runtime.engine import sha256_file
     from lmm_fusion.runtime.export import export_onnx, exported_from
+    from lmm_fusion.runtime.tensorrt import sha256_file
 
     path = default_onnx_path(model_dir, precision)
     if precision == "int8":
@@ -269,7 +275,7 @@ def ensure_onnx(model_dir: Path, precision: str = "fp32") -> Path:
         return path
     if not os.access(model_dir, os.W_OK):
         # A model installed read-only (ROS share dir): export into the user cache, keyed by the weights.
-        from lmm_fusion.paths import cache_dir
+        from lmm_fusion.base.paths import cache_dir
 
         path = cache_dir() / f"{model_dir.name}-{weights[:16]}" / path.name
         if path.is_file() and exported_from(path) == weights:

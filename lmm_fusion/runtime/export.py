@@ -232,7 +232,7 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None, check_pari
     out = Path(out) if out else model_dir / "model.onnx"
     model = load_model(model_dir)
     export_model(model, model.cfg, out)
-    from lmm_fusion.runtime.engine import sha256_file
+    from lmm_fusion.runtime.tensorrt import sha256_file
 
     report: dict[str, Any] = {
         "onnx": out.name,
@@ -267,7 +267,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmm_fusion.paths import default_model_dir
+    from lmm_fusion.base.paths import default_model_dir
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     out = export_onnx(model_dir, args.out, check_parity=not args.no_parity)

@@ -1,0 +1,1 @@
+"""The CARLA bridge: conversions, recording, closed-loop control and the server loop."""

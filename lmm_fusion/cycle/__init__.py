@@ -1,0 +1,1 @@
+"""One fusion cycle, ROS-free: ingest, sync, preprocess, pipeline, assessment, safety guard."""

@@ -1,0 +1,93 @@
+"""Sensor messages in, :class:`~lmm_fusion.cycle.sync.SensorSync` frames out.
+
+The one place where a received message (rclpy, rosbags or CARLA-wrapped) becomes a frame: the node's
+subscription callbacks, offline replay, the training dataset and INT8 calibration all feed messages
+through :class:`SensorIngest`, so they decode, validate and count bad input identically.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmm_fusion.base.rig import SensorRig
+from lmm_fusion.cycle.sync import SensorSync
+from lmm_fusion.io import EgoMotionEstimator, MessageError, read_fix, read_image, read_points
+from lmm_fusion.io.common import stamp_to_sec
+
+log = logging.getLogger(__name__)
+
+#: ROS message type -> sensor (modality) name it feeds.
+SENSOR_OF_MSGTYPE: dict[str, str] = {
+    "sensor_msgs/msg/Image": "camera",
+    "sensor_msgs/msg/CompressedImage": "camera",
+    "sensor_msgs/msg/PointCloud2": "lidar",
+    "sensor_msgs/msg/NavSatFix": "gnss",
+}
+
+
+@dataclass
+class IngestStats:
+    """Per-sensor counters (thread-safe updates go through :class:`SensorIngest`)."""
+
+    accepted: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)
+    last_error: dict[str, str] = field(default_factory=dict)
+
+
+class SensorIngest:
+    """Decode, validate and push sensor messages into a :class:`SensorSync`.
+
+    ``on_message`` never raises for bad input: a :class:`MessageError` is logged, counted for that
+    sensor and the message is dropped, so one broken sensor never stops the others.
+    """
+
+    def __init__(self, sync: SensorSync, rig: SensorRig | None = None) -> None:
+        self.sync = sync
+        self.rig = rig or SensorRig()
+        g = self.rig.gnss
+        self._ego = EgoMotionEstimator(g.origin_lat, g.origin_lon, g.origin_alt)
+        self._lock = threading.Lock()  # the GNSS estimator is stateful; callbacks may run in parallel
+        self.stats = IngestStats()
+
+    def decode(self, sensor: str, msg: Any) -> tuple[float, Any]:
+        """Message -> (stamp [s], frame data) for ``sensor``; raises :class:`MessageError`.
+
+        camera -> (H, W, 3) uint8 RGB; lidar -> (N, 4) float32 x, y, z, intensity in the LiDAR frame;
+        gnss -> ``EgoState`` (ego motion estimated from the fix sequence).
+        """
+        header = getattr(msg, "header", None)
+        if header is None or not hasattr(header, "stamp"):
+            raise MessageError(f"{sensor}: message has no header.stamp")
+        stamp = stamp_to_sec(header.stamp)
+        if sensor == "camera":
+            return stamp, read_image(msg)
+        if sensor == "lidar":
+            return stamp, read_points(msg, ("x", "y", "z", "intensity"))
+        if sensor == "gnss":
+            fix = read_fix(msg)
+            with self._lock:
+                return stamp, self._ego.update(fix)
+        raise MessageError(f"sensor: unknown sensor name {sensor!r}")
+
+    def on_message(self, sensor: str, msg: Any, now: float | None = None) -> bool:
+        """Feed one message; True when it reached the sync buffer, False when rejected (counted)."""
+        try:
+            stamp, data = self.decode(sensor, msg)
+        except MessageError as exc:
+            with self._lock:
+                self.stats.rejected[sensor] += 1
+                self.stats.last_error[sensor] = str(exc)
+            log.debug("rejected %s message: %s", sensor, exc)
+            return False
+        accepted = self.sync.update(sensor, stamp, data, now=now)
+        with self._lock:
+            if accepted:
+                self.stats.accepted[sensor] += 1
+            else:
+                self.stats.rejected[sensor] += 1
+                self.stats.last_error[sensor] = "rejected by sync (stamp out of order or in the future)"
+        return accepted

@@ -1,0 +1,168 @@
+"""FusionPipeline: one synchronised snapshot in, one guarded :class:`Assessment` out.
+
+The single pipeline every front end uses (ROS node, offline replay, CARLA bridge, benchmark):
+preprocess -> backend inference -> decode -> LiDAR free distance -> safety guard, with the latency of
+each stage recorded in ``Assessment.latency_ms``. ROS-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmm_fusion.base.rig import SensorRig, transform_points
+from lmm_fusion.base.vocabulary import MODALITIES
+from lmm_fusion.cycle.assessment import Assessment, decode, invalid
+from lmm_fusion.cycle.safety import SafetyConfig, apply_guard, lane_free_distance
+
+log = logging.getLogger(__name__)
+
+#: Seed of the randomly initialised model used when no trained model is shipped yet.
+RANDOM_MODEL_SEED = 0
+
+
+def resolve_model_dir(model_dir: str | Path | None) -> tuple[Path, bool]:
+    """``(directory, is_random)``: the given or shipped model directory, or — when it has no trained
+    weights — a randomly initialised model saved once under the cache dir (loudly warned about)."""
+    from lmm_fusion.base.paths import cache_dir, default_model_dir
+
+    if model_dir not in (None, ""):
+        if not (Path(model_dir) / "config.json").is_file():
+            raise FileNotFoundError(f"model_dir: {str(model_dir)!r} holds no config.json (not a model directory)")
+        return Path(model_dir), False
+    try:
+        shipped = default_model_dir()
+    except FileNotFoundError:
+        shipped = None
+    if shipped is not None and (shipped / "config.json").is_file():
+        return shipped, False
+    return _random_model_dir(cache_dir()), True
+
+
+def _architecture_tag(model: Any) -> str:
+    """Short hash of the model's config and parameter names/shapes: a cached random model is reused only
+    by code that builds exactly the same network."""
+    import hashlib
+    import json
+
+    spec = [(k, list(v.shape)) for k, v in sorted(model.state_dict().items())]
+    blob = json.dumps([model.cfg.to_dict(), spec], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _random_model_dir(cache: Path) -> Path:
+    import torch
+
+    from lmm_fusion.model import FusionModel, ModelConfig, save_model
+
+    torch.manual_seed(RANDOM_MODEL_SEED)
+    model = FusionModel(ModelConfig())
+    directory = cache / f"random_model_seed{RANDOM_MODEL_SEED}_{_architecture_tag(model)}"
+    log.warning("!!! NO TRAINED MODEL FOUND: using a RANDOMLY INITIALISED FusionModel (seed %d). "
+                "Its suggestions are meaningless; only the safety guard's rules are real. "
+                "Train one with `lmm-fusion train` and ship it as models/fusion_small. !!!", RANDOM_MODEL_SEED)
+    if (directory / "config.json").is_file() and (directory / "model.safetensors").is_file():
+        return directory
+    tmp = directory.with_name(directory.name + f".tmp{id(model)}")
+    save_model(model, tmp, metadata={"random_init": True, "seed": RANDOM_MODEL_SEED})
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process created it first: use theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+class FusionPipeline:
+    """Run the fusion model and the safety guard on synchronised sensor snapshots.
+
+    ``model_dir``: trained model folder (``config.json`` + ``model.safetensors``); None = the shipped
+    ``models/fusion_small`` or, when absent, a random model (warned). ``backend``: ``auto`` | ``torch`` |
+    ``onnxruntime`` | ``tensorrt`` (see :func:`lmm_fusion.runtime.backends.make_backend`).
+    """
+
+    def __init__(self, model_dir: str | Path | None = None, backend: str = "auto", rig: SensorRig | None = None,
+                 safety_cfg: SafetyConfig | None = None, *, device: str | None = None, precision: str = "fp32",
+                 threads: int | None = None) -> None:
+        from lmm_fusion.cycle.preprocess import Preprocessor
+        from lmm_fusion.model.checkpoint import load_config
+        from lmm_fusion.runtime.backends import make_backend
+
+        self.rig = rig or SensorRig()
+        self.safety_cfg = safety_cfg or SafetyConfig()
+        self.safety_cfg.validate()
+        self.model_dir, self.random_model = resolve_model_dir(model_dir)
+        self.model_cfg = load_config(self.model_dir)
+        self.backend = make_backend(backend, self.model_dir, device=device, precision=precision, threads=threads)
+        self.preprocessor = Preprocessor(self.model_cfg, self.rig)
+        self._lidar_to_base = self.rig.lidar_mount.matrix().astype(np.float32)
+        log.info("fusion pipeline: model %s%s, backend %s", self.model_dir,
+                 " (RANDOM)" if self.random_model else "", self.backend.describe())
+
+    def describe(self) -> str:
+        return f"{self.backend.describe()}, model {self.model_dir}" + (" (random init)" if self.random_model else "")
+
+    def warmup(self, iterations: int = 3) -> float:
+        """Run the backend on all-masked zero inputs; returns the last pass time [s]."""
+        from lmm_fusion.cycle.sync import Snapshot
+
+        nan_ages = dict.fromkeys(MODALITIES, math.inf)
+        snap = Snapshot(now=0.0, frames=dict.fromkeys(MODALITIES), ages=nan_ages,
+                        mask=np.zeros(len(MODALITIES), bool), stamps=dict.fromkeys(MODALITIES))
+        return self.backend.warmup(self.preprocessor.inputs(snap), iterations)
+
+    def lidar_in_base(self, points_lidar: Any) -> np.ndarray | None:
+        """``(N, 3)`` base_link xyz of an (N, >=3) cloud in the LiDAR frame; None when absent or empty."""
+        if points_lidar is None:
+            return None
+        pts = np.asarray(points_lidar, np.float32)
+        if pts.ndim != 2 or pts.shape[0] == 0 or pts.shape[1] < 3:
+            return None
+        return transform_points(self._lidar_to_base, pts)
+
+    def lidar_free_distance(self, points_lidar: np.ndarray) -> float:
+        """Free ego-lane distance [m from the bumper] of an (N, >=3) cloud in the LiDAR frame."""
+        base = self.lidar_in_base(points_lidar)
+        return math.inf if base is None else lane_free_distance(base, self.safety_cfg)
+
+    def cycle(self, snapshot: Any) -> Assessment:
+        """One fusion cycle on a :class:`lmm_fusion.cycle.sync.Snapshot`; never raises for missing sensors.
+
+        No usable modality gives ``valid=False`` ("no assessment") without running the model.
+        """
+        t0 = time.perf_counter()
+        mask = np.asarray(snapshot.mask, dtype=bool)
+        ages = dict(snapshot.ages)
+        if not mask.any():
+            return invalid(snapshot.now, mask, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
+        lidar_i, gnss_i = MODALITIES.index("lidar"), MODALITIES.index("gnss")
+        # One transform to base_link per cycle, shared by the BEV gridding and the guard's free distance.
+        base = self.lidar_in_base(snapshot.frames.get("lidar")) if mask[lidar_i] else None
+        inputs = self.preprocessor.inputs(snapshot, lidar_base=base)
+        # Report and decide with the mask the model ran with, not the sync's: the preprocessor also
+        # drops a GNSS state without a motion estimate yet (a drive's first fixes) and a frame that
+        # does not decode, and the risk rule, confidence and degraded flag must say so, as in eval.
+        used = inputs["modality_mask"].reshape(-1) > 0.5
+        if not used.any():
+            return invalid(snapshot.now, used, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
+        t1 = time.perf_counter()
+        outputs = self.backend.infer(inputs)
+        t2 = time.perf_counter()
+        a = decode(outputs, snapshot.now, used, ages, self.model_cfg.ttc_max, self.model_cfg.distance_max)
+        t3 = time.perf_counter()
+        free = None
+        if used[lidar_i]:
+            free = math.inf if base is None else lane_free_distance(base, self.safety_cfg)
+        # GNSS counts as used only with a valid motion estimate (the preprocessor's rule), so its speed is one.
+        ego = snapshot.frames.get("gnss") if used[gnss_i] else None
+        speed = float(ego.speed) if ego is not None else None
+        a = apply_guard(a, free, speed, self.safety_cfg)
+        t4 = time.perf_counter()
+        return a.with_latency(preprocess=(t1 - t0) * 1e3, inference=(t2 - t1) * 1e3, decode=(t3 - t2) * 1e3,
+                              safety=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)

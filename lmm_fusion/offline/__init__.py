@@ -1,0 +1,1 @@
+"""Offline front ends: rosbag replay and rendering."""

@@ -1,0 +1,496 @@
+"""``lmm-fusion replay``: recorded bags through the node's pipeline, offline and deterministic.
+
+Messages are read in recorded order (rosbag2, MCAP or SQLite3, through rosbags) and fed through the
+node's decode path (:class:`~lmm_fusion.cycle.ingest.SensorIngest`) into its
+:class:`~lmm_fusion.cycle.sync.SensorSync`; every ``1/rate_hz`` seconds of *bag* time
+(:func:`~lmm_fusion.cycle.bagfeed.iter_cycles`) one :meth:`FusionPipeline.cycle` runs, as fast as the machine
+allows. Nothing depends on wall-clock time except the latency and throughput figures, so the same bag,
+model and CPU backend give the same output bag byte for byte.
+
+Writes to ``--out DIR``:
+
+* ``outputs.mcap`` + ``metadata.yaml``: a rosbag2 folder (``ros2 bag play DIR``; Foxglove opens the
+  ``.mcap``) with the node's output topics (:data:`OUTPUT_TOPICS`, stamped with the cycle's bag time)
+  and the inputs needed to view them (camera, points, camera info, ``/tf_static``, ground truth).
+* ``metrics.json``: frames, cycles, per-stage latency p50/p99 [ms], throughput (× real time) and, when
+  the bag has ground truth, accuracy overall, per scenario family and per time window
+  (:mod:`lmm_fusion.groundtruth.scoring`).
+* with ``--render``: ``replay.mp4``, ``keyframes/*.png`` and ``timeline.png`` (:mod:`lmm_fusion.offline.render`).
+
+A damaged bag (truncated, corrupt, no ``metadata.yaml``, not a bag) raises
+:class:`~lmm_fusion.io.bags.BagError` naming the file, after the cycles read before the damage were written:
+``outputs.mcap`` is closed and valid and ``metrics.json`` says why it ended early (``ended_early``); the
+command exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmm_fusion.base import topics as T
+from lmm_fusion.base.rig import SensorRig, transform_points
+from lmm_fusion.cycle.assessment import Assessment
+from lmm_fusion.cycle.bagfeed import GROUND_TRUTH_TOPICS, detect_sensor_topics, iter_cycles
+from lmm_fusion.groundtruth.scoring import (
+    GroundTruth,
+    SampleScore,
+    accuracy_table,
+    ground_truth_from_messages,
+    grouped_tables,
+    window_key,
+)
+from lmm_fusion.groundtruth.scoring import score as score_sample
+from lmm_fusion.io.bags import BagError, BagMessage, BagReader, BagWriter
+from lmm_fusion.ros.node import NODE_NAME  # the node's ``~/...`` publishers live under ``/<NODE_NAME>/``
+
+log = logging.getLogger(__name__)
+
+#: Output kind -> topic, exactly as the node publishes them (``~/scene_assessment`` etc.).
+OUTPUT_TOPICS: dict[str, str] = {
+    "scene": f"/{NODE_NAME}/scene_assessment",
+    "action": f"/{NODE_NAME}/action_suggestion",
+    "occupancy": f"/{NODE_NAME}/occupancy",
+    "markers": f"/{NODE_NAME}/markers",
+}
+#: Input topics copied into the output bag (when present) so the outputs can be viewed in context.
+VIEW_TOPICS: tuple[str, ...] = (T.TF_STATIC, T.CAMERA_INFO, *GROUND_TRUTH_TOPICS)
+#: Ground truth older than this at the cycle time [s] is not used to score the cycle.
+GT_MAX_AGE = 0.5
+OUTPUT_BAG = "outputs"
+LATENCY_STAGES: tuple[str, ...] = ("preprocess", "inference", "decode", "safety", "total", "write", "render")
+
+
+@dataclass
+class ReplayOptions:
+    """What :func:`replay` does. ``sensor_topics`` maps sensor -> topic (others auto-detected by type);
+    ``window_s`` [s] is the width of the accuracy-over-time windows; ``keyframe_every_s`` [s] the key
+    frame spacing of ``--render``; ``threads`` the backend's CPU threads (None = its default);
+    ``copy_sensors`` False leaves the camera, LiDAR and GNSS messages out of the output bag (it is then
+    small; ``/tf_static``, camera info and ground truth are still copied)."""
+
+    model_dir: str | Path | None = None
+    backend: str = "auto"
+    rate_hz: float = 10.0
+    render: bool = False
+    sensor_topics: dict[str, str] = field(default_factory=dict)
+    window_s: float = 10.0
+    keyframe_every_s: float = 5.0
+    threads: int | None = None
+    progress: bool = True
+    rig: SensorRig | None = None
+    copy_sensors: bool = True
+
+
+def bag_time_range(paths: Sequence[Path]) -> tuple[float, float]:
+    """(first, last) recorded time [s] over the bags (from their index; 0, 0 for empty bags)."""
+    with BagReader(paths) as reader:
+        return reader.time_range or (0.0, 0.0)
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "mean": None}
+    v = np.asarray(values, np.float64)
+    return {
+        "p50": round(float(np.percentile(v, 50)), 3),
+        "p99": round(float(np.percentile(v, 99)), 3),
+        "mean": round(float(v.mean()), 3),
+    }
+
+
+def _rig_tf_static(stamp: float, rig: SensorRig) -> Any:
+    """``tf2_msgs/TFMessage`` with the rig's sensor frames in ``base_link`` (for bags without one)."""
+    from lmm_fusion.carla.record import _quat_from_matrix, rig_transforms
+    from lmm_fusion.io import make_header, rosbags_types
+
+    t = rosbags_types()
+    tfs = []
+    for child, m in rig_transforms(rig):
+        qx, qy, qz, qw = _quat_from_matrix(m[:3, :3])
+        tfs.append(
+            t.TransformStamped(
+                header=make_header(t, stamp, T.BASE_FRAME),
+                child_frame_id=child,
+                transform=t.Transform(
+                    translation=t.Vector3(x=float(m[0, 3]), y=float(m[1, 3]), z=float(m[2, 3])),
+                    rotation=t.Quaternion(x=qx, y=qy, z=qz, w=qw),
+                ),
+            )
+        )
+    return t.TFMessage(transforms=tfs)
+
+
+class _OutputBag:
+    """The replay's output rosbag2: written to a staging folder, then moved so that ``DIR/outputs.mcap``
+    is the MCAP file and ``DIR/metadata.yaml`` makes ``DIR`` itself a rosbag2 folder."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.staging = out_dir / OUTPUT_BAG
+        for stale in (self.staging, out_dir / f"{OUTPUT_BAG}.mcap", out_dir / "metadata.yaml"):
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            elif stale.exists():
+                stale.unlink()
+        self.writer = BagWriter(self.staging, storage="mcap")
+        self.writer.__enter__()
+
+    def close(self) -> Path:
+        self.writer.close()
+        final = self.out_dir / f"{OUTPUT_BAG}.mcap"
+        (self.staging / f"{OUTPUT_BAG}.mcap").rename(final)
+        (self.staging / "metadata.yaml").rename(self.out_dir / "metadata.yaml")
+        self.staging.rmdir()
+        return final
+
+
+def _record(a: Assessment, gt: GroundTruth | None) -> Any:
+    from lmm_fusion.offline.render import CycleRecord
+
+    return CycleRecord(
+        t=a.stamp,
+        valid=a.valid,
+        degraded=a.degraded,
+        risk=int(a.risk),
+        action=int(a.action),
+        target_speed=float(a.target_speed),
+        ego_speed=a.ego_speed,
+        attention=tuple(float(m.attention) for m in a.modalities),
+        override=a.safety_override,
+        gt_risk=None if gt is None or gt.risk is None else int(gt.risk),
+        gt_action=None if gt is None or gt.action is None else int(gt.action),
+        gt_target_speed=None if gt is None else gt.target_speed,
+        gt_ego_speed=None if gt is None else gt.ego_speed,
+    )
+
+
+def replay(
+    paths: Path | str | Sequence[Path | str], out_dir: Path | str, options: ReplayOptions | None = None
+) -> dict[str, Any]:
+    """Replay ``paths`` (one or more rosbag2 folders) into ``out_dir``; returns the metrics dict that is
+    also written to ``out_dir/metrics.json`` (see the module docstring)."""
+    from tqdm import tqdm
+
+    from lmm_fusion.cycle.ingest import SensorIngest
+    from lmm_fusion.cycle.pipeline import FusionPipeline
+    from lmm_fusion.cycle.sync import SensorSync
+    from lmm_fusion.io import rosbags_types
+    from lmm_fusion.ros import outputs as ro
+
+    opts = options or ReplayOptions()
+    bags = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not bags:
+        raise ValueError("bags: need at least one rosbag2 folder")
+    for b in bags:
+        if not b.exists():
+            raise FileNotFoundError(f"bag {str(b)!r} does not exist")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rig = opts.rig or SensorRig()
+    reader = BagReader(bags)
+    error: BagError | None = None
+    open_t0 = time.perf_counter()
+    try:
+        reader.open()
+    except BagError as exc:  # nothing readable: still write an (empty) output bag and metrics.json
+        error = exc  # raised after the (empty) outputs are written; the caller reports it
+    open_s = time.perf_counter() - open_t0  # counted in the wall time: opening reads the bag's index
+    topic_types = reader.topics
+    sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None) if error is None else {}
+    missing = sorted({"camera", "lidar", "gnss"} - set(sensor_of.values()))
+    if missing and error is None:
+        log.warning(
+            "no topic for %s in the bag: replaying with %s masked", ", ".join(missing), ", ".join(missing)
+        )
+    has_gt = any(t in topic_types for t in GROUND_TRUTH_TOPICS)
+    start, end = reader.time_range or (0.0, 0.0)
+    duration = max(end - start, 0.0)
+
+    pipeline = FusionPipeline(opts.model_dir, backend=opts.backend, rig=rig, threads=opts.threads)
+    pipeline.warmup()
+    ingest = SensorIngest(SensorSync(), rig)
+    types = rosbags_types()
+    bag = _OutputBag(out)
+    lidar_to_base = rig.lidar_mount.matrix().astype(np.float32)
+
+    copied = (set(sensor_of) if opts.copy_sensors else set()) | set(VIEW_TOPICS)
+    wrote_tf = T.TF_STATIC in topic_types
+
+    def copy_input(m: BagMessage) -> None:
+        if m.raw is not None:  # recorded bytes as they are: no deserialising and serialising again
+            bag.writer.write_raw(m.topic, m.stamp_sec, m.msgtype, m.raw)
+        else:
+            bag.writer.write(m.topic, m.stamp_sec, m.msg)
+
+    renderer = None
+    if opts.render:
+        from lmm_fusion.offline.render import VideoRenderer, compose_frame
+
+        renderer = VideoRenderer(out, fps=opts.rate_hz, keyframe_every_s=opts.keyframe_every_s)
+
+    latencies: dict[str, list[float]] = {s: [] for s in LATENCY_STAGES}
+    samples: list[SampleScore] = []
+    records: list[Any] = []
+    cycles = valid = degraded = overrides = 0
+    first_t: float | None = None
+    # iter_cycles emits one cycle per period after the first message, plus a final one.
+    expected = math.floor(duration * opts.rate_hz) + 1 if duration > 0 else None
+    last_t: float | None = None
+    bar = tqdm(
+        total=expected,
+        unit="cycle",
+        desc="replay",
+        disable=not opts.progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    wall0 = time.perf_counter()
+    cycle_iter = (
+        iter_cycles(
+            reader,
+            ingest,
+            opts.rate_hz,
+            sensor_topics=opts.sensor_topics or None,
+            with_ground_truth=has_gt,
+            passthrough=sorted(copied),
+            on_passthrough=copy_input,
+        )
+        if error is None
+        else iter(())
+    )
+    try:
+        for c in cycle_iter:
+            if first_t is None:
+                first_t = c.t
+                if not wrote_tf:  # RViz needs the sensor frames to place the points and image
+                    bag.writer.write(T.TF_STATIC, c.t, _rig_tf_static(c.t, rig))
+                    wrote_tf = True
+            a = pipeline.cycle(c.snapshot)
+            t0 = time.perf_counter()
+            bag.writer.write(OUTPUT_TOPICS["scene"], c.t, ro.scene_assessment(types, a))
+            bag.writer.write(OUTPUT_TOPICS["action"], c.t, ro.action_suggestion(types, a))
+            bag.writer.write(OUTPUT_TOPICS["occupancy"], c.t, ro.occupancy_grid(types, a))
+            bag.writer.write(OUTPUT_TOPICS["markers"], c.t, ro.markers(types, a))
+            t1 = time.perf_counter()
+            for stage, ms in a.latency_ms.items():
+                latencies.setdefault(stage, []).append(ms)
+            latencies["write"].append((t1 - t0) * 1e3)
+
+            gt_msgs = {k: v for k, v in c.ground_truth.items() if c.t - v[0] <= GT_MAX_AGE}
+            gt = ground_truth_from_messages(gt_msgs) if gt_msgs else None
+            if gt is not None:
+                samples.append(score_sample(a, gt, t=c.t))
+            records.append(_record(a, gt))
+            cycles += 1
+            valid += a.valid
+            degraded += a.degraded
+            overrides += a.safety_override
+            if renderer is not None:
+                lidar = c.snapshot.frames.get("lidar")
+                pts = None
+                if lidar is not None:
+                    xyz = np.asarray(lidar, np.float32)[:, :3]
+                    pts = transform_points(lidar_to_base, xyz)
+                renderer.add(compose_frame(c.snapshot.frames.get("camera"), pts, a, gt, c.t - first_t), c.t)
+                latencies["render"].append((time.perf_counter() - t1) * 1e3)
+            bar.update(1)
+            last_t = c.t
+    except BagError as exc:  # keep what was read: close the output bag, write metrics, then raise
+        error = exc
+        log.warning("replay: the bag ended early; outputs.mcap and metrics.json keep the %d cycles before it",
+                    cycles)
+    finally:
+        reader.close()
+        bar.close()
+        if renderer is not None:
+            renderer.close()
+        bag_path = bag.close()
+    wall = time.perf_counter() - wall0 + open_s
+    if error is not None or reader.salvaged:  # no (trustworthy) index: the span actually replayed
+        duration = 0.0 if first_t is None or last_t is None else last_t - first_t + 1.0 / opts.rate_hz
+
+    counters = ingest.sync.counters()
+    metrics: dict[str, Any] = {
+        "bags": [str(b) for b in bags],
+        "model": str(pipeline.model_dir),
+        "random_model": pipeline.random_model,
+        "backend": pipeline.backend.describe(),
+        "rate_hz": opts.rate_hz,
+        "sensor_topics": {s: t for t, s in sorted(sensor_of.items(), key=lambda kv: kv[1])},
+        "bag_duration_s": round(duration, 3),
+        # None when every bag was read to its end; else which file stopped the replay, and why.
+        "ended_early": None if error is None else {
+            "bag": str(error.path),
+            "reason": error.reason,
+            "messages_read": error.messages_read,
+            "last_stamp_s": error.last_stamp,
+            "error": str(error),
+        },
+        "frames": {
+            s: {
+                "received": counters[s].received,
+                "accepted": int(ingest.stats.accepted[s]),
+                "rejected": int(ingest.stats.rejected[s]),
+            }
+            for s in ("camera", "lidar", "gnss")
+        },
+        "cycles": {"total": cycles, "valid": valid, "degraded": degraded, "safety_override": overrides},
+        "outputs": {"bag": str(bag_path), "messages": dict(sorted(bag.writer.counts.items()))},
+        "timing": {
+            "wall_s": round(wall, 3),
+            "throughput_x_realtime": round(duration / wall, 3) if wall > 0 else None,
+            "cycles_per_s": round(cycles / wall, 2) if wall > 0 else None,
+            # The rest of the wall time: reading, deserialising, decoding and copying the inputs.
+            "read_decode_copy_s": round(
+                wall - sum(sum(latencies[k]) for k in ("total", "write", "render")) / 1e3, 3
+            ),
+            "latency_ms": {s: _percentiles(v) for s, v in latencies.items() if v},
+        },
+    }
+    if samples:
+        t0 = first_t if first_t is not None else 0.0
+        metrics["accuracy"] = {
+            "overall": accuracy_table(samples),
+            "per_scenario": grouped_tables(samples, lambda x: x.scenario),
+            "per_window": {
+                "window_s": opts.window_s,
+                "windows": grouped_tables(samples, window_key(t0, opts.window_s)),
+            },
+        }
+    if renderer is not None:
+        from lmm_fusion.offline.render import timeline_plot
+
+        # The model's folder name, not its path: the plot is shared (docs, reports) beyond this machine.
+        model = f"model {Path(pipeline.model_dir).name}" + (" (random init)" if pipeline.random_model else "")
+        title = f"{', '.join(b.name for b in bags)} — {pipeline.backend.describe()}, {model}"
+        timeline = timeline_plot(records, out / "timeline.png", title=title)
+        metrics["render"] = {
+            "video": str(renderer.video_path),
+            "frames": renderer.frames,
+            "keyframes": [str(p) for p in renderer.keyframes],
+            "timeline": str(timeline),
+        }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    if error is not None:
+        raise error
+    return metrics
+
+
+
+#: Keys of metrics.json that depend on wall-clock time or the machine (excluded from determinism checks).
+WALL_CLOCK_KEYS: tuple[str, ...] = ("timing",)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bags", nargs="+", type=Path, metavar="BAG", help="rosbag2 folders (MCAP or SQLite3)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="model folder (default: shipped models/fusion_small, else a random model)",
+    )
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        help="inference backend (default auto; use a CPU backend for bit-identical reruns)",
+    )
+    p.add_argument("--rate-hz", type=float, default=10.0, help="cycle rate in bag time [Hz] (default 10)")
+    p.add_argument("--render", action="store_true", help="write replay.mp4, key-frame PNGs and timeline.png")
+    p.add_argument("--json", action="store_true", help="print metrics.json to stdout")
+    p.add_argument(
+        "--camera-topic", default=None, help="camera topic (Image or CompressedImage; default: by type)"
+    )
+    p.add_argument("--lidar-topic", default=None, help="LiDAR topic (PointCloud2; default: by type)")
+    p.add_argument("--gnss-topic", default=None, help="GNSS topic (NavSatFix; default: by type)")
+    p.add_argument("--window-s", type=float, default=10.0, help="accuracy-over-time window [s] (default 10)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of the backend")
+    p.add_argument(
+        "--no-sensors",
+        action="store_true",
+        help="do not copy camera/LiDAR/GNSS messages into outputs.mcap (small output bag)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _summary(m: dict[str, Any]) -> str:
+    c, tm = m["cycles"], m["timing"]
+    lat = tm["latency_ms"].get("total", {})
+    lines = [
+        f"replayed {m['bag_duration_s']:.1f} s of bag: {c['total']} cycles ({c['valid']} valid, "
+        f"{c['degraded']} degraded) in {tm['wall_s']:.1f} s = {tm['throughput_x_realtime']}x real time",
+        f"cycle latency p50 {lat.get('p50')} ms, p99 {lat.get('p99')} ms; backend {m['backend']}",
+        f"outputs: {m['outputs']['bag']}",
+    ]
+    acc = m.get("accuracy", {}).get("overall")
+    if acc:
+        lines.append(
+            f"accuracy: action {acc['action_accuracy']}, risk {acc['risk_accuracy']}, light "
+            f"{acc['light_accuracy']}, speed MAE {acc['target_speed_mae']} m/s, occupancy IoU "
+            f"{acc['occupancy_iou']}"
+        )
+    if "render" in m:
+        lines.append(
+            f"video: {m['render']['video']} ({m['render']['frames']} frames), timeline: "
+            f"{m['render']['timeline']}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    topics = {
+        s: t
+        for s, t in (("camera", args.camera_topic), ("lidar", args.lidar_topic), ("gnss", args.gnss_topic))
+        if t
+    }
+    opts = ReplayOptions(
+        model_dir=args.model,
+        backend=args.backend,
+        rate_hz=args.rate_hz,
+        render=args.render,
+        sensor_topics=topics,
+        window_s=args.window_s,
+        threads=args.threads,
+        progress=not args.no_progress,
+        copy_sensors=not args.no_sensors,
+    )
+    try:
+        metrics = replay(args.bags, args.out, opts)
+    except BagError as exc:  # partial outputs and metrics.json ("ended_early") are in --out
+        log.error("replay: %s; partial outputs in %s", exc, args.out)
+        if args.json and (args.out / "metrics.json").is_file():
+            print((args.out / "metrics.json").read_text(), end="")
+        return 1
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("replay: %s", exc)
+        return 2
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(_summary(metrics))
+    return 0
+
+
+__all__ = [
+    "OUTPUT_TOPICS",
+    "VIEW_TOPICS",
+    "WALL_CLOCK_KEYS",
+    "ReplayOptions",
+    "add_arguments",
+    "replay",
+    "run",
+]

@@ -1,0 +1,177 @@
+"""Health tracking for the fusion node, published on ``/diagnostics`` (ROS-free).
+
+Modelled on ``diagnostic_updater``'s ``FrequencyStatus`` (event rate in a sliding window against an
+expected minimum) and ``TimeStampStatus`` (age of the latest header stamp against limits), which are
+not installable here. Levels: OK, WARN, ERROR (``lmm_fusion.ros.outputs`` constants). All times are
+node-clock seconds, so ``use_sim_time`` works.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lmm_fusion.base.vocabulary import MODALITIES
+from lmm_fusion.cycle.assessment import Assessment
+from lmm_fusion.ros.outputs import ERROR, OK, WARN, StatusItem
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """``expected_hz``: nominal rate per sensor [Hz]; a measured rate below
+    ``(1 - rate_tolerance) × expected`` is WARN, no message in ``window_s`` is ERROR. A latest frame
+    older than ``warn_age`` [s] is WARN, older than ``error_age`` ERROR. The cycle deadline is the
+    timer period."""
+
+    expected_hz: Mapping[str, float] = field(
+        default_factory=lambda: {"camera": 20.0, "lidar": 10.0, "gnss": 10.0})
+    rate_tolerance: float = 0.5
+    window_s: float = 2.0
+    warn_age: float = 0.3
+    error_age: float = 1.0
+    rate_hz: float = 10.0
+    latency_window: int = 200
+
+
+class FrequencyTracker:
+    """Event rate [Hz] over a sliding window of ``window_s`` seconds (like FrequencyStatus)."""
+
+    def __init__(self, min_hz: float, window_s: float = 2.0) -> None:
+        self.min_hz = min_hz
+        self.window_s = window_s
+        self._times: deque[float] = deque()
+
+    def tick(self, t: float) -> None:
+        self._times.append(t)
+
+    def _trim(self, now: float) -> None:
+        while self._times and (self._times[0] <= now - self.window_s or self._times[0] > now + 1.0):
+            self._times.popleft()
+
+    def rate(self, now: float) -> float:
+        """Events per second in ``(now - window_s, now]``."""
+        self._trim(now)
+        return len(self._times) / self.window_s
+
+    def check(self, now: float) -> tuple[int, str]:
+        r = self.rate(now)
+        if r == 0.0:
+            return ERROR, "no messages"
+        if r < self.min_hz:
+            return WARN, f"rate too low ({r:.1f} < {self.min_hz:.1f} Hz)"
+        return OK, ""
+
+
+def age_check(age: float, warn_age: float, error_age: float) -> tuple[int, str]:
+    """TimeStampStatus-like check of a frame age [s] (negative = stamp in the future)."""
+    if not math.isfinite(age):
+        return ERROR, "never received"
+    if age < -0.5:
+        return ERROR, f"stamp {-age:.2f} s in the future"
+    if age > error_age:
+        return ERROR, f"stale ({age:.2f} s old)"
+    if age > warn_age:
+        return WARN, f"old ({age:.2f} s)"
+    return OK, ""
+
+
+class FusionDiagnostics:
+    """Per-sensor rate/age/rejections and per-cycle latency/deadline tracking."""
+
+    def __init__(self, cfg: DiagnosticsConfig | None = None, node_name: str = "fusion_node") -> None:
+        self.cfg = cfg or DiagnosticsConfig()
+        self.node_name = node_name
+        self.rates = {s: FrequencyTracker(self.cfg.expected_hz.get(s, 1.0) * (1 - self.cfg.rate_tolerance),
+                                          self.cfg.window_s) for s in MODALITIES}
+        self._rejected_total = dict.fromkeys(MODALITIES, 0)
+        self._rejected_times: dict[str, deque[float]] = {s: deque() for s in MODALITIES}
+        self._latency_ms: deque[float] = deque(maxlen=self.cfg.latency_window)
+        self._cycles = FrequencyTracker(self.cfg.rate_hz * (1 - self.cfg.rate_tolerance), self.cfg.window_s)
+        self.cycles = 0
+        self.deadline_misses = 0
+        self._miss_times: deque[float] = deque()
+
+    # ---------------------------------------------------------------- inputs
+    def on_message(self, sensor: str, now: float) -> None:
+        """A message of ``sensor`` arrived (accepted or not) at node time ``now`` [s]."""
+        if sensor in self.rates:
+            self.rates[sensor].tick(now)
+
+    def set_rejected(self, sensor: str, total: int, now: float) -> None:
+        """Update the running rejected count of ``sensor`` (from ``SensorIngest.stats.rejected``)."""
+        if sensor not in self._rejected_total:
+            return
+        if total > self._rejected_total[sensor]:
+            self._rejected_times[sensor].append(now)
+        self._rejected_total[sensor] = total
+
+    def on_cycle(self, now: float, latency_ms: float) -> None:
+        """One cycle finished at ``now`` [s] after ``latency_ms`` of compute."""
+        self.cycles += 1
+        self._cycles.tick(now)
+        self._latency_ms.append(latency_ms)
+        if latency_ms > 1000.0 / self.cfg.rate_hz:
+            self.deadline_misses += 1
+            self._miss_times.append(now)
+
+    # ---------------------------------------------------------------- outputs
+    def latency_percentiles(self) -> tuple[float, float]:
+        """(p50, p99) cycle latency [ms] over the last ``latency_window`` cycles (NaN when none)."""
+        if not self._latency_ms:
+            return math.nan, math.nan
+        arr = np.fromiter(self._latency_ms, np.float64)
+        return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+    def _recent(self, times: deque[float], now: float) -> int:
+        while times and times[0] <= now - self.cfg.window_s:
+            times.popleft()
+        return len(times)
+
+    def statuses(self, now: float, ages: Mapping[str, float], assessment: Assessment | None = None
+                 ) -> list[StatusItem]:
+        """One status per sensor, one for the cycle and one for the assessment."""
+        out = []
+        for s in MODALITIES:
+            age = float(ages.get(s, math.inf))
+            checks = [self.rates[s].check(now), age_check(age, self.cfg.warn_age, self.cfg.error_age)]
+            recent_rej = self._recent(self._rejected_times[s], now)
+            if recent_rej:
+                checks.append((WARN, f"{recent_rej} rejected in {self.cfg.window_s:g} s"))
+            level = max(c[0] for c in checks)
+            msg = "; ".join(c[1] for c in checks if c[1]) or "ok"
+            out.append(StatusItem(
+                name=f"{self.node_name}: {s}", level=level, message=msg, hardware_id=s,
+                values={"rate_hz": f"{self.rates[s].rate(now):.2f}",
+                        "expected_hz": f"{self.cfg.expected_hz.get(s, 0.0):.2f}",
+                        "age_s": f"{age:.3f}" if math.isfinite(age) else "inf",
+                        "rejected": str(self._rejected_total[s])}))
+        p50, p99 = self.latency_percentiles()
+        rate = self._cycles.rate(now)
+        misses = self._recent(self._miss_times, now)
+        level, msg = OK, "ok"
+        if misses:
+            level, msg = WARN, f"{misses} deadline misses in {self.cfg.window_s:g} s"
+        if self.cycles and rate < self.cfg.rate_hz * (1 - self.cfg.rate_tolerance):
+            level, msg = max(level, WARN), f"cycle rate {rate:.1f} Hz below {self.cfg.rate_hz:g} Hz"
+        out.append(StatusItem(
+            name=f"{self.node_name}: cycle", level=level, message=msg, hardware_id="fusion",
+            values={"rate_hz": f"{rate:.2f}", "target_hz": f"{self.cfg.rate_hz:g}",
+                    "latency_p50_ms": f"{p50:.2f}", "latency_p99_ms": f"{p99:.2f}",
+                    "deadline_ms": f"{1000.0 / self.cfg.rate_hz:.1f}",
+                    "deadline_misses": str(self.deadline_misses), "cycles": str(self.cycles)}))
+        if assessment is not None:
+            if not assessment.valid:
+                level, msg = ERROR, "no assessment: no sensor usable"
+            elif assessment.degraded:
+                level, msg = WARN, f"degraded: {', '.join(assessment.masked_names())} masked"
+            else:
+                level, msg = OK, "all modalities used"
+            values = {f"{k}_ms": f"{v:.2f}" for k, v in assessment.latency_ms.items()}
+            values["safety_override"] = str(assessment.safety_override).lower()
+            out.append(StatusItem(name=f"{self.node_name}: assessment", level=level, message=msg,
+                                  hardware_id="fusion", values=values))
+        return out

@@ -1,0 +1,1 @@
+"""The synthetic world: scenes, camera, LiDAR and GNSS models, drives and datasets."""

@@ -1,0 +1,138 @@
+"""``lmm-fusion dataset``: many short synthetic drives for training, one scenario family per drive.
+
+Drive ``i`` uses family ``Scenario(i % 7)`` (so every family is equally represented) and the seed
+``SeedSequence([seed, i])`` -> one 32-bit integer, so any drive can be regenerated alone and the
+set does not depend on the number of workers. With ``--start-max S`` drive ``i`` begins its labels at a
+world time drawn uniformly in ``[0, S]`` s from ``SeedSequence([seed, i, 1])`` (sensors warm for a
+second before), so the labels cover every moment of an episode — a car that has already braked to a
+stop behind an obstacle or at a red light, not only the first seconds of each scene. Drives go to
+``OUT/drive_<i>_<family>/`` and a ``manifest.json`` lists them (no timestamps: same arguments, same files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from lmm_fusion.base.rig import SensorRig
+from lmm_fusion.base.vocabulary import Scenario
+from lmm_fusion.synth.drive import add_sensor_arguments, add_world_arguments, rig_from_args, synthesize
+
+log = logging.getLogger(__name__)
+
+#: Default camera for training drives (raw 1280x720 would be ~3 GB per minute).
+DATASET_CAMERA = (640, 360)
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    index: int
+    path: str
+    seed: int
+    scenario: str
+    seconds: float
+    start: float = 0.0  # world time of the first label [s]
+
+
+def drive_seed(seed: int, index: int) -> int:
+    """Seed of drive ``index`` of a dataset with ``seed`` (independent of worker count)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def drive_start(seed: int, index: int, start_max: float) -> float:
+    """World time [s, ms resolution] of drive ``index``'s first label, uniform in ``[0, start_max]``."""
+    if start_max <= 0:
+        return 0.0
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 1]))
+    return round(float(rng.uniform(0.0, start_max)), 3)
+
+
+def plan(out: Path, drives: int, seconds: float, seed: int, start_max: float = 0.0) -> list[DriveSpec]:
+    fams = list(Scenario)
+    specs = []
+    for i in range(drives):
+        fam = fams[i % len(fams)]
+        specs.append(DriveSpec(i, str(out / f"drive_{i:05d}_{fam.name.lower()}"), drive_seed(seed, i), fam.name,
+                               seconds, drive_start(seed, i, start_max)))
+    return specs
+
+
+def _make(job: tuple[DriveSpec, SensorRig, bool, str, bool]) -> str:
+    spec, rig, compressed, storage, lamp_cues = job
+    synthesize(Path(spec.path), spec.seconds, spec.seed, [Scenario[spec.scenario]], rig, compressed, storage,
+               progress=False, start=spec.start, lamp_cues=lamp_cues)
+    return spec.path
+
+
+def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorRig | None = None,
+                 compressed: bool = False, storage: str = "mcap", workers: int = 1,
+                 progress: bool = True, start_max: float = 0.0, lamp_cues: bool = True) -> list[DriveSpec]:
+    """Write ``drives`` drives of ``seconds`` each under ``out`` (created; existing drives are an error);
+    ``start_max`` [s]: draw each drive's first-label time in ``[0, start_max]`` (see the module doc);
+    ``lamp_cues``: the world's turn signals and lamp rules (recorded in the manifest)."""
+    if drives < 1:
+        raise ValueError(f"drives must be >= 1, got {drives}")
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    if not (start_max >= 0 and np.isfinite(start_max)):
+        raise ValueError(f"start_max must be a finite number >= 0 [s], got {start_max}")
+    rig = rig or rig_from_args(camera=DATASET_CAMERA)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = plan(out, drives, seconds, seed, start_max)
+    jobs = [(s, rig, compressed, storage, lamp_cues) for s in specs]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), unit="drive", desc=f"dataset {out.name}")
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            for _ in pool.imap(_make, jobs):
+                if bar is not None:
+                    bar.update(1)
+    else:
+        for job in jobs:
+            _make(job)
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    manifest = {"seed": seed, "seconds": seconds, "start_max": start_max, "lamp_cues": lamp_cues,
+                "compressed": compressed, "storage": storage,
+                "camera": [rig.camera.width, rig.camera.height], "lidar": [rig.lidar.beams, rig.lidar.columns],
+                "drives": [dict(asdict(s), path=Path(s.path).name) for s in specs]}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    log.info("wrote %d drives under %s", len(specs), out)
+    return specs
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out", type=Path, help="output folder (one rosbag2 folder per drive + manifest.json)")
+    parser.add_argument("--drives", type=int, default=70, help="number of drives (default 70)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="seconds per drive (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
+    parser.add_argument("--start-max", type=float, default=0.0, metavar="S",
+                        help="draw each drive's first-label world time uniformly in [0, S] s (default 0: "
+                             "every drive starts with its episode, sensors cold)")
+    add_world_arguments(parser)
+    add_sensor_arguments(parser)
+    parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage plugin")
+    parser.add_argument("--workers", type=int, choices=(1, 2), default=1, help="worker processes (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    rig = rig_from_args(args.camera or DATASET_CAMERA, args.lidar_beams, args.lidar_columns)
+    specs = make_dataset(args.out, args.drives, args.seconds, args.seed, rig, args.compressed, args.storage,
+                         args.workers, progress=not args.no_progress, start_max=args.start_max,
+                         lamp_cues=args.lamp_cues)
+    print(f"wrote {len(specs)} drives of {args.seconds:g} s under {args.out} "
+          f"(camera {rig.camera.width}x{rig.camera.height}, LiDAR {rig.lidar.beams}x{rig.lidar.columns})")
+    return 0

@@ -1,0 +1,512 @@
+"""``lmm-fusion bench``: time every stage of the cycle separately, and the whole cycle.
+
+Each stage runs ``--iterations`` times after warm-up; p50/p99/max [ms] are reported with the process's
+RSS. Alternatives a user would otherwise pick are timed side by side in the same run (torch eager vs
+ONNX Runtime vs TensorRT; open3d's voxel grid vs the project's BEV gridding when open3d is installed)
+and reported as ratios, because absolute numbers on a shared machine drift while ratios measured in
+one run hold. Output is JSON (``--json`` prints it, ``--out`` writes it); ``--plot`` writes the
+scaling plot (cycle time against point count and image size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STAGES = ("io", "preprocess", "model", "outputs", "cycle", "scaling", "synth", "replay")
+
+
+def timeit(fn: Callable[[], Any], iterations: int, warmup: int = 3) -> dict[str, float]:
+    """p50/p99/max/mean wall time of ``fn`` [ms] over ``iterations`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    arr = np.asarray(samples)
+    return {
+        "p50_ms": round(float(np.percentile(arr, 50)), 4),
+        "p99_ms": round(float(np.percentile(arr, 99)), 4),
+        "max_ms": round(float(arr.max()), 4),
+        "mean_ms": round(float(arr.mean()), 4),
+        "n": iterations,
+    }
+
+
+def rss_mib() -> float:
+    import psutil
+
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+# ----------------------------------------------------------------------------- synthetic inputs
+def synthetic_points(n: int, seed: int = 0) -> np.ndarray:
+    """(n, 4) float32 x, y, z, intensity of a plausible scan in the LiDAR frame: ground ring + boxes."""
+    rng = np.random.default_rng(seed)
+    r = rng.uniform(2.0, 60.0, n)
+    az = rng.uniform(-math.pi, math.pi, n)
+    z = np.where(rng.random(n) < 0.7, -1.85 + rng.normal(0, 0.02, n), rng.uniform(-1.8, 1.0, n))
+    return np.stack([r * np.cos(az), r * np.sin(az), z, rng.uniform(0, 1, n)], axis=1).astype(np.float32)
+
+
+def padded_cloud_array(points: np.ndarray) -> np.ndarray:
+    """A 48-byte-per-point structured array like real spinning sensors publish (extra fields, padding)."""
+    dtype = np.dtype(
+        {
+            "names": ["x", "y", "z", "intensity", "t", "reflectivity", "ring", "ambient", "range"],
+            "formats": ["<f4", "<f4", "<f4", "<f4", "<u4", "<u2", "<u2", "<u2", "<u4"],
+            "offsets": [0, 4, 8, 16, 20, 24, 26, 28, 32],
+            "itemsize": 48,
+        }
+    )
+    rec = np.zeros(len(points), dtype)
+    for k, name in enumerate(("x", "y", "z", "intensity")):
+        rec[name] = points[:, k]
+    rec["ring"] = np.arange(len(points)) % 64
+    return rec
+
+
+def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """(H, W, 3) uint8 RGB with smooth gradients and boxes (compresses like a camera frame, unlike noise)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    img = np.stack([120 + 80 * y + 0 * x, 140 + 60 * x * y, 160 - 90 * y + 0 * x], axis=2).astype(np.uint8)
+    for _ in range(12):
+        x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(height // 3, height - 40))
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        cv2.rectangle(img, (x0, y0), (x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 120))), color, -1)
+    return img
+
+
+# ----------------------------------------------------------------------------- stages
+def bench_io(points: np.ndarray, width: int, height: int, iterations: int) -> dict[str, Any]:
+    """Message -> numpy for each input type, with rosbags message objects (same readers as rclpy's)."""
+    from lmm_fusion.io import (
+        create_cloud,
+        create_compressed_image,
+        create_fix,
+        create_image,
+        read_fix,
+        read_image,
+        read_points,
+    )
+    from lmm_fusion.io.common import make_header
+    from lmm_fusion.io.msgtypes import rosbags_types
+
+    types = rosbags_types()
+    header = make_header(types, 1.0, "lidar")
+    xyzi = create_cloud(types, header, points, ("x", "y", "z", "intensity"))
+    padded = create_cloud(types, header, padded_cloud_array(points))
+    rgb = synthetic_image(width, height)
+    img_rgb = create_image(types, header, rgb, "rgb8")
+    img_bgr = create_image(types, header, rgb, "bgr8")
+    jpeg = create_compressed_image(types, header, rgb, "jpeg", 90)
+    fix = create_fix(types, header, 48.1, 11.5, 520.0, 0, [0.0025, 0, 0, 0, 0.0025, 0, 0, 0, 0.01])
+    view = read_points(xyzi)
+    zero_copy = bool(np.shares_memory(view, np.asarray(xyzi.data)))
+    return {
+        "pointcloud_xyzi_matching": {**timeit(lambda: read_points(xyzi), iterations), "zero_copy": zero_copy},
+        "pointcloud_padded_48B": timeit(lambda: read_points(padded), iterations),
+        "image_rgb8": timeit(lambda: read_image(img_rgb), iterations),
+        "image_bgr8": timeit(lambda: read_image(img_bgr), iterations),
+        "compressed_jpeg_decode": {**timeit(lambda: read_image(jpeg), iterations), "bytes": len(jpeg.data)},
+        "navsatfix": timeit(lambda: read_fix(fix), iterations),
+    }
+
+
+def bench_preprocess(points: np.ndarray, width: int, height: int, iterations: int, cfg: Any) -> dict[str, Any]:
+    from lmm_fusion.base.rig import SensorRig
+    from lmm_fusion.cycle.preprocess import Preprocessor
+    from lmm_fusion.io.gnss import EgoState
+
+    pre = Preprocessor(cfg, SensorRig())
+    rgb = synthetic_image(width, height)
+    ego = EgoState(1.0, 0.0, 0.0, 0.0, 12.0, 0.5, 0.1, 0.01, 0, 0.05, True)
+    out: dict[str, Any] = {
+        "image_resize_normalise": timeit(lambda: pre.image(rgb), iterations),
+        "bev_gridding": timeit(lambda: pre.bev(points), iterations),
+        "gnss_features": timeit(lambda: pre.ego(ego), iterations),
+    }
+    try:
+        import open3d as o3d
+
+        def voxel() -> Any:
+            pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points[:, :3].astype(np.float64)))
+            return pcd.voxel_down_sample(cfg.input_bev_grid.cell)
+
+        out["open3d_voxel_down_sample"] = timeit(voxel, max(5, iterations // 4))
+        out["ratio_open3d_over_bev_gridding"] = round(
+            out["open3d_voxel_down_sample"]["p50_ms"] / out["bev_gridding"]["p50_ms"], 2
+        )
+    except ImportError:
+        out["open3d_voxel_down_sample"] = "skipped: open3d not installed (pip install open3d-cpu==0.20.0)"
+    return out
+
+
+def bench_model(model_dir: Path, device: str, iterations: int, threads: int) -> dict[str, Any]:
+    """Model inference per backend on identical inputs; ratios against torch eager."""
+    from lmm_fusion.model import load_model
+    from lmm_fusion.runtime.backends import BackendUnavailable, OnnxRuntimeBackend, TorchBackend, ensure_onnx
+    from lmm_fusion.runtime.export import example_inputs
+
+    model = load_model(model_dir)
+    inputs = example_inputs(model.cfg)
+    results: dict[str, Any] = {}
+    makers: list[tuple[str, Callable[[], Any]]] = [
+        ("torch_eager_cpu", lambda: TorchBackend(load_model(model_dir), "cpu", threads=threads)),
+        ("onnxruntime_cpu", lambda: OnnxRuntimeBackend(ensure_onnx(model_dir), threads=threads, prefer_gpu=False)),
+    ]
+    int8 = model_dir / "model.int8.onnx"
+    if int8.is_file():
+        makers.append(("onnxruntime_cpu_int8", lambda: OnnxRuntimeBackend(int8, threads=threads, prefer_gpu=False)))
+    if device == "cuda":
+        makers += [
+            ("torch_cuda_fp32", lambda: TorchBackend(load_model(model_dir), "cuda")),
+            ("torch_cuda_fp16", lambda: TorchBackend(load_model(model_dir), "cuda", "fp16")),
+            ("torch_cuda_fp16_graph", lambda: TorchBackend(load_model(model_dir), "cuda", "fp16", cuda_graph=True)),
+            ("onnxruntime_gpu", lambda: OnnxRuntimeBackend(ensure_onnx(model_dir), prefer_gpu=True)),
+        ]
+    makers.append(("tensorrt_fp16", lambda: _tensorrt(model_dir)))
+    for name, make in makers:
+        try:
+            backend = make()
+        except (BackendUnavailable, ImportError, RuntimeError) as exc:
+            results[name] = f"skipped: {exc}"
+            continue
+        results[name] = {
+            **timeit(lambda b=backend: b.infer(inputs), iterations, warmup=5),
+            "backend": backend.describe(),
+        }
+    base = results.get("torch_eager_cpu")
+    if isinstance(base, dict):
+        results["speedup_vs_torch_eager"] = {
+            k: round(base["p50_ms"] / v["p50_ms"], 2)
+            for k, v in results.items()
+            if isinstance(v, dict) and "p50_ms" in v
+        }
+    return results
+
+
+def _tensorrt(model_dir: Path) -> Any:
+    from lmm_fusion.runtime.backends import ensure_onnx
+    from lmm_fusion.runtime.tensorrt import TensorRTBackend
+
+    return TensorRTBackend(ensure_onnx(model_dir), precision="fp16")
+
+
+def _snapshot(points: np.ndarray, rgb: np.ndarray) -> Any:
+    from lmm_fusion.cycle.sync import Snapshot
+    from lmm_fusion.io.gnss import EgoState
+
+    ego = EgoState(1.0, 0.0, 0.0, 0.0, 12.0, 0.5, 0.1, 0.01, 0, 0.05, True)
+    return Snapshot(
+        now=1.0,
+        frames={"camera": rgb, "lidar": points, "gnss": ego},
+        ages={"camera": 0.02, "lidar": 0.05, "gnss": 0.03},
+        mask=np.ones(3, bool),
+        stamps={"camera": 0.98, "lidar": 0.95, "gnss": 0.97},
+    )
+
+
+def bench_outputs(pipeline: Any, points: np.ndarray, rgb: np.ndarray, iterations: int) -> dict[str, Any]:
+    """Decode + safety guard and building every output message from one assessment."""
+    from lmm_fusion.cycle.assessment import decode
+    from lmm_fusion.cycle.safety import apply_guard
+    from lmm_fusion.io.msgtypes import rosbags_types
+    from lmm_fusion.ros import outputs as ro
+
+    snap = _snapshot(points, rgb)
+    inputs = pipeline.preprocessor.inputs(snap)
+    outputs = pipeline.backend.infer(inputs)
+    cfg = pipeline.model_cfg
+    a = pipeline.cycle(snap)
+    types = rosbags_types()
+
+    def decode_and_guard() -> Any:
+        d = decode(outputs, 1.0, snap.mask, snap.ages, cfg.ttc_max, cfg.distance_max)
+        return apply_guard(d, pipeline.lidar_free_distance(points), 12.0, pipeline.safety_cfg)
+
+    def build_all() -> Any:
+        return (
+            ro.scene_assessment(types, a),
+            ro.action_suggestion(types, a),
+            ro.occupancy_grid(types, a),
+            ro.markers(types, a),
+        )
+
+    return {
+        "decode_and_safety": timeit(decode_and_guard, iterations),
+        "lidar_free_distance": timeit(lambda: pipeline.lidar_free_distance(points), iterations),
+        "build_output_messages": timeit(build_all, iterations),
+    }
+
+
+def bench_cycle(pipeline: Any, points: np.ndarray, width: int, height: int, iterations: int) -> dict[str, Any]:
+    """End to end: sensor messages -> numpy -> snapshot -> pipeline.cycle -> output messages."""
+    from lmm_fusion.io import create_cloud, create_compressed_image, create_image, read_image, read_points
+    from lmm_fusion.io.common import make_header
+    from lmm_fusion.io.msgtypes import rosbags_types
+    from lmm_fusion.ros import outputs as ro
+
+    types = rosbags_types()
+    header = make_header(types, 1.0, "lidar")
+    cloud = create_cloud(types, header, padded_cloud_array(points))
+    rgb = synthetic_image(width, height)
+    raw = create_image(types, header, rgb, "rgb8")
+    jpeg = create_compressed_image(types, header, rgb, "jpeg", 90)
+    stage_ms: dict[str, list[float]] = {}
+
+    def full(image_msg: Any) -> Any:
+        snap = _snapshot(read_points(cloud), read_image(image_msg))
+        a = pipeline.cycle(snap)
+        for k, v in a.latency_ms.items():
+            stage_ms.setdefault(k, []).append(v)
+        return ro.scene_assessment(types, a), ro.action_suggestion(types, a), ro.occupancy_grid(types, a)
+
+    out = {
+        "cycle_raw_image_padded_cloud": timeit(lambda: full(raw), iterations),
+        "cycle_jpeg_padded_cloud": timeit(lambda: full(jpeg), iterations),
+        "pipeline_only": timeit(lambda: pipeline.cycle(_snapshot(points, rgb)), iterations),
+    }
+    out["pipeline_stage_p50_ms"] = {k: round(statistics.median(v), 4) for k, v in stage_ms.items()}
+    return out
+
+
+def bench_scaling(pipeline: Any, iterations: int) -> dict[str, Any]:
+    """Cycle time (read + pipeline) against point count at 1280x720, and against image size at 120k points."""
+    from lmm_fusion.io import create_cloud, create_image, read_image, read_points
+    from lmm_fusion.io.common import make_header
+    from lmm_fusion.io.msgtypes import rosbags_types
+
+    types = rosbags_types()
+    header = make_header(types, 1.0, "lidar")
+
+    def cycle_ms(n_points: int, w: int, h: int) -> dict[str, float]:
+        cloud = create_cloud(types, header, padded_cloud_array(synthetic_points(n_points)))
+        img = create_image(types, header, synthetic_image(w, h), "rgb8")
+        return timeit(lambda: pipeline.cycle(_snapshot(read_points(cloud), read_image(img))), iterations)
+
+    points_rows = [{"points": n, **cycle_ms(n, 1280, 720)} for n in (30_000, 60_000, 120_000, 240_000)]
+    image_rows = [{"image": f"{w}x{h}", **cycle_ms(120_000, w, h)} for w, h in ((640, 480), (1280, 720), (1920, 1080))]
+    return {"points": points_rows, "image": image_rows}
+
+
+def plot_scaling(scaling: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    pts = scaling["points"]
+    a.plot([r["points"] / 1000 for r in pts], [r["p50_ms"] for r in pts], "o-", label="p50")
+    a.plot([r["points"] / 1000 for r in pts], [r["p99_ms"] for r in pts], "s--", label="p99")
+    a.set(xlabel="LiDAR points [thousands]", ylabel="cycle [ms]", title="Cycle vs point count (1280x720)")
+    img = scaling["image"]
+    b.plot([r["image"] for r in img], [r["p50_ms"] for r in img], "o-", label="p50")
+    b.plot([r["image"] for r in img], [r["p99_ms"] for r in img], "s--", label="p99")
+    b.set(xlabel="camera image", ylabel="cycle [ms]", title="Cycle vs image size (120k points)")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def bench_synth(seconds: float) -> dict[str, Any]:
+    try:
+        from lmm_fusion.synth.drive import synth_benchmark
+    except ImportError as exc:
+        return {"skipped": f"synthetic world not available ({exc})"}
+    return synth_benchmark(seconds)
+
+
+#: Stages of a replay cycle reported by ``bench_replay`` (the node's latency stages plus the bag write).
+REPLAY_SPLIT = ("preprocess", "inference", "decode", "safety", "write")
+
+
+def bench_replay(seconds: float, model: str | Path | None, backend: str, threads: int | None,
+                 rig: Any = None) -> dict[str, Any]:
+    """``lmm-fusion replay`` of a synthetic drive with the default rig (64-beam LiDAR, 1280x720 raw
+    camera), once with ``--no-sensors`` and once with the full output bag.
+
+    The drive (``seconds`` long, seed 7) is cached under :func:`lmm_fusion.base.paths.cache_dir` and reused;
+    the output bags go to a temporary folder that is removed. Per variant: ``wall_s`` (replay's own
+    timing: opening the bag, reading, cycles, writing), ``x_realtime`` (bag seconds per wall second),
+    ``startup_s`` (model load and warm-up, not in ``wall_s``), output bag size and ``split_s``: seconds
+    spent per stage over the whole replay, with ``read_decode_copy`` the rest (reading and deserialising
+    the bag, decoding the messages, copying inputs into the output bag). ``rig`` (a
+    :class:`~lmm_fusion.base.rig.SensorRig`, default the default rig) is for quick tests.
+    """
+    import shutil
+    import tempfile
+
+    from lmm_fusion.base.paths import cache_dir
+    from lmm_fusion.base.rig import SensorRig
+    from lmm_fusion.offline.replay import ReplayOptions, replay
+
+    rig = rig or SensorRig()
+    cam, lidar = rig.camera, rig.lidar
+    drive = cache_dir() / f"bench_drive_{seconds:g}s_{cam.width}x{cam.height}_{lidar.beams}x{lidar.columns}_seed7"
+    synth_s = None
+    if not (drive / "metadata.yaml").is_file():  # written last: its presence means a complete bag
+        from lmm_fusion.synth.drive import synthesize
+
+        shutil.rmtree(drive, ignore_errors=True)
+        t0 = time.perf_counter()
+        synthesize(drive, seconds, seed=7, rig=rig, progress=False)
+        synth_s = round(time.perf_counter() - t0, 3)
+    size = sum(f.stat().st_size for f in drive.iterdir())
+    out: dict[str, Any] = {"drive": str(drive), "bag_mib": round(size / 2**20, 1), "synth_s": synth_s}
+    with tempfile.TemporaryDirectory(prefix="lmm_fusion_bench_replay_") as tmp:
+        for name, copy in (("no_sensors", False), ("full", True)):
+            opts = ReplayOptions(model_dir=model, backend=backend, threads=threads, progress=False,
+                                 copy_sensors=copy, rig=rig)
+            t0 = time.perf_counter()
+            m = replay(drive, Path(tmp) / name, opts)
+            total = time.perf_counter() - t0
+            timing, n = m["timing"], m["cycles"]["total"]
+            lat = timing["latency_ms"]
+            split = {k: round(lat[k]["mean"] * n / 1e3, 3) for k in REPLAY_SPLIT if k in lat}
+            split["read_decode_copy"] = timing["read_decode_copy_s"]
+            out[name] = {
+                "wall_s": timing["wall_s"],
+                "x_realtime": timing["throughput_x_realtime"],
+                "startup_s": round(total - timing["wall_s"], 3),
+                "cycles": n,
+                "output_mib": round((Path(tmp) / name / "outputs.mcap").stat().st_size / 2**20, 1),
+                "cycle_p50_ms": lat["total"]["p50"],
+                "split_s": split,
+            }
+            out["bag_s"] = m["bag_duration_s"]
+            out["backend"] = m["backend"]
+            shutil.rmtree(Path(tmp) / name)
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from lmm_fusion.cycle.pipeline import FusionPipeline
+
+    width, height = (int(v) for v in args.image.lower().split("x"))
+    stages = set(args.stage or [s for s in STAGES if s != "synth"])
+    torch.set_num_threads(args.threads)
+    points = synthetic_points(args.points)
+    report: dict[str, Any] = {
+        "machine": machine_info(),
+        "config": {
+            "points": args.points,
+            "image": f"{width}x{height}",
+            "iterations": args.iterations,
+            "device": args.device,
+            "threads": args.threads,
+        },
+    }
+    pipeline = FusionPipeline(
+        args.model, backend=args.backend, threads=args.threads, device=None if args.device == "cpu" else args.device
+    )
+    report["config"]["model"] = pipeline.describe()
+    n = args.iterations
+    if "io" in stages:
+        report["io"] = bench_io(points, width, height, n)
+    if "preprocess" in stages:
+        report["preprocess"] = bench_preprocess(points, width, height, n, pipeline.model_cfg)
+    if "model" in stages:
+        report["model"] = bench_model(pipeline.model_dir, args.device, n, args.threads)
+    rgb = synthetic_image(width, height)
+    if "outputs" in stages:
+        report["outputs"] = bench_outputs(pipeline, points, rgb, n)
+    if "cycle" in stages:
+        report["cycle"] = bench_cycle(pipeline, points, width, height, n)
+    if "scaling" in stages:
+        report["scaling"] = bench_scaling(pipeline, max(5, n // 4))
+        if args.plot:
+            plot_scaling(report["scaling"], Path(args.plot))
+            report["scaling"]["plot"] = str(args.plot)
+    if "synth" in stages:
+        report["synth"] = bench_synth(args.synth_seconds)
+    if "replay" in stages:
+        report["replay"] = bench_replay(args.replay_seconds, args.model, args.backend, args.threads)
+    report["rss_mib"] = rss_mib()
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the JSON report (default: a short table)")
+    p.add_argument("--out", default=None, help="also write the JSON report to this file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--points", type=int, default=120_000, help="LiDAR points per scan")
+    p.add_argument("--image", default="1280x720", help="camera image WxH")
+    p.add_argument("--iterations", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and ONNX Runtime")
+    p.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable)")
+    p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
+    p.add_argument(
+        "--backend",
+        default="onnxruntime" if os.environ.get("CUDA_VISIBLE_DEVICES") != "" else "auto",
+        help="backend of the pipeline used for outputs/cycle/scaling",
+    )
+    p.add_argument("--plot", default=None, help="write the scaling plot PNG here")
+    p.add_argument("--synth-seconds", type=float, default=6.0, help="seconds of drive timed for the synth stage")
+    p.add_argument("--replay-seconds", type=float, default=10.0,
+                   help="seconds of synthetic drive replayed by the replay stage (cached)")
+
+
+def _table(report: dict[str, Any]) -> str:
+    lines = []
+    for section in ("io", "preprocess", "model", "outputs", "cycle"):
+        for k, v in report.get(section, {}).items():
+            if isinstance(v, dict) and "p50_ms" in v:
+                lines.append(f"{section:>10} {k:<36} p50 {v['p50_ms']:9.3f} ms  p99 {v['p99_ms']:9.3f} ms")
+    rep = report.get("replay", {})
+    for k in ("no_sensors", "full"):
+        if k in rep:
+            lines.append(f"{'replay':>10} {k:<36} {rep[k]['wall_s']:9.3f} s  = {rep[k]['x_realtime']} x real time"
+                         f" ({rep['bag_s']} s of bag)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.backend == "auto" and args.device == "cpu":
+        args.backend = "onnxruntime"
+    report = run_bench(args)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text if args.json else _table(report))
+    return 0

@@ -1,0 +1,396 @@
+"""``lmm-fusion load``: drive the real node with full-size synthetic sensors and measure it as a process.
+
+The node runs as its own process (``python -m lmm_fusion.ros.node``) on loopback DDS; this process
+publishes a 1280x720 rgb8 camera at 20 Hz, a 120k-point 48-byte-layout PointCloud2 at 10 Hz and a
+moving NavSatFix at 10 Hz (configurable), stamped with the wall clock, for a bounded time, while it
+collects the node's outputs and ``/diagnostics`` and samples the node's CPU and RSS once a second.
+
+The report (JSON) gives the achieved output rate, cycle latency p50/p99 (the node's own
+measurement), deadline misses, per-sensor rates seen by the node against the published rates
+(dropped frames: over DDS best-effort, large messages are dropped on purpose rather than queued),
+and the node's RSS over time with its growth after warm-up. The same command with ``--seconds 600
+--rate-hz 20`` is the soak test (docs/benchmarks.md keeps the last result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmm_fusion.base import topics as T
+from lmm_fusion.ros.dds import use_large_data_profile
+from lmm_fusion.tools.bench import padded_cloud_array, synthetic_image, synthetic_points
+
+log = logging.getLogger(__name__)
+
+
+class SensorPublisher:
+    """Publishes pre-built full-size sensor messages at their rates from a background thread.
+
+    Messages are built once; each publish only restamps the header (building a 2.7 MB image per
+    frame would measure this process, not the node).
+    """
+
+    def __init__(
+        self,
+        domain_id: int,
+        width: int,
+        height: int,
+        points: int,
+        camera_hz: float,
+        lidar_hz: float,
+        gnss_hz: float,
+        speed: float = 10.0,
+    ) -> None:
+        import rclpy
+        from rclpy.context import Context
+        from rclpy.qos import qos_profile_sensor_data
+
+        from lmm_fusion.base.rig import SensorRig
+        from lmm_fusion.io import create_cloud, create_fix, create_image
+        from lmm_fusion.io.common import make_header
+        from lmm_fusion.io.msgtypes import rclpy_types
+
+        self.ctx = Context()
+        rclpy.init(context=self.ctx, domain_id=domain_id)
+        self.node = rclpy.create_node("lmm_fusion_load_publisher", context=self.ctx)
+        t = rclpy_types()
+        self.types = t
+        self.rig = SensorRig()
+        hdr = make_header(t, 0.0, T.LIDAR_FRAME)
+        self.cloud = create_cloud(t, hdr, padded_cloud_array(synthetic_points(points)))
+        self.image = create_image(t, make_header(t, 0.0, T.CAMERA_FRAME), synthetic_image(width, height), "rgb8")
+        self.fix_header = make_header(t, 0.0, T.GNSS_FRAME)
+        self._create_fix = create_fix
+        self.speed = speed
+        self.pubs = {
+            "camera": self.node.create_publisher(t.Image, T.CAMERA_IMAGE, qos_profile_sensor_data),
+            "lidar": self.node.create_publisher(t.PointCloud2, T.LIDAR_POINTS, qos_profile_sensor_data),
+            "gnss": self.node.create_publisher(t.NavSatFix, T.GNSS_FIX, qos_profile_sensor_data),
+        }
+        self.rates = {"camera": camera_hz, "lidar": lidar_hz, "gnss": gnss_hz}
+        self.sent = dict.fromkeys(self.pubs, 0)
+        self.publish_ms: dict[str, list[float]] = {k: [] for k in self.pubs}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _stamp(self, header: Any, now: float) -> None:
+        header.stamp.sec = math.floor(now)
+        header.stamp.nanosec = int((now - math.floor(now)) * 1e9)
+
+    def _fix(self, now: float, t0: float) -> Any:
+        import pymap3d
+
+        g = self.rig.gnss
+        lat, lon, alt = pymap3d.enu2geodetic(
+            self.speed * (now - t0), 0.0, 0.0, g.origin_lat, g.origin_lon, g.origin_alt
+        )
+        self._stamp(self.fix_header, now)
+        return self._create_fix(self.types, self.fix_header, float(lat), float(lon), float(alt), 0, g.horizontal_std)
+
+    def _run(self) -> None:
+        t0 = time.time()
+        due = dict.fromkeys(self.pubs, t0)
+        while not self._stop.is_set():
+            now = time.time()
+            for sensor, when in due.items():
+                if now < when:
+                    continue
+                start = time.perf_counter()
+                if sensor == "camera":
+                    self._stamp(self.image.header, now)
+                    self.pubs[sensor].publish(self.image)
+                elif sensor == "lidar":
+                    self._stamp(self.cloud.header, now)
+                    self.pubs[sensor].publish(self.cloud)
+                else:
+                    self.pubs[sensor].publish(self._fix(now, t0))
+                self.publish_ms[sensor].append((time.perf_counter() - start) * 1e3)
+                self.sent[sensor] += 1
+                # Next slot on the fixed grid; a late publish skips slots instead of bursting.
+                period = 1.0 / self.rates[sensor]
+                due[sensor] = when + period * max(1, math.floor((now - when) / period) + 1)
+            self._stop.wait(max(0.0, min(due.values()) - time.time()))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        import rclpy
+
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        self.node.destroy_node()
+        rclpy.try_shutdown(context=self.ctx)
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None, "max": None}
+    arr = np.asarray(values, float)
+    return {
+        "p50": round(float(np.percentile(arr, 50)), 3),
+        "p99": round(float(np.percentile(arr, 99)), 3),
+        "max": round(float(arr.max()), 3),
+    }
+
+
+def run_load(
+    seconds: float,
+    rate_hz: float,
+    width: int,
+    height: int,
+    points: int,
+    camera_hz: float,
+    lidar_hz: float,
+    backend: str,
+    out_dir: Path,
+    warmup_s: float = 20.0,
+    transport: str = "shm",
+) -> dict[str, Any]:
+    """Run the node under load for ``seconds`` (after it starts publishing) and return the report.
+
+    ``transport``: ``shm`` = the shipped Fast DDS profile (config/fastdds_large_data.xml: a shared-memory
+    segment that holds whole multi-MB samples); ``large_data`` = Fast DDS's builtin LARGE_DATA mode;
+    ``default`` = Fast DDS defaults (UDP fragments: multi-MB best-effort samples are mostly lost).
+    """
+    import os
+
+    import psutil
+
+    from lmm_fusion.tools.demo import OutputCollector, Processes, loopback_env, node_command, wait_until
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = loopback_env()
+    if transport == "shm":
+        use_large_data_profile(env)
+        use_large_data_profile(os.environ)
+    elif transport == "large_data":
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    domain = int(env["ROS_DOMAIN_ID"])
+    procs = Processes(out_dir / "logs")
+    collector = None
+    try:
+        node = procs.start(
+            "node", node_command(f"rate_hz:={rate_hz}", f"backend:={backend}", "use_camera_info:=false"), env
+        )
+        collector = OutputCollector(domain, ground_truth=False)
+        if not wait_until(lambda: collector.count("scene") > 0 or node.poll() is not None, 120.0):
+            raise RuntimeError("the node published nothing within 120 s; see " + str(out_dir / "logs/node.log"))
+        if node.poll() is not None:
+            raise RuntimeError(f"the node exited with {node.returncode}; see {out_dir / 'logs/node.log'}")
+        # The publisher is its own process: sharing this one with the collector's executor (and its GIL)
+        # made it the bottleneck, and a vehicle's drivers are separate processes too.
+        procs.start(
+            "publisher",
+            [
+                sys.executable,
+                "-m",
+                "lmm_fusion.tools.loadtest",
+                str(domain),
+                str(width),
+                str(height),
+                str(points),
+                str(camera_hz),
+                str(lidar_hz),
+            ],
+            env,
+        )
+        wait_until(lambda: False, min(5.0, warmup_s))  # let discovery settle before counting
+        collector.clear()
+        proc = psutil.Process(node.pid)
+        proc.cpu_percent(None)
+        rss: list[tuple[float, float]] = []
+        cpu: list[float] = []
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            time.sleep(1.0)
+            if node.poll() is not None:
+                raise RuntimeError(f"the node died under load (exit {node.returncode}); see logs/node.log")
+            rss.append((round(time.monotonic() - t0, 1), proc.memory_info().rss / 2**20))
+            cpu.append(proc.cpu_percent(None))
+        elapsed = time.monotonic() - t0
+        scenes = collector.get("scene")
+        diags = collector.get("diagnostics")
+        procs.stop("publisher")
+        pub_report = json.loads(procs.log_text("publisher").strip().splitlines()[-1])
+    finally:
+        if collector is not None:
+            collector.close()
+        procs.stop_all()
+    sent = pub_report["sent"]
+    publish_ms = pub_report["publish_ms"]
+    pub_seconds = pub_report["seconds"]
+
+    cycle: dict[str, str] = {}
+    sensor_rates: dict[str, list[float]] = {s: [] for s in ("camera", "lidar", "gnss")}
+    totals: list[float] = []
+    for d in diags:
+        for name, st in d["status"].items():
+            key = name.rsplit(": ", 1)[-1]
+            if key == "cycle":
+                cycle = st["values"]
+            elif key in sensor_rates and d["recv"] - diags[0]["recv"] > 3.0:
+                sensor_rates[key].append(float(st["values"]["rate_hz"]))
+            elif key == "assessment" and "total_ms" in st["values"]:
+                totals.append(float(st["values"]["total_ms"]))
+    recv = [r["recv"] for r in scenes]
+    achieved = (len(recv) - 1) / (recv[-1] - recv[0]) if len(recv) > 1 else 0.0
+    gaps_ms = list(np.diff(recv) * 1e3) if len(recv) > 1 else []
+    after = [m for t, m in rss if t >= warmup_s] or [m for _, m in rss]
+    base = float(np.median(after[: max(1, len(after) // 10)]))
+    end = float(np.median(after[-max(1, len(after) // 10) :]))
+    report = {
+        "config": {
+            "seconds": seconds,
+            "rate_hz": rate_hz,
+            "camera": f"{width}x{height} rgb8 @ {camera_hz:g} Hz",
+            "lidar": f"{points} points x 48 B @ {lidar_hz:g} Hz",
+            "gnss": "NavSatFix @ 10 Hz",
+            "backend": backend,
+            "warmup_s": warmup_s,
+            "transport": transport,
+        },
+        "outputs": {
+            "assessments": len(scenes),
+            "achieved_hz": round(achieved, 3),
+            "expected": int(elapsed * rate_hz),
+            "interval_ms": _percentiles(gaps_ms),
+            "valid": sum(r["valid"] for r in scenes),
+            "degraded": sum(r["degraded"] for r in scenes),
+        },
+        "cycle_latency_ms": {
+            "node_p50": float(cycle.get("latency_p50_ms", "nan")),
+            "node_p99": float(cycle.get("latency_p99_ms", "nan")),
+            "pipeline_samples": _percentiles(totals),
+        },
+        "deadline_misses": int(cycle.get("deadline_misses", "0")),
+        "cycles": int(cycle.get("cycles", "0")),
+        "sensors": {
+            s: {
+                "published": sent[s],
+                "published_hz": round(sent[s] / pub_seconds, 2),
+                "received_hz_median": round(float(np.median(v)), 2) if v else None,
+                "received_hz_p10_p90": [round(float(np.percentile(v, q)), 2) for q in (10, 90)] if v else None,
+                "publish_ms": publish_ms[s],
+            }
+            for s, v in sensor_rates.items()
+        },
+        "node_process": {
+            "cpu_percent_mean": round(float(np.mean(cpu)), 1) if cpu else None,
+            "rss_mib_start": round(rss[0][1], 1) if rss else None,
+            "rss_mib_after_warmup": round(base, 1),
+            "rss_mib_end": round(end, 1),
+            "rss_growth_after_warmup_pct": round(100.0 * (end - base) / base, 2) if base else None,
+            "rss_mib_series": [(t, round(m, 1)) for t, m in rss],
+        },
+    }
+    (out_dir / "load.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def plot_rss(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = report["node_process"]["rss_mib_series"]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot([t for t, _ in series], [m for _, m in series])
+    ax.axvline(report["config"]["warmup_s"], color="grey", ls="--", label="end of warm-up")
+    ax.set(
+        xlabel="time under load [s]",
+        ylabel="node RSS [MiB]",
+        title=f"node at {report['config']['rate_hz']:g} Hz, {report['config']['seconds']:g} s",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seconds", type=float, default=60.0, help="time under load [s] (soak: 600)")
+    p.add_argument("--rate-hz", type=float, default=10.0, help="node cycle rate [Hz]")
+    p.add_argument("--image", default="1280x720", help="camera WxH (rgb8)")
+    p.add_argument("--points", type=int, default=120_000, help="LiDAR points per scan")
+    p.add_argument("--camera-hz", type=float, default=20.0)
+    p.add_argument("--lidar-hz", type=float, default=10.0)
+    p.add_argument("--backend", default="onnxruntime", help="node backend parameter")
+    p.add_argument("--warmup", type=float, default=20.0, help="seconds excluded from memory growth [s]")
+    p.add_argument(
+        "--transport",
+        choices=("shm", "large_data", "default"),
+        default="shm",
+        help="Fast DDS transports for node and publisher (see run_load)",
+    )
+    p.add_argument("--out", default="out/load", help="folder for load.json, rss.png and logs")
+
+
+def run(args: argparse.Namespace) -> int:
+    w, h = (int(v) for v in args.image.lower().split("x"))
+    out = Path(args.out)
+    report = run_load(
+        args.seconds,
+        args.rate_hz,
+        w,
+        h,
+        args.points,
+        args.camera_hz,
+        args.lidar_hz,
+        args.backend,
+        out,
+        min(args.warmup, args.seconds / 2),
+        args.transport,
+    )
+    plot_rss(report, out / "rss.png")
+    brief = {k: v for k, v in report.items() if k != "node_process"}
+    brief["node_process"] = {k: v for k, v in report["node_process"].items() if k != "rss_mib_series"}
+    print(json.dumps(brief, indent=2))
+    return 0
+
+
+def publisher_main(argv: list[str]) -> int:
+    """``python -m lmm_fusion.tools.loadtest DOMAIN W H POINTS CAMERA_HZ LIDAR_HZ``: publish until SIGINT, then
+    print one JSON line with the counts and publish times (read back by :func:`run_load`)."""
+    import signal
+
+    domain, w, h, n = (int(v) for v in argv[:4])
+    cam_hz, lidar_hz = float(argv[4]), float(argv[5])
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    pub = SensorPublisher(domain, w, h, n, cam_hz, lidar_hz, 10.0)
+    pub.start()
+    t0 = time.monotonic()
+    stop.wait()
+    seconds = time.monotonic() - t0
+    pub.stop()
+    print(
+        json.dumps(
+            {
+                "sent": pub.sent,
+                "seconds": seconds,
+                "publish_ms": {k: _percentiles(v) for k, v in pub.publish_ms.items()},
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    import sys as _sys
+
+    raise SystemExit(publisher_main(_sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Datasets from bags, training, evaluation and INT8 calibration."""

@@ -1,0 +1,434 @@
+"""``lmm-fusion train``: train the fusion model on rosbag2 drives.
+
+Single process (CPU or CUDA with AMP) or DistributedDataParallel under ``torchrun``::
+
+    lmm-fusion train --data data/train --out models/fusion_small --epochs 12
+    torchrun --nproc-per-node 2 -m lmm_fusion.training.train --data data/train --out runs/ddp  # gloo (CPU), nccl (CUDA)
+
+Deterministic for a given seed: shuffling and modality dropout draw from ``numpy`` generators keyed
+by ``(seed, epoch)``, so a run resumed from its last epoch checkpoint continues exactly. Checkpoints
+(``<out>/checkpoint/``: weights + optimiser moments as safetensors, progress as JSON) are written after
+every epoch; ``--resume`` picks them up. Metrics go to ``<out>/train_log.jsonl`` (one JSON per epoch).
+``--init-from MODEL_DIR`` fine-tunes instead: the weights (and configuration) of a trained model, a
+fresh optimiser and a fresh warm-up + cosine schedule over ``--epochs`` (e.g. on new drives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmm_fusion.model import FusionModel, ModelConfig, save_model
+from lmm_fusion.model.checkpoint import load_config, load_model, model_metadata
+from lmm_fusion.model.losses import FusionLoss, LossWeights
+from lmm_fusion.training.dataset import FusionDataset, bag_fingerprint, expand_bags
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+LOG_FILE = "train_log.jsonl"
+TARGET_KEYS = ("risk", "action", "light", "target_speed", "ttc", "distance", "occupancy")
+
+
+# ---------------------------------------------------------------- modality dropout
+def modality_dropout(data_mask: np.ndarray, rng: np.random.Generator, p_drop: float) -> np.ndarray:
+    """Mask ``(B, 3)`` the model sees: with probability ``p_drop`` a sample loses one present modality
+    (two thirds of those) or keeps only one (the other third). A modality absent in the data stays
+    absent. Returns float32."""
+    b = data_mask.shape[0]
+    used = data_mask.astype(bool).copy()
+    drop = rng.random(b) < p_drop
+    keep_one = rng.random(b) < (1.0 / 3.0)
+    pick = rng.integers(0, 3, size=b)
+    for i in np.flatnonzero(drop):  # loop over a batch (<= a few hundred), not over points
+        present = np.flatnonzero(used[i])
+        if len(present) < 2:
+            continue
+        j = present[pick[i] % len(present)]
+        if keep_one[i]:
+            used[i] = False
+            used[i, j] = True
+        else:
+            used[i, j] = False
+    return used.astype(np.float32)
+
+
+# ---------------------------------------------------------------- augmentation
+def augment(b: dict[str, torch.Tensor], rng: np.random.Generator) -> None:
+    """Photometric camera jitter (global gain/offset, small per-channel gain, pixel noise) and GNSS
+    feature noise, in place on a batch of normalised inputs. Geometry is left alone: every label
+    (distances, lanes, which side is free) depends on it. Deterministic given ``rng``."""
+    img = b["image"]
+    n = img.shape[0]
+    gain = rng.uniform(0.75, 1.25, (n, 1, 1, 1)) * rng.uniform(0.97, 1.03, (n, 3, 1, 1))
+    offset = rng.normal(0.0, 0.15, (n, 1, 1, 1))
+    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    noise = torch.randn(img.shape, generator=g) * float(rng.uniform(0.0, 0.08))
+    b["image"] = img * torch.from_numpy(gain.astype(np.float32)) + torch.from_numpy(offset.astype(np.float32)) \
+        + noise
+    ego = b["ego"]
+    jitter = torch.from_numpy(rng.normal(0.0, 0.02, (ego.shape[0], 3)).astype(np.float32))
+    ego = ego.clone()
+    ego[:, :3] += jitter * (ego[:, 7:8] > 0)  # only where a GNSS state exists
+    ego[:, 3] = ego[:, 0] * ego[:, 0] * (ego[:, 7] > 0)
+    b["ego"] = ego
+
+
+# ---------------------------------------------------------------- BatchNorm statistics
+@torch.no_grad()
+def recalibrate_batchnorm(model: FusionModel, ds: FusionDataset, batch_size: int, max_batches: int, seed: int,
+                          device: torch.device) -> None:
+    """Recompute every BatchNorm's running mean/var as a plain average over ``max_batches`` training
+    batches with the final weights. The exponential running averages lag behind weights that moved
+    fast (high learning rate, short runs), which shows as a gap between train- and eval-mode outputs."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    idx = np.random.default_rng([seed, 1_000_003]).permutation(len(ds))
+    for i in range(min(max_batches, max(1, len(ds) // batch_size))):
+        b = ds.batch(idx[i * batch_size:(i + 1) * batch_size])
+        model(b["image"].to(device), b["bev"].to(device), b["ego"].to(device), b["modality_mask"].to(device))
+    for m, (mom, _) in zip(bns, saved):
+        m.momentum = mom
+    model.train(was_training)
+
+
+# ---------------------------------------------------------------- checkpoints
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for i, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            out[f"{i}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().contiguous()
+    return out
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, progress: dict[str, Any]) -> None:
+    """Weights, optimiser moments (safetensors) and progress (JSON) under ``out/checkpoint``; atomic."""
+    d = out / CHECKPOINT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(d / "model.safetensors.tmp"))
+    save_file(_optimizer_tensors(opt), str(d / "optimizer.safetensors.tmp"))
+    (d / "progress.json.tmp").write_text(json.dumps(progress, indent=2, sort_keys=True))
+    for name in ("model.safetensors", "optimizer.safetensors", "progress.json"):
+        (d / f"{name}.tmp").replace(d / name)
+
+
+def load_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any] | None:
+    d = out / CHECKPOINT_DIR
+    if not (d / "progress.json").is_file():
+        return None
+    model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    _load_optimizer_tensors(opt, load_file(str(d / "optimizer.safetensors")))
+    return json.loads((d / "progress.json").read_text())
+
+
+def initial_weights(model_dir: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """State dict of the trained model in ``model_dir`` to fine-tune from. Raises ``ValueError`` naming
+    the fields where its configuration differs from ``cfg`` (the weights would not mean the same)."""
+    theirs, ours = load_config(model_dir).to_dict(), cfg.to_dict()
+    differ = sorted(k for k in ours if theirs.get(k) != ours[k])
+    if differ:
+        raise ValueError(f"--init-from {model_dir}: its configuration differs in "
+                         + ", ".join(f"{k}={theirs.get(k)!r} (this run: {ours[k]!r})" for k in differ))
+    return load_model(model_dir).state_dict()
+
+
+# ---------------------------------------------------------------- distributed
+def _dist_setup(device_arg: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device(device_arg)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _all_reduce_mean(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / world for k, v in zip(keys, t.tolist())}
+
+
+# ---------------------------------------------------------------- training
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 5 % of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def train(
+    cfg: ModelConfig,
+    train_set: FusionDataset,
+    out: Path,
+    *,
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    weight_decay: float = 0.02,
+    seed: int = 0,
+    p_drop: float = 0.5,
+    weights: LossWeights | None = None,
+    resume: bool = False,
+    init_from: Path | None = None,
+    val_set: FusionDataset | None = None,
+    device: str = "auto",
+    amp: bool = True,
+    progress: bool = True,
+    max_steps: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    bn_batches: int = 50,
+    augmentation: bool = True,
+) -> dict[str, Any]:
+    """Train and save the model to ``out`` (``config.json`` + ``model.safetensors``); returns the
+    last epoch's log record. Under ``torchrun`` every rank trains on its shard, rank 0 writes.
+
+    ``init_from``: a model directory whose weights the run starts from (its configuration must equal
+    ``cfg``); ignored when ``resume`` finds a checkpoint, which already holds the fine-tuned weights."""
+    rank, world, dev = _dist_setup(device)
+    torch.manual_seed(seed)
+    model = FusionModel(cfg)
+    if init_from is not None:
+        model.load_state_dict(initial_weights(init_from, cfg))
+    model = model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    start_epoch, step = 0, 0
+    out = Path(out)
+    if resume:
+        prog = load_checkpoint(out, model, opt)
+        if prog is not None:
+            start_epoch, step = int(prog["epoch"]) + 1, int(prog["step"])
+            log.info("resumed from %s at epoch %d", out / CHECKPOINT_DIR, start_epoch)
+    net: nn.Module = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    loss_fn = FusionLoss(cfg, weights)
+    use_amp = amp and dev.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    n = len(train_set)
+    if n == 0:
+        raise ValueError("training set is empty")
+    per_rank = n // world
+    steps_per_epoch = max(1, per_rank // batch_size)
+    total = steps_per_epoch * epochs
+    warmup = min(200, max(1, total // 20))
+    record: dict[str, Any] = {}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    for epoch in range(start_epoch, epochs):
+        rng = np.random.default_rng([seed, epoch])
+        perm = rng.permutation(n)[: per_rank * world]
+        shard = perm[rank::world]
+        net.train()
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        bar = range(steps_per_epoch)
+        if progress and rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(bar, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
+        done = 0
+        for i in bar:
+            if max_steps is not None and step >= max_steps:
+                break
+            idx = shard[i * batch_size:(i + 1) * batch_size]
+            b = train_set.batch(idx)
+            data_mask = b["modality_mask"].numpy()
+            used = torch.from_numpy(modality_dropout(data_mask, rng, p_drop))
+            if augmentation:
+                augment(b, rng)
+            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
+            used = used.to(dev)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, lr, warmup)
+            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
+                o = net(b["image"], b["bev"], b["ego"], used, with_embeddings=True)
+            loss, parts = loss_fn(o, b, data_mask=b["modality_mask"], used_mask=used)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            scaler.step(opt)
+            scaler.update()
+            step += 1
+            done += 1
+            parts["loss"] = float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if progress and rank == 0 and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{parts['loss']:.3f}")
+        means = {k: v / max(done, 1) for k, v in sums.items()}
+        means = _all_reduce_mean(means, world, dev)
+        record = {"epoch": epoch, "step": step, "lr": lr_at(step, total, lr, warmup),
+                  "seconds": round(time.perf_counter() - t0, 2), "train": means}
+        if val_set is not None and len(val_set) and rank == 0:
+            from lmm_fusion.training.evaluate import quick_metrics
+
+            recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, dev)
+            model.eval()
+            record["val"] = quick_metrics(model, val_set, device=dev)
+        if rank == 0:
+            with (out / LOG_FILE).open("a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+            log.info("epoch %d/%d loss %.4f %s", epoch + 1, epochs, means.get("loss", float("nan")),
+                     json.dumps(record.get("val", {})))
+            save_checkpoint(out, model, opt, {"epoch": epoch, "step": step, "seed": seed})
+        if max_steps is not None and step >= max_steps:
+            break
+    if rank == 0:
+        recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, dev)
+        meta = dict(metadata or {})
+        meta.update({"epochs": epochs, "steps": step, "seed": seed, "samples": n, "world_size": world,
+                     "last": record})
+        save_model(model.cpu().eval(), out, metadata=meta)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return record
+
+
+# ---------------------------------------------------------------- CLI
+def _parse_overrides(items: list[str], cls: type = ModelConfig, flag: str = "--set") -> dict[str, Any]:
+    """``KEY=VALUE`` (VALUE parsed as JSON when possible) for the fields of dataclass ``cls``."""
+    names = {f.name for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in names:
+            raise SystemExit(f"{flag} {item!r}: expected FIELD=VALUE with FIELD one of {cls.__name__}'s fields "
+                             f"({', '.join(sorted(names))})")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", required=True,
+                   help="rosbag2 folders, or directories holding them; also cached sample files (.npz) or a "
+                        "cache directory without bags (samples made with this config's preprocessing)")
+    p.add_argument("--val-data", nargs="*", default=[], help="bags evaluated after every epoch")
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument("--config", type=Path, help="config.json to start from (default: ModelConfig defaults)")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="ModelConfig overrides")
+    p.add_argument("--loss-weights", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="LossWeights overrides, e.g. cautious_degraded=3")
+    p.add_argument("--cache", type=Path, default=Path(".cache/lmm_fusion_samples"),
+                   help="preprocessed-sample cache directory")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.02)
+    p.add_argument("--modality-dropout", type=float, default=0.5, help="probability a sample loses sensors")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (smoke tests)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    p.add_argument("--init-from", type=Path, metavar="MODEL_DIR",
+                   help="fine-tune: start from this trained model's weights and configuration (fresh "
+                        "optimiser and schedule)")
+    p.add_argument("--no-augment", action="store_true", help="no photometric / GNSS-noise augmentation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(max(1, args.threads))
+    if args.config:
+        cfg = ModelConfig.load(args.config)
+    else:
+        cfg = load_config(args.init_from) if args.init_from else ModelConfig()
+    if args.set:
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), **_parse_overrides(args.set)})
+    cfg.validate()
+    weight_overrides = _parse_overrides(args.loss_weights, LossWeights, "--loss-weights")
+    for key, value in weight_overrides.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise SystemExit(f"--loss-weights {key}={value!r}: expected a number >= 0")
+    weights = LossWeights(**weight_overrides)
+    bags = expand_bags(args.data)
+    t0 = time.perf_counter()
+    train_set = FusionDataset(bags, cfg, cache_dir=args.cache)
+    val_set = FusionDataset(expand_bags(args.val_data), cfg, cache_dir=args.cache) if args.val_data else None
+    log.info("%d training samples from %d bags (%.1f s to load)", len(train_set), len(bags),
+             time.perf_counter() - t0)
+    meta = {"train_bags": [b.name for b in bags], "train_bag_fingerprints": [bag_fingerprint(b) for b in bags],
+            "command": "lmm-fusion train " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "",
+            "loss_weights": asdict(weights)}
+    if args.init_from:
+        # provenance: a fine-tuned model is reproducible only with the command of the one it started from
+        meta["init_from"] = {"model": str(args.init_from),
+                             "command": model_metadata(args.init_from).get("command", "")}
+    t1 = time.perf_counter()
+    rec = train(cfg, train_set, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                weight_decay=args.weight_decay, seed=args.seed, p_drop=args.modality_dropout, weights=weights,
+                resume=args.resume,
+                init_from=args.init_from, val_set=val_set, device=args.device, amp=not args.no_amp,
+                progress=not args.no_progress, max_steps=args.max_steps, metadata=meta,
+                augmentation=not args.no_augment)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"out": str(args.out), "samples": len(train_set),
+                          "train_seconds": round(time.perf_counter() - t1, 1), **rec}, sort_keys=True))
+    return 0
+
+
+def main() -> int:
+    """Entry point for ``python -m lmm_fusion.training.train`` (torchrun)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="lmm-fusion train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
