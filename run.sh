@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for the venv path (no system ROS 2 needed).
 #   bash run.sh demo   set up, then drive the real node with a synthetic drive and summarise
-#   bash run.sh test   set up, then run the test suite and ruff
+#   bash run.sh test   set up, then run ruff, the type checker (mypy) and the test suite
 #   bash run.sh setup  set up only;  bash run.sh <lmm-fusion args...>  run the CLI in the venv
 # Set-up is idempotent: each step is skipped when its inputs have not changed.
 set -euo pipefail
@@ -84,6 +84,7 @@ case "$cmd" in
   test)
     shift || true; setup
     "$VENV/bin/ruff" check lmm_fusion test launch
+    "$VENV/bin/mypy"  # configured in pyproject.toml: the whole lmm_fusion package
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *) setup; exec "$VENV/bin/lmm-fusion" "$@" ;;
 esac
