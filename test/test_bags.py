@@ -6,6 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mcap.reader import make_reader
+from rosbags.highlevel import AnyReader
+from rosbags.interfaces import QosDurability, QosReliability
 
 from lmm_fusion.io.bags import BagWriter, bag_counts, bag_topics, offered_qos, read_bag
 from lmm_fusion.io.common import make_header
@@ -47,9 +50,6 @@ def test_roundtrip_in_time_order(tmp_path: Path, types, storage: str) -> None:
 
 
 def test_tf_static_is_transient_local(tmp_path: Path, types) -> None:
-    from rosbags.highlevel import AnyReader
-    from rosbags.interfaces import QosDurability, QosReliability
-
     _write_sample(tmp_path / "bag", types, "mcap")
     with AnyReader([tmp_path / "bag"]) as reader:
         qos = {c.topic: c.ext.offered_qos_profiles for c in reader.connections}
@@ -71,8 +71,6 @@ def test_custom_messages_roundtrip(tmp_path: Path, types) -> None:
 
 
 def test_readable_by_mcap_reader(tmp_path: Path, types) -> None:
-    from mcap.reader import make_reader
-
     _write_sample(tmp_path / "bag", types, "mcap")
     (mcap_file,) = (tmp_path / "bag").glob("*.mcap")
     with open(mcap_file, "rb") as f:

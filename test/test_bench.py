@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
 from lmm_fusion.cli import main
-from lmm_fusion.tools.bench import padded_cloud_array, synthetic_points, timeit
+from lmm_fusion.tools.bench import REPLAY_SPLIT, bench_replay, timeit
+from lmm_fusion.tools.payloads import padded_cloud_array, synthetic_points
 
 
 def test_timeit_reports_ordered_percentiles() -> None:
@@ -46,11 +49,6 @@ def test_bench_json_has_every_stage(tmp_path: Path, capsys) -> None:
 
 
 def test_replay_stage_reports_both_variants(tmp_path: Path, monkeypatch) -> None:
-    import torch
-
-    from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
-    from lmm_fusion.tools.bench import REPLAY_SPLIT, bench_replay
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the cached drive and random model
     rig = SensorRig(camera=CameraModel(160, 90), lidar=LidarModel(beams=8, columns=128))
     threads = torch.get_num_threads()

@@ -13,15 +13,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import pytest
 
-from lmm_fusion.base.rig import SensorRig
+from lmm_fusion.base import topics
+from lmm_fusion.base.rig import CameraModel, SensorRig
+from lmm_fusion.base.vocabulary import Scenario
 from lmm_fusion.carla import bridge as cb
 from lmm_fusion.carla import convert as cc
+from lmm_fusion.carla.control import ControlCommand
+from lmm_fusion.cli import main
+from lmm_fusion.io import read_image
+from lmm_fusion.io.bags import bag_counts, read_bag
 
 HAVE_CARLA = importlib.util.find_spec("carla") is not None
 needs_carla = pytest.mark.skipif(not HAVE_CARLA, reason="carla client (carla==0.9.16) not installed")
@@ -71,8 +78,6 @@ def test_cross_checks() -> None:
 
 
 def test_cli_dispatch_reaches_module() -> None:
-    from lmm_fusion.cli import main
-
     # --record without --sync is refused before any import of carla or network access
     assert main(["carla", "--record", "somewhere"]) == 2
 
@@ -326,16 +331,12 @@ def _outputs_without_pipeline(self: Any, bridge: Any, rig: SensorRig) -> None:
     # The closed-loop flag would load a model; this test is about the CARLA side only.
     self.bridge, self.rig, self.ros, self.ingest, self.pipeline = bridge, rig, None, None, None
     self.controller = self.recorder = self.assessment = None
-    from collections import Counter
-
     self.actions = Counter()
 
 
 @needs_carla
 def test_vehicle_control_and_lanes_with_carla_types() -> None:
     import carla
-
-    from lmm_fusion.carla.control import ControlCommand
 
     vc = cb.vehicle_control(carla, ControlCommand("pipeline", throttle=0.4, steer=-0.2, brake=0.0))
     assert isinstance(vc, carla.VehicleControl)
@@ -499,12 +500,6 @@ class RoadWorld(FakeWorld):
 def test_sync_loop_records_bag_and_drives(tmp_path: Path, compressed: bool) -> None:
     import carla
 
-    from lmm_fusion.base import topics
-    from lmm_fusion.base.rig import CameraModel
-    from lmm_fusion.base.vocabulary import Scenario
-    from lmm_fusion.io import read_image
-    from lmm_fusion.io.bags import bag_counts, read_bag
-
     rig = SensorRig(camera=CameraModel(width=64, height=32))
     world = RoadWorld(rig, drop_lidar_frame=506)  # a frame on which the 10 Hz LiDAR is due
     client = FakeClient(world)
@@ -553,8 +548,6 @@ def test_sync_loop_records_bag_and_drives(tmp_path: Path, compressed: bool) -> N
 @needs_carla
 def test_async_loop_feeds_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     import carla
-
-    from lmm_fusion.base.rig import CameraModel
 
     rig = SensorRig(camera=CameraModel(width=64, height=32))
     world = RoadWorld(rig, drop_lidar_frame=-1)

@@ -14,6 +14,7 @@ from lmm_fusion.base.rig import EGO_FRONT_OFFSET, Mount, SensorRig
 from lmm_fusion.base.vocabulary import Light
 from lmm_fusion.carla import convert as cc
 from lmm_fusion.io.errors import MessageError
+from lmm_fusion.io.gnss import GnssFix
 
 HAVE_CARLA = importlib.util.find_spec("carla") is not None
 
@@ -106,6 +107,8 @@ def test_lidar_empty_and_bad_buffers() -> None:
 def test_gnss_fix_fields_and_covariance() -> None:
     rig = SensorRig()
     f = cc.gnss_to_fix(48.1, 11.5, 520.0, rig)
+    assert isinstance(f, GnssFix) and math.isnan(f.stamp)  # unstamped unless given
+    assert cc.gnss_to_fix(48.1, 11.5, 520.0, rig, stamp=12.5).stamp == 12.5
     assert (f.lat, f.lon, f.alt) == (48.1, 11.5, 520.0)
     assert f.covariance_type == 2 and f.status == 0
     h, v = rig.gnss.horizontal_std, rig.gnss.vertical_std

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from lmm_fusion.ros.node import CycleWorker
+from lmm_fusion.ros.worker import CycleWorker
 
 
 def test_requests_during_a_running_cycle_are_dropped_not_queued() -> None:

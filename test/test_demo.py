@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from lmm_fusion.tools.demo import format_summary, loopback_env, summarise
+from lmm_fusion.tools.demo import format_summary, summarise
+from lmm_fusion.tools.harness import loopback_env
 
 T0 = 1000.0
 

@@ -3,48 +3,43 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from lmm_fusion.base.vocabulary import Scenario
+from lmm_fusion.groundtruth.scoring import ece, macro_f1
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
+from lmm_fusion.synth.drive import rig_from_args
 from lmm_fusion.training.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples, merge_sources
 from lmm_fusion.training.evaluate import (
     ABLATION_MASKS,
     by_sensors_in_data,
     compute_metrics,
-    ece,
     evaluate,
     format_markdown,
     fusion_gain_by_light,
-    macro_f1,
+    per_scenario,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import TINY
-
 SECONDS = 1.0
-#: Tiny networks on the contract grids (ground-truth occupancy comes on OCCUPANCY_GRID).
-SMALL = {k: v for k, v in TINY.items() if k not in ("input_grid", "occupancy_grid")}
+#: The module's synthetic drive (the ``drive`` fixture of conftest): 1 s with a small camera and a sparse
+#: LiDAR (fast to make and read).
+DRIVE = dict(seconds=SECONDS, seed=11, scenarios=[Scenario.PEDESTRIAN_CROSSING], compressed=True, name="drive_ped",
+             rig=rig_from_args(camera=(160, 90), lidar_beams=16, lidar_columns=256))
 
 
-@pytest.fixture(scope="module")
-def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 1 s synthetic drive with a small camera and a sparse LiDAR (fast to make and read)."""
-    from lmm_fusion.synth.drive import rig_from_args, synthesize
-
-    root = tmp_path_factory.mktemp("drives")
-    rig = rig_from_args(camera=(160, 90), lidar_beams=16, lidar_columns=256)
-    return synthesize(root / "drive_ped", SECONDS, seed=11, scenarios=[Scenario.PEDESTRIAN_CROSSING], rig=rig,
-                      compressed=True, progress=False)
+@pytest.fixture
+def small(tiny_model_config: dict[str, Any]) -> dict[str, Any]:
+    """Tiny networks on the contract grids (ground-truth occupancy comes on OCCUPANCY_GRID)."""
+    return {k: v for k, v in tiny_model_config.items() if k not in ("input_grid", "occupancy_grid")}
 
 
-def test_one_sample_per_ground_truth_stamp(drive: Path) -> None:
-    cfg = ModelConfig(**SMALL)
+def test_one_sample_per_ground_truth_stamp(drive: Path, small: dict[str, Any]) -> None:
+    cfg = ModelConfig(**small)
     a = extract_samples(drive, cfg)
     n = len(a["stamp"])
     assert n == pytest.approx(SECONDS * 10, abs=1)  # ground truth at the LiDAR rate (10 Hz)
@@ -62,8 +57,8 @@ def test_one_sample_per_ground_truth_stamp(drive: Path) -> None:
 OCC_SHAPE = (32, 64)
 
 
-def test_cache_is_reused_and_keyed_by_config(drive: Path, tmp_path: Path) -> None:
-    cfg = ModelConfig(**SMALL)
+def test_cache_is_reused_and_keyed_by_config(drive: Path, tmp_path: Path, small: dict[str, Any]) -> None:
+    cfg = ModelConfig(**small)
     a = load_bag_samples(drive, cfg, tmp_path)
     files = list(tmp_path.glob("*.npz"))
     assert len(files) == 1
@@ -83,10 +78,10 @@ def test_expand_bags(drive: Path, tmp_path: Path) -> None:
         expand_bags([tmp_path / "nope"])
 
 
-def test_cached_sample_files_stand_for_their_bags(drive: Path, tmp_path: Path) -> None:
+def test_cached_sample_files_stand_for_their_bags(drive: Path, tmp_path: Path, small: dict[str, Any]) -> None:
     """A cache directory whose bags are gone still trains: its files load as the bag did, and a file
     made with other preprocessing settings is refused by name."""
-    cfg = ModelConfig(**SMALL)
+    cfg = ModelConfig(**small)
     from_bag = load_bag_samples(drive, cfg, tmp_path)
     (tmp_path / "junk.tmp.npz").write_bytes(b"")  # an interrupted write is not a sample file
     (file,) = expand_bags([tmp_path])
@@ -100,10 +95,11 @@ def test_cached_sample_files_stand_for_their_bags(drive: Path, tmp_path: Path) -
         load_bag_samples(file, other, cache_dir=None)
 
 
-def test_merge_fills_each_array_from_files_and_memory(drive: Path, tmp_path: Path) -> None:
+def test_merge_fills_each_array_from_files_and_memory(drive: Path, tmp_path: Path,
+                                                      small: dict[str, Any]) -> None:
     """Sample files and in-memory samples merge into the plain concatenation, in order, with each
     sample's bag recorded; a source whose arrays disagree in length is refused by name."""
-    cfg = ModelConfig(**SMALL)
+    cfg = ModelConfig(**small)
     arrays = load_bag_samples(drive, cfg, tmp_path)
     (file,) = expand_bags([tmp_path])
     head = {k: v[:3].copy() for k, v in arrays.items()}
@@ -121,13 +117,13 @@ def test_merge_fills_each_array_from_files_and_memory(drive: Path, tmp_path: Pat
         merge_sources([bad])
 
 
-def test_warm_up_frames_fill_the_lidar_history(tmp_path: Path) -> None:
+def test_warm_up_frames_fill_the_lidar_history(tmp_path: Path, small: dict[str, Any]) -> None:
     """A drive labelled from mid-world: the unlabelled warm-up frames reach the preprocessor, so the
     first sample already has GNSS and a LiDAR history; without warm-up its history is the frame itself."""
     from lmm_fusion.synth.drive import START_TIME, rig_from_args, synthesize
 
     rig = rig_from_args(camera=(160, 90), lidar_beams=16, lidar_columns=256)
-    cfg = ModelConfig(**SMALL)
+    cfg = ModelConfig(**small)
     c = cfg.bev_channels
     firsts = {}
     for warmup in (0.0, 1.0):
@@ -152,8 +148,8 @@ def test_metric_helpers() -> None:
     assert ece(np.full((4, 3), 1 / 3), t) == pytest.approx(0.5 - 1 / 3)
 
 
-def test_evaluate_report_keys_and_ablation(drive: Path) -> None:
-    cfg = ModelConfig(**SMALL)
+def test_evaluate_report_keys_and_ablation(drive: Path, small: dict[str, Any]) -> None:
+    cfg = ModelConfig(**small)
     torch.manual_seed(0)
     model = FusionModel(cfg).eval()
     ds = FusionDataset([drive], cfg)
@@ -232,10 +228,11 @@ def test_compute_metrics_perfect_prediction() -> None:
 
 @pytest.mark.slow
 def test_eval_cli_prints_one_json_object_and_writes_plots(drive: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          small: dict[str, Any]) -> None:
     from lmm_fusion.cli import main
 
-    cfg = ModelConfig(**SMALL)
+    cfg = ModelConfig(**small)
     torch.manual_seed(0)
     save_model(FusionModel(cfg), tmp_path / "model")
     rc = main(["eval", "--data", str(drive), "--model", str(tmp_path / "model"), "--json", "--plots",
@@ -248,3 +245,40 @@ def test_eval_cli_prints_one_json_object_and_writes_plots(drive: Path, tmp_path:
     for name in ("confusion.png", "ablation.png"):
         png = tmp_path / "plots" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _prediction_set(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Random float32 predictions and labels of ``n`` samples in three families and one unlabelled."""
+    rng = np.random.default_rng(seed)
+    arrays = {"risk": rng.integers(0, 3, n), "action": rng.integers(0, 6, n), "light": rng.integers(0, 4, n),
+              "target_speed": rng.uniform(0, 30, n).astype(np.float32), "ttc": rng.uniform(0, 10, n).astype(np.float32),
+              "distance": rng.uniform(0, 50, n).astype(np.float32), "scenario": rng.choice([-1, 0, 2, 5], n)}
+    pred = {"risk_prob": rng.dirichlet(np.ones(3), n), "action_prob": rng.dirichlet(np.ones(6), n),
+            "light_prob": rng.dirichlet(np.ones(4), n), "target_speed": rng.uniform(0, 30, n).astype(np.float32),
+            "ttc": rng.uniform(0, 10, n).astype(np.float32), "distance": rng.uniform(0, 50, n).astype(np.float32),
+            "occ_inter": rng.integers(0, 5, n), "occ_union": rng.integers(5, 10, n),
+            "attention": np.full((n, 3), 1 / 3), "used": rng.random((n, 3)) > 0.2}
+    return pred, arrays
+
+
+def test_per_scenario_is_the_headline_table_of_each_family() -> None:
+    pred, arrays = _prediction_set(200)
+    table = per_scenario(pred, arrays)
+    assert list(table) == ["UNKNOWN", Scenario(0).name, Scenario(2).name, Scenario(5).name]  # code order
+    for code, name in ((-1, "UNKNOWN"), (2, Scenario(2).name)):
+        sel = arrays["scenario"] == code
+        whole = compute_metrics({k: v[sel] for k, v in pred.items()}, {k: v[sel] for k, v in arrays.items()})
+        assert table[name] == {k: whole[k] for k in table[name]}
+        assert table[name]["n"] == int(sel.sum())
+    # The errors are float32 means of the arrays as they are: no cap applies to eval's (already capped) values.
+    m = compute_metrics(pred, arrays)
+    assert m["distance_mae"] == float(np.abs(pred["distance"] - arrays["distance"]).mean())
+    assert m["risk_under_rate"] + m["risk_over_rate"] + m["risk_accuracy"] == pytest.approx(1.0)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_compute_metrics_of_no_samples_is_nan() -> None:
+    pred, arrays = _prediction_set(0)
+    m = compute_metrics(pred, arrays)
+    assert m["n"] == 0
+    assert all(np.isnan(m[k]) for k in ("action_accuracy", "risk_macro_f1", "ttc_mae", "occupancy_iou", "action_ece"))

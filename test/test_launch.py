@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from lmm_fusion.ros.node import PARAMS
+from lmm_fusion.cli import COMMANDS
+from lmm_fusion.ros.params import PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "fusion.launch.py"
@@ -150,8 +151,6 @@ def test_named_executables_and_installed_files_exist() -> None:
     assert re.search(r'"fusion_node = lmm_fusion\.ros\.node:main"', setup)
     assert "from lmm_fusion.ros.node import main" in (ROOT / "scripts" / "fusion_node").read_text()
     assert "from lmm_fusion.cli import main" in (ROOT / "scripts" / "lmm-fusion").read_text()
-    from lmm_fusion.cli import COMMANDS
-
     assert COMMANDS["play"][0] == "lmm_fusion.ros.player" and COMMANDS["node"][0] == "lmm_fusion.ros.node"
     # Both install launch/*.launch.py, config/ and the shipped model into share/lmm_fusion.
     assert 'glob("launch/*.launch.py")' in setup and 'glob("config/*.rviz")' in setup

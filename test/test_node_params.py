@@ -1,8 +1,10 @@
-"""Node parameters: table, YAML, validation and the `lmm-fusion node` argv (no DDS)."""
+"""Node parameters: table, YAML, validation and the `lmm-fusion node` argv (no DDS, no rclpy.init)."""
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,8 @@ import yaml
 
 from lmm_fusion.base import topics
 from lmm_fusion.cycle.safety import SafetyConfig
-from lmm_fusion.ros.node import PARAMS, _descriptor, add_arguments, ros_argv, safety_config, validate
+from lmm_fusion.ros.node import add_arguments, ros_argv
+from lmm_fusion.ros.params import PARAMS, choice_problem, defaults, descriptor, safety_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +27,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
-
-
-def defaults() -> dict[str, Any]:
-    return {p.name: p.default for p in PARAMS}
 
 
 def test_yaml_holds_exactly_the_declared_parameters_with_defaults() -> None:
@@ -50,7 +49,7 @@ def test_defaults_match_topics_and_safety_config() -> None:
 
 def test_every_parameter_has_a_description_and_numbers_a_range() -> None:
     for p in PARAMS:
-        d = _descriptor(p)
+        d = descriptor(p)
         assert len(d.description) > 10, p.name
         if isinstance(p.default, float):
             assert d.floating_point_range, p.name
@@ -73,6 +72,15 @@ def test_validation_names_parameter_and_value(name: str, value: Any, expect: str
     v[name] = value
     problems = validate(v)
     assert problems and expect in problems[0]
+
+
+def test_choice_problem_names_value_and_choices() -> None:
+    """The reason a run-time set of a string parameter is refused (the node's set-parameters callback)."""
+    assert choice_problem("backend", "cuda9") == "backend='cuda9': must be one of auto, torch, onnxruntime, tensorrt"
+    assert choice_problem("camera_transport", "theora") == "camera_transport='theora': must be one of raw, compressed"
+    assert choice_problem("backend", "torch") is None
+    assert choice_problem("rate_hz", 500.0) is None  # ranges are rclpy's to enforce
+    assert choice_problem("use_sim_time", True) is None  # not a parameter of this node
 
 
 def test_cross_field_validation() -> None:
@@ -98,8 +106,11 @@ def test_cli_builds_ros_args() -> None:
         assert part in joined
 
 
-def test_node_class_builds_without_init() -> None:
-    from lmm_fusion.ros.node import node_class
-
-    cls = node_class()
-    assert cls.__name__ == "FusionNode"
+def test_ros_free_modules_import_no_rclpy() -> None:
+    """The parameter schema, the cycle worker and the package itself load without rclpy (launch checks,
+    tools that only need the parameters); only ``lmm_fusion.ros.node`` is the rclpy node."""
+    code = ("import sys, lmm_fusion.ros, lmm_fusion.ros.params, lmm_fusion.ros.worker; "
+            "print(sorted(m for m in sys.modules if m == 'rclpy' or m.startswith('rclpy.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"

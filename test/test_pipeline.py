@@ -10,26 +10,11 @@ import pytest
 
 from lmm_fusion.base.rig import EGO_FRONT_OFFSET, SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES
+from lmm_fusion.cycle.assessment import MASKED_CONFIDENCE_FACTOR, Assessment, decide_risk
 from lmm_fusion.cycle.pipeline import FusionPipeline, resolve_model_dir
 from lmm_fusion.cycle.safety import SafetyConfig
 from lmm_fusion.cycle.sync import SensorSync
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from lmm_fusion.model import FusionModel, ModelConfig, save_model
-
-    torch.manual_seed(1)
-    d = tmp_path_factory.mktemp("model")
-    save_model(FusionModel(ModelConfig()), d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def pipeline(model_dir: Path) -> FusionPipeline:
-    return FusionPipeline(model_dir, backend="torch", threads=1)
+from lmm_fusion.io.gnss import EgoState
 
 
 def wall_at(x_base: float, rig: SensorRig, n: int = 200) -> np.ndarray:
@@ -69,9 +54,6 @@ def test_full_cycle_with_lidar_and_camera(pipeline: FusionPipeline) -> None:
 def test_gnss_without_a_motion_estimate_is_reported_masked(pipeline: FusionPipeline) -> None:
     """A drive's first fixes give a GNSS state that is not yet valid: the model runs without GNSS, and
     the assessment must say so (degraded, cautious risk rule, reduced confidence), not claim GNSS."""
-    from lmm_fusion.cycle.assessment import MASKED_CONFIDENCE_FACTOR, Assessment, decide_risk
-    from lmm_fusion.io.gnss import EgoState
-
     def cycle(valid: bool) -> Assessment:
         sync = SensorSync()
         sync.update("camera", 10.0, np.zeros((90, 160, 3), np.uint8))

@@ -11,11 +11,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import QoSProfile, qos_profile_sensor_data
+from rosgraph_msgs.msg import Clock
+from sensor_msgs.msg import Image, PointCloud2
+from std_msgs.msg import String
 
 from lmm_fusion.base import topics
 from lmm_fusion.io import create_cloud, create_image, make_header, rosbags_types
 from lmm_fusion.io.bags import BagWriter
-from lmm_fusion.tools.demo import Processes, loopback_env, wait_until
+from lmm_fusion.tools.harness import Processes, loopback_env, wait_until
 
 pytestmark = [pytest.mark.dds]
 
@@ -40,14 +47,6 @@ def small_bag(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_plays_at_recorded_pace_with_clock(small_bag: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
-    from rclpy.qos import QoSProfile, qos_profile_sensor_data
-    from rosgraph_msgs.msg import Clock
-    from sensor_msgs.msg import Image, PointCloud2
-    from std_msgs.msg import String
-
     env = loopback_env()
     for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE"):
         monkeypatch.setenv(key, env[key])

@@ -14,6 +14,7 @@ from lmm_fusion.base.rig import Mount, SensorRig
 from lmm_fusion.cycle.preprocess import BevHistory, Preprocessor
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.model import ModelConfig
+from lmm_fusion.tools.payloads import synthetic_points
 
 
 @dataclass
@@ -134,8 +135,6 @@ def test_inputs_mask_follows_snapshot_and_validity() -> None:
 
 
 def test_bev_with_precomputed_base_points_is_identical() -> None:
-    from lmm_fusion.tools.bench import synthetic_points
-
     pre = Preprocessor(ModelConfig())
     pts = synthetic_points(5000, seed=3)
     np.testing.assert_array_equal(pre.bev(pts, pre.points_to_base(pts)), pre.bev(pts))

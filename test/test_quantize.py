@@ -13,7 +13,7 @@ from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
 from lmm_fusion.model import OUTPUT_NAMES, FusionModel, ModelConfig, save_model
 from lmm_fusion.runtime.backends import OnnxRuntimeBackend, make_backend
 from lmm_fusion.runtime.export import unsupported_ops
-from lmm_fusion.training.quantize import calibration_inputs, quantize
+from lmm_fusion.training.quantize import calibration_inputs, precision_deltas, quantize
 
 RIG = SensorRig(camera=CameraModel(320, 180), lidar=LidarModel(beams=16, columns=256))
 
@@ -73,8 +73,6 @@ def test_quantized_graph_is_qdq_symmetric_and_close_to_fp32(setup: tuple[Path, P
 
 
 def test_precision_deltas_compare_the_same_samples(setup: tuple[Path, Path]) -> None:
-    from lmm_fusion.training.quantize import precision_deltas
-
     model_dir, bag = setup
     out = model_dir / "model.int8.onnx"
     if not out.exists():

@@ -1,203 +1,221 @@
-"""Sensor faults and time faults against the real node process over loopback DDS.
+"""The fusion node as a real process over loopback DDS: its outputs, sensor faults and time faults.
 
-One node process (wall clock) goes through every sensor fault in turn — stop, flood (3x rate), stale
-stamps, stamps jumped forward — and must keep publishing at its rate with the right modality mask and
-diagnostic levels, and use the sensor again within two periods once it is back. A second node process
-(``use_sim_time``) is fed a simulated /clock that jumps back (a bag loop), pauses and resumes, and
-future-stamped messages. Sensors are small (64x48 image, 300 points); every wait is a bounded poll.
+Two node processes, each shared by the tests of its section (a start-up costs seconds: torch import and
+model load), both started with the module so their start-ups overlap; a sim-time node does not cycle
+before its first /clock, so the second one idles until its section.
+
+Wall clock: the node first runs without sensors (no assessment, never silence); then this process
+publishes a 64x48 image, a 300-point cloud and a fix at :data:`SENSOR_HZ` on a random
+``ROS_DOMAIN_ID`` with localhost discovery, and the outputs must come at the node's rate with valid
+headers and enums; a lost LiDAR is masked and comes back; malformed clouds are counted; each sensor in
+turn goes through every fault — flood (3x rate), stop, stale stamps, stamps jumped forward — with the
+right mask and diagnostic levels, and is used again within two periods once back.
+
+Sim time (``use_sim_time``): outputs follow the simulated /clock, which pauses and resumes; future
+stamps are rejected; the clock jumps back (a bag loop); a bag is played in a loop with /clock.
+
+The tests of a section run in file order (each leaves the node as the next expects). Every wait is a
+bounded poll; every subprocess is stopped in teardown.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
-import threading
+import socket
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 
 from lmm_fusion.base import topics
-from lmm_fusion.base.vocabulary import MODALITIES
-from lmm_fusion.io import create_cloud, create_fix, create_image, make_header, rclpy_types
+from lmm_fusion.base.vocabulary import MODALITIES, Action, Light, Risk
+from lmm_fusion.io import create_cloud, create_fix, create_image, make_header, rosbags_types
+from lmm_fusion.io.bags import BagWriter
 from lmm_fusion.ros.outputs import ERROR, OK, WARN
-from lmm_fusion.tools.demo import OutputCollector, Processes, loopback_env, node_command, wait_until
+from lmm_fusion.tools.harness import SENSOR_HZ, NodeHarness, SensorPublisher, wait_until
 
 pytestmark = [pytest.mark.dds, pytest.mark.slow]
 
 RATE_HZ = 10.0
 PERIOD = 1.0 / RATE_HZ
 TIMEOUT = {"camera": 0.3, "lidar": 0.3, "gnss": 0.5}
-SENSOR_HZ = {"camera": 20.0, "lidar": 10.0, "gnss": 10.0}
 START_TIMEOUT = 120.0  # torch import and model load on a busy 2-core machine
 SLACK = 0.3  # transport and timer jitter on a loaded 2-core machine [s]
 STALE = 0.8  # stale stamps: older than every timeout, newer than loop_reset (1 s) [s]
 JUMP = 5.0  # stamps jumped forward: beyond future_tolerance (0.5 s) [s]
+SIM_START = 1000.0  # the simulated clock's start [s]
 PARAMS = (f"rate_hz:={RATE_HZ}", "backend:=torch", "threads:=1", "use_camera_info:=false",
           *(f"sync.{s}_timeout:={TIMEOUT[s]}" for s in MODALITIES), "diagnostics.window:=1.0",
           *(f"diagnostics.{s}_hz:={SENSOR_HZ[s]}" for s in MODALITIES))
-
-
-class FaultFeeder:
-    """Publishes small camera/LiDAR/GNSS messages at :data:`SENSOR_HZ` from a thread (10 ms ticks), each
-    sensor in a mode: ``normal``, ``off``, ``flood`` (3x its rate), ``stale`` (stamps ``STALE`` s old) or
-    ``future`` (stamps ``JUMP`` s ahead). With ``sim_start`` it runs a simulated clock published on
-    /clock, which :meth:`jump` moves and :meth:`pause` stops."""
-
-    def __init__(self, node: Any, sim_start: float | None = None) -> None:
-        from rclpy.qos import QoSProfile, qos_profile_sensor_data
-
-        t = self.types = rclpy_types()
-        self.pub = {
-            "camera": node.create_publisher(t.Image, topics.CAMERA_IMAGE, qos_profile_sensor_data),
-            "lidar": node.create_publisher(t.PointCloud2, topics.LIDAR_POINTS, qos_profile_sensor_data),
-            "gnss": node.create_publisher(t.NavSatFix, topics.GNSS_FIX, qos_profile_sensor_data),
-        }
-        self.clock_pub = node.create_publisher(t.Clock, "/clock", QoSProfile(depth=1)) if sim_start else None
-        self.mode = dict.fromkeys(MODALITIES, "normal")
-        self.sent = dict.fromkeys(MODALITIES, 0)
-        rng = np.random.default_rng(0)
-        self.rgb = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
-        self.points = rng.uniform([5, -8, -1.5, 0], [40, 8, 1.0, 1], (300, 4)).astype(np.float32)
-        self._sim = sim_start
-        self._running = True
-        self._t_ref = time.monotonic()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    # ------------------------------------------------------------ clock
-    def now(self) -> float:
-        """Stamp time [s]: wall time, or the simulated clock."""
-        with self._lock:
-            if self._sim is None:
-                return time.time()
-            return self._sim + ((time.monotonic() - self._t_ref) if self._running else 0.0)
-
-    def jump(self, dt: float) -> float:
-        """Move the simulated clock by ``dt`` [s] (negative = back, like a bag loop); returns the new time."""
-        with self._lock:
-            assert self._sim is not None
-            self._sim += dt
-        return self.now()
-
-    def pause(self, paused: bool) -> None:
-        """Freeze (no /clock, no sensors) or resume the simulated clock where it stopped."""
-        now = self.now()
-        with self._lock:
-            self._sim, self._t_ref, self._running = now, time.monotonic(), not paused
-
-    def set_mode(self, sensor: str, mode: str) -> float:
-        with self._lock:
-            self.mode[sensor] = mode
-        return self.now()
-
-    # ------------------------------------------------------------ publishing
-    def _loop(self) -> None:
-        next_t, k = time.monotonic(), 0
-        while not self._stop.is_set():
-            try:
-                with self._lock:
-                    running, modes = self._running, dict(self.mode)
-                if running:
-                    stamp = self.now()
-                    if self.clock_pub is not None:
-                        ns = round(stamp * 1e9)
-                        self.clock_pub.publish(self.types.Clock(clock=self.types.Time(sec=ns // 10**9,
-                                                                                      nanosec=ns % 10**9)))
-                    for s in MODALITIES:
-                        hz = SENSOR_HZ[s] * (3 if modes[s] == "flood" else 1)
-                        if modes[s] != "off" and k % max(1, round(100 / hz)) == 0:
-                            self._publish(s, stamp + {"stale": -STALE, "future": JUMP}.get(modes[s], 0.0))
-            except Exception:  # the context is shutting down at teardown
-                return
-            k += 1
-            next_t += 0.01
-            self._stop.wait(max(next_t - time.monotonic(), 0.0))
-
-    def _publish(self, sensor: str, stamp: float) -> None:
-        t = self.types
-        if sensor == "camera":
-            msg = create_image(t, make_header(t, stamp, topics.CAMERA_FRAME), self.rgb)
-        elif sensor == "lidar":
-            msg = create_cloud(t, make_header(t, stamp, topics.LIDAR_FRAME), self.points, ("x", "y", "z", "intensity"))
-        else:
-            lat = 48.137154 + 1e-6 * (stamp % 100)
-            msg = create_fix(t, make_header(t, stamp, topics.GNSS_FRAME), lat, 11.576124, 520.0, covariance=0.05)
-        self.pub[sensor].publish(msg)
-        self.sent[sensor] += 1
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-
-
-class NodeRig:
-    """One node process + output collector + feeder on a private DDS domain."""
-
-    def __init__(self, tmp: Path, params: tuple[str, ...], sim_start: float | None = None) -> None:
-        env = loopback_env()
-        self.mp = pytest.MonkeyPatch()
-        for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE"):
-            self.mp.setenv(key, env[key])
-        self.mp.delenv("ROS_LOCALHOST_ONLY", raising=False)
-        self.env = env
-        self.procs = Processes(tmp)
-        self.collector = OutputCollector(int(env["ROS_DOMAIN_ID"]), ground_truth=False)
-        self.node = self.procs.start("node", node_command(*params), env)
-        self.feeder: FaultFeeder | None = None
-        try:
-            ok = wait_until(lambda: self.collector.node.count_subscribers(topics.LIDAR_POINTS) > 0
-                            or self.node.poll() is not None, START_TIMEOUT)
-            assert ok and self.node.poll() is None, f"node did not subscribe:\n{self.log()}"
-            self.feeder = FaultFeeder(self.collector.node, sim_start)
-        except BaseException:
-            self.close()
-            raise
-
-    def log(self) -> str:
-        return self.procs.log_text("node")[-3000:]
-
-    def scenes(self, after: float = -math.inf) -> list[dict[str, Any]]:
-        """Scene assessments stamped after ``after`` [node-clock s]."""
-        return [r for r in self.collector.get("scene") if r["stamp"] > after]
-
-    def diagnostics(self, after: float = -math.inf) -> list[dict[str, Any]]:
-        return [d for d in self.collector.get("diagnostics") if d["stamp"] > after]
-
-    def close(self) -> None:
-        if self.feeder is not None:
-            self.feeder.close()
-        self.procs.stop_all(timeout=10.0)
-        self.collector.close()
-        self.mp.undo()
-
-
-@pytest.fixture(scope="module")
-def wall(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeRig]:
-    rig = NodeRig(tmp_path_factory.mktemp("wall"), PARAMS)
-    try:
-        assert wait_until(lambda: any(r["valid"] and not r["degraded"] for r in rig.scenes()[-3:]), 30.0), rig.log()
-        yield rig
-    finally:
-        rig.close()
+_rng = np.random.default_rng(0)
+#: The small sensor payloads: a 64x48 RGB image and 300 LiDAR points (x, y, z, intensity).
+RGB = _rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+POINTS = _rng.uniform([5, -8, -1.5, 0], [40, 8, 1.0, 1], (300, 4)).astype(np.float32)
 
 
 def used(r: dict[str, Any]) -> list[bool]:
     return [bool(m["used"]) for m in r["modalities"]]
 
 
+def fused(r: dict[str, Any]) -> bool:
+    return bool(r["valid"]) and not r["degraded"]
+
+
+def sensors(node: NodeHarness) -> SensorPublisher:
+    assert node.sensors is not None, "the sensors are not running"
+    return node.sensors
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NodeHarness]]:
+    """Both node processes (``wall``, ``sim``), started at once; the tests wait for each."""
+    started: dict[str, NodeHarness] = {}
+    try:
+        started["wall"] = NodeHarness(tmp_path_factory.mktemp("wall"), PARAMS)
+        started["sim"] = NodeHarness(tmp_path_factory.mktemp("sim"), (*PARAMS, "use_sim_time:=true"))
+        yield started
+    finally:
+        for h in reversed(started.values()):  # last first: each restores the DDS variables it found
+            h.close()
+
+
+def _subscribed(node: NodeHarness) -> NodeHarness:
+    assert node.wait_subscribed(START_TIMEOUT), f"node did not subscribe:\n{node.log()}"
+    return node
+
+
+@pytest.fixture(scope="module")
+def wall_node(nodes: dict[str, NodeHarness]) -> NodeHarness:
+    """The wall-clock node, active, with no sensors yet."""
+    return _subscribed(nodes["wall"])
+
+
+@pytest.fixture(scope="module")
+def wall(wall_node: NodeHarness) -> NodeHarness:
+    """The wall-clock node with the sensors running, once it fuses all three."""
+    if wall_node.sensors is None:
+        wall_node.start_sensors(RGB, POINTS, stale_s=STALE, future_s=JUMP)
+    assert wait_until(lambda: any(fused(r) for r in wall_node.scenes()[-3:]), 30.0), wall_node.log()
+    return wall_node
+
+
+@pytest.fixture(scope="module")
+def sim(nodes: dict[str, NodeHarness]) -> NodeHarness:
+    """The sim-time node fed sensors stamped on a simulated /clock from :data:`SIM_START`, once it fuses."""
+    node = _subscribed(nodes["sim"])
+    if node.sensors is None:
+        node.start_sensors(RGB, POINTS, sim_start=SIM_START, stale_s=STALE, future_s=JUMP)
+    assert wait_until(lambda: any(fused(r) for r in node.scenes()[-3:]), 30.0), node.log()
+    return node
+
+
+def received_since(node: NodeHarness, key: str, t0: float) -> list[dict[str, Any]]:
+    """Records of ``key`` received (monotonic) at or after ``t0``."""
+    return [r for r in node.outputs.get(key) if r["recv"] >= t0]
+
+
+# ---------------------------------------------------------------- wall clock: outputs
+def test_publishes_no_assessment_without_sensors(wall_node: NodeHarness) -> None:
+    t0 = time.monotonic()
+    assert wait_until(lambda: len(received_since(wall_node, "scene", t0)) >= 3, 10.0), wall_node.log(2000)
+    r = received_since(wall_node, "scene", t0)[-1]
+    assert not r["valid"] and r["degraded"]
+    assert used(r) == [False, False, False]
+    actions = received_since(wall_node, "action", t0)
+    assert actions and actions[-1]["rationale"].startswith("no assessment")
+
+
+def test_outputs_at_rate_with_valid_headers_and_enums(wall: NodeHarness) -> None:
+    assert wait_until(lambda: any(fused(r) for r in wall.scenes()[-5:]), 15.0), "no fully fused assessment"
+    t0 = time.monotonic()
+    time.sleep(3.0)  # measuring window for the rate
+    scenes = received_since(wall, "scene", t0)
+    assert RATE_HZ * 3.0 * 0.5 <= len(scenes) <= RATE_HZ * 3.0 * 1.5, len(scenes)
+    stamps = [r["stamp"] for r in scenes]
+    assert all(b > a for a, b in itertools.pairwise(stamps))
+    assert abs(stamps[-1] - time.time()) < 2.0  # node clock = wall clock here
+    for r in scenes:
+        assert r["frame_id"] == "base_link"
+        assert r["risk"] in {int(x) for x in Risk} and r["light"] in {int(x) for x in Light}
+        assert [m["name"] for m in r["modalities"]] == list(MODALITIES)
+        assert sum(r["risk_probabilities"]) == pytest.approx(1.0, abs=1e-3)
+        if fused(r):
+            assert sum(m["attention"] for m in r["modalities"]) == pytest.approx(1.0, abs=1e-3)
+    actions = received_since(wall, "action", t0)
+    assert actions and all(a["action"] in {int(x) for x in Action} and a["target_speed"] >= 0 for a in actions)
+    assert all(a["frame_id"] == "base_link" and a["rationale"] for a in actions)
+    occ = received_since(wall, "occupancy", t0)
+    assert occ and occ[-1]["frame_id"] == "base_link" and occ[-1]["n"] == occ[-1]["width"] * occ[-1]["height"]
+    markers = received_since(wall, "markers", t0)
+    assert markers and {"risk", "action", "path", "modality_attention"} <= set(markers[-1]["ns"])
+    diags = received_since(wall, "diagnostics", t0)
+    assert diags
+    cycle = diags[-1]["status"]["fusion_node: cycle"]["values"]
+    assert float(cycle["rate_hz"]) > RATE_HZ * 0.5
+    assert float(cycle["latency_p50_ms"]) > 0
+
+
+def test_lidar_loss_masks_and_recovers(wall: NodeHarness) -> None:
+    feeder = sensors(wall)
+    feeder.set_mode("lidar", "off")
+    last_lidar = feeder.last_stamp["lidar"]
+    bound = last_lidar + TIMEOUT["lidar"] + 2 * PERIOD + 0.1  # 0.1 s: timer jitter on a loaded machine
+
+    def masked() -> list[dict[str, Any]]:
+        return [r for r in wall.scenes(last_lidar) if r["valid"] and not r["modalities"][1]["used"]]
+
+    assert wait_until(lambda: bool(masked()), 5.0), "LiDAR was never masked"
+    first = masked()[0]
+    assert first["degraded"] and first["stamp"] <= bound, (first["stamp"] - last_lidar)
+    assert first["modalities"][1]["attention"] == 0.0
+    assert first["modalities"][0]["used"] and first["modalities"][2]["used"]
+    # Every output after the bound has LiDAR masked: degraded, never silent.
+    assert wait_until(lambda: len(wall.scenes(bound)) >= 3, 5.0)
+    assert all(not r["modalities"][1]["used"] for r in wall.scenes(bound))
+
+    t_on = feeder.set_mode("lidar", "normal")
+
+    def recovered() -> list[dict[str, Any]]:
+        return [r for r in wall.scenes(t_on) if r["modalities"][1]["used"]]
+
+    assert wait_until(lambda: bool(recovered()), 5.0), "LiDAR did not come back"
+    assert recovered()[0]["stamp"] <= t_on + 2 / SENSOR_HZ["lidar"] + 2 * PERIOD + 0.3
+
+
+def test_malformed_message_is_counted_and_node_keeps_publishing(wall: NodeHarness) -> None:
+    feeder = sensors(wall)
+
+    def rejected() -> int:
+        diags = wall.outputs.get("diagnostics")
+        if not diags:
+            return 0
+        return int(diags[-1]["status"]["fusion_node: lidar"]["values"]["rejected"])
+
+    before = rejected()
+    t0 = time.monotonic()
+    for _ in range(5):  # best effort: some may drop, one is enough
+        feeder.send_malformed_lidar()
+        time.sleep(0.1)
+    assert wait_until(lambda: rejected() > before, 5.0), "malformed cloud not counted"
+    diag = wall.outputs.get("diagnostics")[-1]["status"]["fusion_node: lidar"]
+    assert diag["level"] >= WARN  # while rejections are recent
+    assert wait_until(lambda: len(received_since(wall, "scene", t0)) >= 10, 5.0)
+    assert wall.alive()
+    assert any(r["valid"] and r["modalities"][1]["used"] for r in received_since(wall, "scene", t0)[-5:])
+
+
+# ---------------------------------------------------------------- wall clock: sensor faults
 FAULTS = ("flood", "off", "stale", "future")
 
 
-def _fault_phase(wall: NodeRig, sensor: str, fault: str) -> None:
+def _fault_phase(wall: NodeHarness, sensor: str, fault: str) -> None:
     """One fault of one sensor for ``window`` seconds of outputs, then its return."""
-    feeder = wall.feeder
-    assert feeder is not None
+    feeder = sensors(wall)
     i = MODALITIES.index(sensor)
     t_fault = feeder.set_mode(sensor, fault)
     # The mask reflects the fault once the last good frame is older than the timeout.
@@ -233,18 +251,14 @@ def _fault_phase(wall: NodeRig, sensor: str, fault: str) -> None:
 
 
 @pytest.mark.parametrize("sensor", MODALITIES)
-def test_sensor_faults_keep_rate_mask_diagnostics_and_recover(wall: NodeRig, sensor: str) -> None:
+def test_sensor_faults_keep_rate_mask_diagnostics_and_recover(wall: NodeHarness, sensor: str) -> None:
     for fault in FAULTS:
         _fault_phase(wall, sensor, fault)
-    assert wall.node.poll() is None
+    assert wall.alive()
 
 
-def test_node_opens_no_listening_socket(wall: NodeRig) -> None:
+def test_node_opens_no_listening_socket(wall: NodeHarness) -> None:
     """Only DDS traffic: UDP sockets (and shared memory); no TCP socket at all, hence no TCP listener."""
-    import socket
-
-    import psutil
-
     conns = psutil.Process(wall.node.pid).net_connections(kind="inet")
     assert conns, "no sockets: is the node talking DDS at all?"
     assert all(c.type == socket.SOCK_DGRAM for c in conns), [c for c in conns if c.type != socket.SOCK_DGRAM]
@@ -252,43 +266,43 @@ def test_node_opens_no_listening_socket(wall: NodeRig) -> None:
     assert not psutil.Process(wall.node.pid).children(recursive=True)
 
 
-# ---------------------------------------------------------------- time faults (use_sim_time)
-@pytest.fixture(scope="module")
-def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeRig]:
-    rig = NodeRig(tmp_path_factory.mktemp("sim"), (*PARAMS, "use_sim_time:=true"), sim_start=1000.0)
-    try:
-        assert wait_until(lambda: any(r["valid"] and not r["degraded"] for r in rig.scenes()[-3:]), 30.0), rig.log()
-        yield rig
-    finally:
-        rig.close()
+# ---------------------------------------------------------------- sim time
+def test_use_sim_time_follows_clock(sim: NodeHarness) -> None:
+    """Every output is stamped in sim time (none in wall time, none before the first /clock) and ages are
+    measured on the sim clock. That the timer stops with the clock: the pause test below."""
+    assert wait_until(lambda: len([r for r in sim.scenes() if fused(r)]) >= 5, 20.0), sim.log(2000)
+    now_sim = sensors(sim).now()
+    for r in sim.scenes():
+        assert SIM_START <= r["stamp"] <= now_sim + 0.5
+    for r in sim.scenes():
+        if fused(r):
+            assert all(0.0 <= m["age"] < 0.5 for m in r["modalities"])
 
 
-def test_clock_pause_stops_cycles_and_resume_recovers(sim: NodeRig) -> None:
-    feeder = sim.feeder
-    assert feeder is not None
+def test_clock_pause_stops_cycles_and_resume_recovers(sim: NodeHarness) -> None:
+    feeder = sensors(sim)
     feeder.pause(True)
     t_pause, recv_pause = feeder.now(), time.monotonic()
     time.sleep(1.5)  # a paused clock: the node's timer must not run
     # A timer that kept running would stamp its cycles with the frozen sim time; judged by stamps,
     # late delivery of earlier scenes on a loaded machine cannot look like a running timer.
-    frozen = [r for r in sim.collector.get("scene") if r["stamp"] > t_pause - PERIOD]
+    frozen = sim.scenes(t_pause - PERIOD)
     assert len(frozen) <= 3, [r["stamp"] for r in frozen]
-    assert all(r["stamp"] <= t_pause + SLACK for r in sim.collector.get("scene") if r["recv"] > recv_pause)
+    assert all(r["stamp"] <= t_pause + SLACK for r in received_since(sim, "scene", recv_pause))
     recv_resume = time.monotonic()
     feeder.pause(False)
 
     def resumed() -> list[dict[str, Any]]:
-        return [r for r in sim.collector.get("scene") if r["recv"] > recv_resume and all(used(r))]
+        return [r for r in received_since(sim, "scene", recv_resume) if all(used(r))]
 
     assert wait_until(lambda: bool(resumed()), 10.0), sim.log()
     first = resumed()[0]
     assert first["stamp"] <= t_pause + 1.0 / min(SENSOR_HZ.values()) + 2 * PERIOD + SLACK
-    assert sim.node.poll() is None
+    assert sim.alive()
 
 
-def test_future_stamps_rejected_under_sim_time(sim: NodeRig) -> None:
-    feeder = sim.feeder
-    assert feeder is not None
+def test_future_stamps_rejected_under_sim_time(sim: NodeHarness) -> None:
+    feeder = sensors(sim)
 
     def rejected() -> int:
         d = sim.diagnostics()
@@ -306,7 +320,7 @@ def test_future_stamps_rejected_under_sim_time(sim: NodeRig) -> None:
     assert first["stamp"] <= t_back + 1.0 / SENSOR_HZ["lidar"] + 2 * PERIOD + SLACK
 
 
-def _jump_back(sim: NodeRig, feeder: FaultFeeder, dt: float) -> None:
+def _jump_back(sim: NodeHarness, feeder: SensorPublisher, dt: float) -> None:
     before = feeder.now()
     t_new = feeder.jump(-dt)
 
@@ -314,60 +328,48 @@ def _jump_back(sim: NodeRig, feeder: FaultFeeder, dt: float) -> None:
         return [r for r in sim.scenes(t_new) if r["stamp"] < before - dt / 2]
 
     assert wait_until(lambda: any(r["valid"] and all(used(r)) for r in after_jump()), 10.0), sim.log()
-    fused = [r for r in after_jump() if all(used(r))]
-    assert fused[0]["stamp"] <= t_new + 1.0 / min(SENSOR_HZ.values()) + 2 * PERIOD + SLACK
+    fused_after = [r for r in after_jump() if all(used(r))]
+    assert fused_after[0]["stamp"] <= t_new + 1.0 / min(SENSOR_HZ.values()) + 2 * PERIOD + SLACK
     assert wait_until(lambda: len(after_jump()) >= 10, 10.0)
 
 
-def test_loop_jump_back_resets_and_keeps_publishing(sim: NodeRig) -> None:
+def test_loop_jump_back_resets_and_keeps_publishing(sim: NodeHarness) -> None:
     """A bag loop: /clock and every stamp jump 10 s back. Outputs follow the new time (no stall), fused
-    again within a few periods; jumping back again works the same. Runs last: the earlier time tests
+    again within a few periods; jumping back again works the same. Runs after the other clock tests: they
     assume a clock that never went back."""
-    feeder = sim.feeder
-    assert feeder is not None
+    feeder = sensors(sim)
     for _ in range(2):
         _jump_back(sim, feeder, 10.0)
-    assert sim.node.poll() is None
+    assert sim.alive()
 
 
 def _write_small_bag(path: Path, t0: float, seconds: float) -> None:
-    """A rosbag2 of the feeder's small sensors, header stamps = record times from ``t0`` [s]."""
-    from lmm_fusion.io import rosbags_types
-    from lmm_fusion.io.bags import BagWriter
-
+    """A rosbag2 of the small sensors, header stamps = record times from ``t0`` [s]."""
     t = rosbags_types()
-    rng = np.random.default_rng(0)
-    rgb = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    pts = rng.uniform([5, -8, -1.5, 0], [40, 8, 1.0, 1], (300, 4)).astype(np.float32)
     with BagWriter(path) as w:
         for k in range(int(seconds * 20)):
             st = t0 + 0.05 * k
-            w.write(topics.CAMERA_IMAGE, st, create_image(t, make_header(t, st, topics.CAMERA_FRAME), rgb))
+            w.write(topics.CAMERA_IMAGE, st, create_image(t, make_header(t, st, topics.CAMERA_FRAME), RGB))
             if k % 2 == 0:
-                w.write(topics.LIDAR_POINTS, st, create_cloud(t, make_header(t, st, topics.LIDAR_FRAME), pts,
+                w.write(topics.LIDAR_POINTS, st, create_cloud(t, make_header(t, st, topics.LIDAR_FRAME), POINTS,
                                                               ("x", "y", "z", "intensity")))
                 w.write(topics.GNSS_FIX, st, create_fix(t, make_header(t, st, topics.GNSS_FRAME), 48.137154 + 1e-7 * k,
                                                         11.576124, 520.0, covariance=0.05))
 
 
-def test_bag_played_in_a_loop_with_clock(sim: NodeRig, tmp_path: Path) -> None:
+def test_bag_played_in_a_loop_with_clock(sim: NodeHarness, tmp_path: Path) -> None:
     """``lmm-fusion play --loop --clock``: every loop sends /clock and all stamps back to the bag start.
     The node follows each loop (outputs stamped in bag time again, fused within a few periods) and
-    never stalls. Runs after the simulated-clock tests (it replaces their feeder)."""
-    import sys
-
-    assert sim.feeder is not None
-    sim.feeder.close()
-    sim.feeder = None
+    never stalls. Runs last (it replaces the simulated clock and sensors with the player)."""
+    sim.stop_sensors()
     bag, t0, seconds = tmp_path / "loop", 500.0, 2.5
     _write_small_bag(bag, t0, seconds)
     recv0 = time.monotonic()
     sim.procs.start("player", [sys.executable, "-m", "lmm_fusion.cli", "play", str(bag), "--loop", "--clock",
-                                       "--wait-for-subscriber", "20"],
-                    sim.env)
+                               "--wait-for-subscriber", "20"], sim.env)
 
     def bag_scenes() -> list[dict[str, Any]]:
-        return [r for r in sim.collector.get("scene") if r["recv"] > recv0 and t0 <= r["stamp"] <= t0 + seconds + 1]
+        return [r for r in received_since(sim, "scene", recv0) if t0 <= r["stamp"] <= t0 + seconds + 1]
 
     def loops() -> list[int]:
         """Indices where the output stamps went back (a new loop began)."""
@@ -377,12 +379,12 @@ def test_bag_played_in_a_loop_with_clock(sim: NodeRig, tmp_path: Path) -> None:
     assert wait_until(lambda: len(loops()) >= 2, 30.0), (len(bag_scenes()), sim.procs.log_text("player")[-2000:])
     sc, starts = bag_scenes(), [0, *loops()]
     for a, b in itertools.pairwise(starts):  # complete plays of the bag
-        fused = [r for r in sc[a:b] if all(used(r))]
-        assert fused, f"a loop without a fused output ({b - a} outputs)"
+        fused_loop = [r for r in sc[a:b] if all(used(r))]
+        assert fused_loop, f"a loop without a fused output ({b - a} outputs)"
         if a > 0:  # after a loop (the first play also waits for DDS discovery of the player)
-            assert fused[0]["stamp"] <= t0 + 1.0 / min(SENSOR_HZ.values()) + 2 * PERIOD + 2 * SLACK
+            assert fused_loop[0]["stamp"] <= t0 + 1.0 / min(SENSOR_HZ.values()) + 2 * PERIOD + 2 * SLACK
         # Outputs keep coming at the node's rate through the loop (no stall at the jump).
         assert b - a >= 0.6 * seconds * RATE_HZ, (a, b)
     j = starts[-1]
     assert wait_until(lambda: any(all(used(r)) for r in bag_scenes()[j:]), 10.0), "no fused output after the loop"
-    assert sim.node.poll() is None
+    assert sim.alive()

@@ -20,6 +20,7 @@ message type (see docs/reliability.md for the last long run).
 
 from __future__ import annotations
 
+import array
 import json
 import math
 import os
@@ -31,14 +32,25 @@ from typing import Any
 
 import numpy as np
 import pytest
+import rclpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rclpy.context import Context
+from rclpy.lifecycle import TransitionCallbackReturn
+from rclpy.parameter import Parameter
 from test_io_fuzz import clouds, compressed_images, fixes, raw_images, sizes
 
 from lmm_fusion.base import topics
-from lmm_fusion.base.vocabulary import MODALITIES
+from lmm_fusion.base.vocabulary import MODALITIES, Action
+from lmm_fusion.cycle.bagfeed import iter_cycles
+from lmm_fusion.cycle.ingest import SensorIngest
+from lmm_fusion.cycle.sync import SensorSync
 from lmm_fusion.io import rclpy_types, rosbags_types
+from lmm_fusion.io.bags import BagWriter
+from lmm_fusion.io.gnss import EgoMotionConfig
 from lmm_fusion.io.image import ENCODINGS
+from lmm_fusion.ros.node import FusionNode
+from lmm_fusion.ros.outputs import WARN, level_of
 
 LONG = os.environ.get("LMM_FUZZ_LONG") == "1"
 settings.register_profile("reliability-quick", max_examples=150, deadline=None, database=None,
@@ -266,8 +278,6 @@ def _header(t: Any, stamp: Any, now: float) -> Any:
 
 def _bytes_for(t: Any, data: bytes) -> Any:
     if t.kind == "rclpy":
-        import array
-
         out = array.array("B")
         out.frombytes(data)
         return out
@@ -367,18 +377,11 @@ class InProcessNode:
     callbacks and one cycle directly; the published DiagnosticArray is recorded)."""
 
     def __init__(self) -> None:
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.lifecycle import TransitionCallbackReturn
-        from rclpy.parameter import Parameter
-
-        from lmm_fusion.ros.node import node_class
-
         self.ctx = Context()
         rclpy.init(context=self.ctx, domain_id=random.randint(1, 101))
         overrides = [Parameter("backend", value="torch"), Parameter("threads", value=1),
                      Parameter("diagnostics.window", value=60.0), Parameter("use_camera_info", value=True)]
-        self.node = node_class()(context=self.ctx, parameter_overrides=overrides)
+        self.node = FusionNode(context=self.ctx, parameter_overrides=overrides)
         assert self.node.trigger_configure() == TransitionCallbackReturn.SUCCESS
         assert self.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         self.types = rclpy_types()
@@ -408,8 +411,6 @@ class InProcessNode:
     def cycle(self) -> tuple[Any, dict[str, Any]]:
         """Feed valid messages, one per sensor and for GNSS enough fixes for a motion estimate (the
         model uses GNSS only then), run one cycle; (assessment, {status name: status})."""
-        from lmm_fusion.io.gnss import EgoMotionConfig
-
         for s in MODALITIES:
             for _ in range(EgoMotionConfig().min_fixes if s == "gnss" else 1):
                 self.feed(good_spec(s, self.rng))
@@ -418,8 +419,6 @@ class InProcessNode:
         return self.node.last_assessment, {s.name: s for s in msg.status}
 
     def close(self) -> None:
-        import rclpy
-
         self.node.destroy_node()
         rclpy.try_shutdown(context=self.ctx)
 
@@ -452,8 +451,6 @@ def _check_one(n: InProcessNode, spec: Spec) -> None:
 def _check_diagnostics_and_flow(n: InProcessNode, kind: str) -> None:
     """After fuzzing ``kind``: a known-bad message is rejected and counted, /diagnostics shows the total
     and WARN for that sensor, and the other sensors are used by the next cycle."""
-    from lmm_fusion.ros.outputs import WARN, level_of
-
     if kind == "CameraInfo":
         a, _ = n.cycle()
         assert a.valid and a.mask.all(), "camera info fuzz disturbed the sensors"
@@ -523,24 +520,11 @@ TOPIC = {"Image": topics.CAMERA_IMAGE, "PointCloud2": topics.LIDAR_POINTS, "NavS
          "CameraInfo": topics.CAMERA_INFO}
 
 
-@pytest.fixture(scope="module")
-def pipeline() -> Any:
-    from lmm_fusion.cycle.pipeline import FusionPipeline
-
-    return FusionPipeline(None, "torch", threads=1)
-
-
 @REPLAY_PROFILE
 @given(bad=st.lists(st.one_of(*(SPECS[k] for k in TOPIC)), min_size=1, max_size=30))
 def test_fuzz_replay_path(tmp_path_factory: pytest.TempPathFactory, pipeline: Any, bad: list[Spec]) -> None:
     """Malformed messages between good ones in a bag: replay never raises, counts every message, and
     once the bad ones are over every sensor is used again; the pipeline runs on every cycle."""
-    from lmm_fusion.base.vocabulary import Action
-    from lmm_fusion.cycle.bagfeed import iter_cycles
-    from lmm_fusion.cycle.ingest import SensorIngest
-    from lmm_fusion.cycle.sync import SensorSync
-    from lmm_fusion.io.bags import BagWriter
-
     t, rng, t0 = rosbags_types(), np.random.default_rng(1), 100.0
     events: list[tuple[float, str, Spec]] = []
     for k in range(80):  # 4 s of good messages: camera 20 Hz, LiDAR and GNSS 10 Hz

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from lmm_fusion.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model
-from lmm_fusion.tools.demo import loopback_env, node_command
+from lmm_fusion.ros.params import defaults, validate
+from lmm_fusion.runtime.backends import ensure_onnx, make_backend
+from lmm_fusion.tools.harness import loopback_env, node_command, run_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 # Anything that can execute code while loading a file.
@@ -32,17 +33,6 @@ def test_no_pickle_anywhere_in_the_package() -> None:
     hits = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}" for f in files
             for i, line in enumerate(f.read_text().splitlines(), 1) if UNSAFE.search(line)]
     assert not hits, hits
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-
-    from lmm_fusion.model import FusionModel, ModelConfig
-    from lmm_fusion.model.checkpoint import save_model
-
-    torch.manual_seed(0)
-    return save_model(FusionModel(ModelConfig()), tmp_path_factory.mktemp("model") / "good")
 
 
 def _edit_config(**changes: object) -> Callable[[Path], None]:
@@ -96,8 +86,6 @@ def test_corrupt_model_is_a_value_error_naming_file_and_field(model_dir: Path, t
 
 
 def test_corrupt_onnx_is_an_error_naming_the_file(model_dir: Path, tmp_path: Path) -> None:
-    from lmm_fusion.runtime.backends import ensure_onnx, make_backend
-
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)
     ensure_onnx(d)  # a current export (its report records these weights' hash) ...
@@ -108,33 +96,15 @@ def test_corrupt_onnx_is_an_error_naming_the_file(model_dir: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("kind", ["missing", "file", "no-config"])
 def test_model_dir_parameter_is_checked(tmp_path: Path, kind: str) -> None:
-    from lmm_fusion.ros.node import PARAMS, validate
-
     path = tmp_path / "model"
     if kind == "file":
         path.write_text("not a directory")
     elif kind == "no-config":
         path.mkdir()
         (path / WEIGHTS_FILE).write_bytes(b"")
-    values = {p.name: p.default for p in PARAMS} | {"model_dir": str(path)}
+    values = defaults() | {"model_dir": str(path)}
     problems = validate(values)
     assert len(problems) == 1 and problems[0].startswith(f"model_dir={str(path)!r}"), problems
-
-
-def _run_nodes(cases: dict[str, tuple[str, ...]], cwd: Path) -> dict[str, subprocess.CompletedProcess[str]]:
-    """Start one node per case at once (two cores: parallel start-ups halve the wall time); wait for each."""
-    procs = {name: subprocess.Popen(node_command(*params), env=loopback_env(), cwd=cwd, text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for name, params in cases.items()}
-    out = {}
-    for name, p in procs.items():
-        try:
-            stdout, _ = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            stdout, _ = p.communicate()
-        out[name] = subprocess.CompletedProcess(p.args, p.returncode, stdout, "")
-    return out
 
 
 @pytest.mark.dds
@@ -146,11 +116,12 @@ def test_node_refuses_bad_model_dir_and_corrupt_models_without_traceback(model_d
     truncated = _corrupt(model_dir, tmp_path, "weights-truncated-tail")
     bad_config = _corrupt(model_dir, tmp_path, "config-string-for-int")
     base = ("backend:=torch", "threads:=1")
-    results = _run_nodes({
-        "missing": (*base, f"model_dir:={missing}"),
-        "truncated": (*base, f"model_dir:={truncated}"),
-        "bad-config": (*base, f"model_dir:={bad_config}"),
-    }, tmp_path)
+    # One node per case, all at once (two cores: parallel start-ups halve the wall time).
+    results = run_parallel({
+        "missing": node_command(*base, f"model_dir:={missing}"),
+        "truncated": node_command(*base, f"model_dir:={truncated}"),
+        "bad-config": node_command(*base, f"model_dir:={bad_config}"),
+    }, loopback_env(), cwd=tmp_path)
     expect = {"missing": f"model_dir={str(missing)!r}", "truncated": str(truncated / WEIGHTS_FILE),
               "bad-config": f"{bad_config / CONFIG_FILE}: invalid model config: d_model='64'"}
     for name, r in results.items():

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmm_fusion.base.grid import OCCUPANCY_GRID
+from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES, Action
 from lmm_fusion.cycle.assessment import decode
 from lmm_fusion.cycle.safety import SafetyConfig, apply_guard
@@ -87,18 +88,9 @@ class FixedBackend:
         return self.out
 
 
-@pytest.fixture(scope="module")
-def pipeline() -> Any:
-    from lmm_fusion.cycle.pipeline import FusionPipeline
-
-    return FusionPipeline(None, "torch", threads=1)
-
-
 def scene(rng: np.random.Generator, lidar_obstacle: float | None, ego_speed: float) -> dict[str, Any]:
     """Frames: a camera image, a LiDAR cloud (ground returns, plus an obstacle ``lidar_obstacle`` m ahead of
     the sensor when given) and a valid GNSS ego state at ``ego_speed`` [m/s]."""
-    from lmm_fusion.base.rig import SensorRig
-
     z_ground = -SensorRig().lidar_mount.z  # the road surface in the LiDAR frame
     ground = np.stack([rng.uniform(0, 60, 3000), rng.uniform(-15, 15, 3000), z_ground + rng.uniform(-0.05, 0.05, 3000),
                        rng.uniform(0, 1, 3000)], 1)

@@ -22,6 +22,8 @@ from lmm_fusion.offline.replay import OUTPUT_TOPICS, WALL_CLOCK_KEYS, ReplayOpti
 
 RIG = SensorRig(camera=CameraModel(320, 180), lidar=LidarModel(beams=16, columns=256))
 SECONDS = 2.5
+#: The module's synthetic drive (the ``drive`` fixture of conftest).
+DRIVE = dict(seconds=SECONDS, seed=3, rig=RIG)
 
 
 MODEL_DIR: Path | None = None  # set by the model fixture
@@ -33,15 +35,10 @@ def _opts(**kw: Any) -> ReplayOptions:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A seeded, randomly initialised model of the current architecture (replay needs any model)."""
-    import torch
-
-    from lmm_fusion.model import FusionModel, ModelConfig, save_model
-
+def model(model_dir: Path) -> Path:
+    """The shared seeded random model (conftest) as the model of every replay here (replay needs any model)."""
     global MODEL_DIR
-    torch.manual_seed(0)
-    MODEL_DIR = save_model(FusionModel(ModelConfig()), tmp_path_factory.mktemp("model") / "random")
+    MODEL_DIR = model_dir
     return MODEL_DIR
 
 
@@ -76,13 +73,6 @@ def _derive(
                 msg = create_compressed_image(types, msg.header, read_image(msg), quality=80)
             w.write(rename.get(m.topic, m.topic), m.stamp_sec, msg)
     return dst
-
-
-@pytest.fixture(scope="module")
-def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lmm_fusion.synth.drive import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("drive") / "bag", SECONDS, seed=3, rig=RIG, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Per-sample accuracy (lmm_fusion.groundtruth.scoring): ground truth from messages, errors, aggregation, windows."""
+"""Per-record scoring (lmm_fusion.groundtruth.scoring): ground truth from messages, errors, aggregation, windows."""
 
 from __future__ import annotations
 
@@ -11,15 +11,13 @@ from lmm_fusion.base import topics as T
 from lmm_fusion.base.grid import OCCUPANCY_GRID
 from lmm_fusion.base.vocabulary import Action, Light, Risk
 from lmm_fusion.cycle.assessment import Assessment, modality_states
+from lmm_fusion.groundtruth.messages import GroundTruth, ground_truth_from_messages, occupancy_from_msg
 from lmm_fusion.groundtruth.scoring import (
     DISTANCE_CAP,
     TTC_CAP,
-    GroundTruth,
     accuracy_table,
-    ground_truth_from_messages,
     grouped_tables,
-    occupancy_from_msg,
-    score,
+    sample_of,
     window_key,
 )
 from lmm_fusion.io import make_header, rosbags_types
@@ -136,24 +134,30 @@ def test_score_errors_with_caps_and_iou() -> None:
         occupancy=true,
         scenario="CUT_IN",
     )
-    s = score(assessment(ttc=4.0, distance=math.inf, speed=8.0, occ=pred), gt)
-    assert s.action_ok is False and s.risk_ok is True and s.light_ok is False
-    assert s.speed_error == pytest.approx(3.0)
-    assert s.ttc_error == pytest.approx(TTC_CAP - 4.0)  # "none" truth counts at the cap
-    assert s.distance_error == pytest.approx(DISTANCE_CAP - 25.0)  # a missed obstacle is penalised
-    assert (s.occ_intersection, s.occ_union) == (2, 6)
+    s = sample_of(assessment(ttc=4.0, distance=math.inf, speed=8.0, occ=pred), gt)
+    assert s.occupancy == (2, 6) and s.t == 100.0 and s.scenario == "CUT_IN"
+    t = accuracy_table([s])
+    assert (t["action_accuracy"], t["risk_accuracy"], t["light_accuracy"]) == (0.0, 1.0, 0.0)
+    assert t["target_speed_mae"] == pytest.approx(3.0)
+    assert t["ttc_mae"] == pytest.approx(TTC_CAP - 4.0)  # "none" truth counts at the cap
+    assert t["distance_mae"] == pytest.approx(DISTANCE_CAP - 25.0)  # a missed obstacle is penalised
+    assert t["occupancy_iou"] == round(2 / 6, 4)
     # An invalid assessment has no occupancy: the union is the truth alone.
-    s2 = score(assessment(valid=False, occ=pred), gt)
-    assert (s2.occ_intersection, s2.occ_union) == (0, 4)
+    s2 = sample_of(assessment(valid=False, occ=pred), gt)
+    assert s2.occupancy == (0, 4) and accuracy_table([s2])["occupancy_iou"] == 0.0
 
 
 def test_missing_labels_are_none_not_zero() -> None:
-    s = score(assessment(), GroundTruth(stamp=0.0, action=Action.FOLLOW))
-    assert s.action_ok is True and s.risk_ok is None and s.speed_error is None and s.occ_union is None
+    s = sample_of(assessment(), GroundTruth(stamp=0.0, action=Action.FOLLOW))
+    assert set(s.true) == {"action"} and s.occupancy is None
     table = accuracy_table([s])
     assert (
         table["action_accuracy"] == 1.0 and table["risk_accuracy"] is None and table["occupancy_iou"] is None
     )
+    assert table["target_speed_mae"] is None and table["model_action_accuracy"] == 1.0 and table["n"] == 1
+    # A sample without a label does not dilute the others' mean.
+    both = accuracy_table([s, sample_of(assessment(speed=8.0), GroundTruth(stamp=1.0, target_speed=6.0))])
+    assert both["n"] == 2 and both["target_speed_mae"] == 2.0 and both["action_accuracy"] == 1.0
 
 
 def test_accuracy_table_groups_and_windows() -> None:
@@ -165,7 +169,7 @@ def test_accuracy_table_groups_and_windows() -> None:
             target_speed=10.0,
             scenario="A" if i < 20 else "B",
         )
-        samples.append(score(assessment(action=Action.FOLLOW, speed=9.0, t=100.0 + i), gt, t=100.0 + i))
+        samples.append(sample_of(assessment(action=Action.FOLLOW, speed=9.0, t=100.0 + i), gt, t=100.0 + i))
     table = accuracy_table(samples)
     assert table["n"] == 30 and table["action_accuracy"] == pytest.approx(20 / 30, abs=1e-4)
     assert table["target_speed_mae"] == pytest.approx(1.0)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
+from rclpy.serialization import deserialize_message, serialize_message
 
 from lmm_fusion.base.grid import OCCUPANCY_GRID
 from lmm_fusion.base.vocabulary import Action
@@ -28,8 +30,6 @@ def roundtrip(kind: str, msg: Any) -> Any:
     if kind == "rosbags":
         store = typestore()
         return store.deserialize_cdr(store.serialize_cdr(msg, msg.__msgtype__), msg.__msgtype__)
-    from rclpy.serialization import deserialize_message, serialize_message
-
     return deserialize_message(serialize_message(msg), type(msg))
 
 
@@ -108,8 +108,6 @@ def test_markers(kind: str) -> None:
 
 
 def test_lane_change_arrow_goes_sideways() -> None:
-    from dataclasses import replace
-
     a = replace(sample(), action=Action.CHANGE_LANE_LEFT)
     m = ro.markers(rosbags_types(), a)
     arrow = next(mk for mk in m.markers if mk.ns == "path")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,17 +13,18 @@ import onnx
 import pytest
 import torch
 
-from lmm_fusion.model import OUTPUT_NAMES, FusionModel, ModelConfig, save_model
-from lmm_fusion.runtime.backends import (
-    INPUT_NAMES,
-    BackendUnavailable,
-    OnnxRuntimeBackend,
-    TorchBackend,
-    make_backend,
-    ort_providers,
+from lmm_fusion.model import INPUT_NAMES, OUTPUT_NAMES, FusionModel, ModelConfig, load_model, save_model
+from lmm_fusion.runtime.backends import OnnxRuntimeBackend, TorchBackend, make_backend, ort_providers
+from lmm_fusion.runtime.base import BACKENDS, BackendUnavailable, EngineError
+from lmm_fusion.runtime.export import (
+    TENSORRT_OPS,
+    ensure_onnx,
+    example_inputs,
+    export_onnx,
+    input_shapes,
+    unsupported_ops,
 )
-from lmm_fusion.runtime.export import TENSORRT_OPS, example_inputs, export_onnx, input_shapes, unsupported_ops
-from lmm_fusion.runtime.tensorrt import EngineCache, EngineError, EngineKey, TensorSpec, onnx_io
+from lmm_fusion.runtime.tensorrt import EngineCache, EngineKey, TensorRTBackend, TensorSpec, onnx_io
 
 #: Tolerances per precision against torch fp32 (max abs error on logits/regressions).
 FP32_TOL = 1e-4
@@ -86,8 +89,13 @@ def test_auto_backend_logs_its_choice_and_reasons(model_dir: Path, caplog: pytes
 
 
 def test_unknown_backend_and_missing_onnx_are_clear_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="backend: expected one of"):
+    with pytest.raises(ValueError, match="backend: expected one of") as err:
         make_backend("tflite", tmp_path)
+    assert all(repr(name) in str(err.value) for name in BACKENDS)
+    # Every listed name is accepted: an empty model folder fails on the missing files, not on the name.
+    for name in BACKENDS:
+        with pytest.raises((BackendUnavailable, OSError)):
+            make_backend(name, tmp_path)
     with pytest.raises(BackendUnavailable, match="does not exist"):
         OnnxRuntimeBackend(tmp_path / "missing.onnx")
 
@@ -103,8 +111,6 @@ def test_provider_preference_order() -> None:
 @pytest.mark.parametrize(("precision", "graph", "tol"), [("fp32", False, 1e-3), ("fp16", False, FP16_TOL),
                                                         ("fp16", True, FP16_TOL)])
 def test_torch_cuda_matches_cpu(model_dir: Path, precision: str, graph: bool, tol: float) -> None:
-    from lmm_fusion.model import load_model
-
     inputs = example_inputs(ModelConfig(), seed=3)
     ref = TorchBackend(load_model(model_dir)).infer(inputs)
     backend = TorchBackend(load_model(model_dir), device="cuda", precision=precision, cuda_graph=graph)
@@ -118,8 +124,6 @@ def test_tensorrt_backend_matches_torch(model_dir: Path) -> None:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs an NVIDIA GPU: pip install '.[gpu]')")
     if not HAS_CUDA:
         pytest.skip("TensorRT needs a CUDA GPU")
-    from lmm_fusion.runtime.tensorrt import TensorRTBackend
-
     inputs = example_inputs(ModelConfig(), seed=5)
     ref = make_backend("torch", model_dir, device="cpu").infer(inputs)
     got = TensorRTBackend(model_dir / "model.onnx", precision="fp16").infer(inputs)
@@ -235,11 +239,6 @@ def test_engine_cache_rejects_unknown_precision_and_missing_onnx(model_dir: Path
 
 
 def test_onnx_is_reexported_when_weights_change_not_when_times_do(tmp_path: Path) -> None:
-    import os
-    import shutil
-
-    from lmm_fusion.runtime.backends import ensure_onnx
-
     torch.manual_seed(1)
     d = tmp_path / "m"
     save_model(FusionModel(ModelConfig()), d)

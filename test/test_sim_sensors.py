@@ -11,8 +11,9 @@ import pytest
 
 from lmm_fusion.base.rig import CameraModel, LidarModel, Mount, SensorRig
 from lmm_fusion.base.vocabulary import Light
+from lmm_fusion.io.gnss import COVARIANCE_TYPE_DIAGONAL_KNOWN, STATUS_FIX, STATUS_GBAS_FIX, GnssFix
 from lmm_fusion.synth.camera import CameraRenderer, camera_info_arrays
-from lmm_fusion.synth.gnss import STATUS_FIX, STATUS_GBAS_FIX, GnssSimulator
+from lmm_fusion.synth.gnss import GnssSimulator
 from lmm_fusion.synth.lidar import POINT_DTYPE, LidarSimulator
 from lmm_fusion.synth.world import Lamp, World, static_scene
 
@@ -174,7 +175,8 @@ def test_gnss_fix_around_origin_and_degraded() -> None:
         f = sim.fix(k * 0.1, (100.0, -50.0, 0.0))
         e, n, _ = pymap3d.geodetic2enu(f.lat, f.lon, f.alt, rig.gnss.origin_lat, rig.gnss.origin_lon,
                                        rig.gnss.origin_alt)
-        errs.append((e - 100.0 - rig.gnss_mount.x, n + 50.0, f.covariance[0], f.degraded))
+        assert isinstance(f, GnssFix) and f.stamp == k * 0.1 and f.covariance_type == COVARIANCE_TYPE_DIAGONAL_KNOWN
+        errs.append((e - 100.0 - rig.gnss_mount.x, n + 50.0, f.covariance[0], f.status == STATUS_FIX))  # degraded
         statuses.append(f.status)
     arr = np.array(errs)
     good = arr[:, 3] == 0

@@ -22,6 +22,8 @@ from lmm_fusion.synth.drive import START_TIME, synthesize
 
 SECONDS = 2.0
 RIG = SensorRig(camera=CameraModel(width=320, height=180), lidar=LidarModel(beams=16, columns=256))
+#: The module's synthetic drive (the ``drive`` fixture of conftest).
+DRIVE = dict(seconds=SECONDS, seed=7, rig=RIG, name="drive")
 
 EXPECTED_TYPES = {
     topics.CAMERA_IMAGE: "sensor_msgs/msg/Image",
@@ -35,12 +37,6 @@ EXPECTED_TYPES = {
     topics.GT_SCENARIO: "std_msgs/msg/String",
     topics.GT_EGO: "nav_msgs/msg/Odometry",
 }
-
-
-@pytest.fixture(scope="module")
-def drive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth") / "drive"
-    return synthesize(out, SECONDS, seed=7, rig=RIG, progress=False)
 
 
 @pytest.fixture(scope="module")

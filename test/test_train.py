@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -13,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmm_fusion.model import FusionModel, ModelConfig, load_model
 from lmm_fusion.model.losses import FusionLoss, LossWeights, info_nce
 from lmm_fusion.training.dataset import ARRAYS, FusionDataset
-from lmm_fusion.training.train import augment, lr_at, modality_dropout, train
+from lmm_fusion.training.train import _parse_overrides, add_arguments, augment, lr_at, modality_dropout, run, train
 
 TINY = dict(image_height=32, image_width=64, image_roi_rows=8, camera_channels=(8, 8, 16, 16),
             lidar_stages=(8, 8, 16, 16),
@@ -125,15 +127,9 @@ def test_cautious_term_penalises_underestimated_risk() -> None:
 
 
 def test_loss_weight_overrides_are_checked() -> None:
-    from lmm_fusion.training.train import _parse_overrides
-
     assert _parse_overrides(["cautious_degraded=3"], LossWeights, "--loss-weights") == {"cautious_degraded": 3}
     with pytest.raises(SystemExit, match="cautious_degradd"):
         _parse_overrides(["cautious_degradd=3"], LossWeights, "--loss-weights")
-    import argparse
-
-    from lmm_fusion.training.train import add_arguments, run
-
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     for bad in ("cautious_degraded=lots", "cautious=-1"):  # refused before any data is read
@@ -177,8 +173,6 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path: Path) -> None:
     train(cfg, ds, tmp_path / "b", epochs=3, **kw)
     train(cfg, ds, tmp_path / "c", epochs=3, max_steps=4, **kw)  # interrupted after 2 of 3 epochs
     train(cfg, ds, tmp_path / "c", epochs=3, resume=True, **kw)
-    from safetensors.torch import load_file
-
     a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in "abc")
     for k in a:
         assert torch.equal(a[k], b[k]), k

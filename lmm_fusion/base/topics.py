@@ -22,3 +22,6 @@ MAP_FRAME = "map"
 CAMERA_FRAME = "camera_optical"
 LIDAR_FRAME = "lidar"
 GNSS_FRAME = "gnss"
+
+#: Name of the fusion node: its ``~/...`` outputs are published under ``/<NODE_NAME>/``.
+NODE_NAME = "fusion_node"

@@ -45,6 +45,21 @@ from lmm_fusion.base import topics
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import Light
 from lmm_fusion.carla import convert as cc
+from lmm_fusion.carla.control import ClosedLoopController
+from lmm_fusion.carla.record import Actor, CarlaRecorder, EgoTruth, TickAssembler, actor_kind, ground_truth
+from lmm_fusion.cycle.ingest import SensorIngest
+from lmm_fusion.cycle.pipeline import FusionPipeline
+from lmm_fusion.cycle.sync import SensorSync
+from lmm_fusion.io import (
+    create_cloud,
+    create_compressed_image,
+    create_fix,
+    create_image,
+    make_header,
+    make_time,
+    rclpy_types,
+    rosbags_types,
+)
 from lmm_fusion.io.errors import MessageError
 
 log = logging.getLogger(__name__)
@@ -462,8 +477,6 @@ class CarlaBridge:
     # --------------------------------------------------------------------------------- loop
     def loop(self) -> dict[str, Any]:
         """Run until ``--duration`` simulated seconds pass or a stop is requested; returns a summary."""
-        from lmm_fusion.carla.record import TickAssembler
-
         a = self.args
         out = Outputs(self, self.rig)
         try:
@@ -544,8 +557,6 @@ class Outputs:
     """Per-tick consumers of the sensor frames: ROS publishing, in-process pipeline, control, recording."""
 
     def __init__(self, bridge: CarlaBridge, rig: SensorRig) -> None:
-        from lmm_fusion.io import rosbags_types
-
         self.bridge = bridge
         self.rig = rig
         a = bridge.args
@@ -558,25 +569,15 @@ class Outputs:
         self.assessment: Any = None
         self.actions: Counter[str] = Counter()
         if a.pipeline or a.closed_loop:
-            from lmm_fusion.cycle.ingest import SensorIngest
-            from lmm_fusion.cycle.pipeline import FusionPipeline
-            from lmm_fusion.cycle.sync import SensorSync
-
             self.pipeline = FusionPipeline(a.model, a.backend, rig)
             self.ingest = SensorIngest(SensorSync(), rig)
         if a.closed_loop:
-            from lmm_fusion.carla.control import ClosedLoopController
-
             self.controller = ClosedLoopController()
         if a.record:
-            from lmm_fusion.carla.record import CarlaRecorder
-
             self.recorder = CarlaRecorder(a.record, rig, a.storage).__enter__()
 
     def messages(self, types: Any, item: SensorItem) -> list[tuple[str, Any]]:
         """(topic, message) pairs of one sensor frame built with ``types`` (rosbags or rclpy)."""
-        from lmm_fusion.io import create_cloud, create_compressed_image, create_fix, create_image, make_header
-
         if item.sensor == "camera":
             header = make_header(types, item.stamp, topics.CAMERA_FRAME)
             h, w = item.data.shape[:2]
@@ -614,8 +615,8 @@ class Outputs:
             self.assessment = self.pipeline.cycle(self.ingest.sync.snapshot(now))
             b.assessments += 1
             self.actions[self.assessment.action.name if self.assessment.valid else "INVALID"] += 1
-        transform = b.ego.get_transform()
-        pose = b.lanes.update(transform)
+        assert b.lanes is not None  # made by setup(), before the first tick
+        pose = b.lanes.update(b.ego.get_transform())
         if self.controller is not None:
             self._control(now, dt)
         if self.recorder is not None:
@@ -640,8 +641,6 @@ class Outputs:
         b.ego.apply_control(vehicle_control(b.carla, cmd))
 
     def _truth(self, stamp: float, pose: tuple[float, float, float, float]) -> None:
-        from lmm_fusion.carla.record import EgoTruth, ground_truth
-
         b = self.bridge
         lanes = b.lanes
         assert lanes is not None
@@ -686,8 +685,6 @@ class Outputs:
 def world_actors(world: Any, ego_id: int, centre_xy: tuple[float, float]) -> list[Any]:
     """Vehicles and walkers other than the ego within :data:`GT_RADIUS` of ``centre_xy`` (ENU), as
     :class:`~lmm_fusion.carla.record.Actor` (box centre, heading and size from the bounding box)."""
-    from lmm_fusion.carla.record import Actor, actor_kind
-
     out = []
     for actor in world.get_actors():
         type_id = actor.type_id
@@ -730,8 +727,6 @@ class RosPublisher:
             from rclpy.qos import qos_profile_sensor_data
         except ImportError as exc:
             raise BridgeError(f"--publish needs rclpy (ROS 2 Jazzy): {exc}") from None
-        from lmm_fusion.io import rclpy_types
-
         self.types = rclpy_types()
         self._rclpy = rclpy
         self._owns_context = not rclpy.ok()
@@ -747,8 +742,6 @@ class RosPublisher:
         self.pubs[topics.CLOCK] = self.node.create_publisher(t.Clock, topics.CLOCK, 10)
 
     def clock(self, now: float) -> None:
-        from lmm_fusion.io import make_time
-
         self.pubs[topics.CLOCK].publish(self.types.Clock(clock=make_time(self.types, now)))
 
     def publish(self, topic: str, msg: Any) -> None:
@@ -765,7 +758,7 @@ class RosPublisher:
 def _stop_on_signals(event: threading.Event) -> Any:
     """SIGINT/SIGTERM set ``event`` (the loop ends after the current tick and teardown runs); the
     previous handlers come back afterwards. A second SIGINT raises KeyboardInterrupt as usual."""
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if event.is_set() and signum == signal.SIGINT:

@@ -235,7 +235,7 @@ class ClosedLoopController:
         c = self.cfg
         usable = (assessment is not None and bool(getattr(assessment, "valid", False))
                   and now - float(assessment.stamp) <= c.max_assessment_age)
-        if not usable:
+        if assessment is None or not usable:  # the None test is implied by usable; it narrows the type
             why = ("no assessment" if assessment is None else
                    "invalid assessment" if not assessment.valid else
                    f"stale assessment ({now - float(assessment.stamp):.2f} s old)")

@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pymap3d
 
 from lmm_fusion.base.rig import EGO_FRONT_OFFSET, Mount, SensorRig
 from lmm_fusion.base.vocabulary import Light
 from lmm_fusion.io.errors import MessageError
+from lmm_fusion.io.gnss import COVARIANCE_TYPE_DIAGONAL_KNOWN, STATUS_FIX, GnssFix
 
 #: The mirror between CARLA's left-handed and REP-103's right-handed frames.
 FLIP_Y = np.diag([1.0, -1.0, 1.0])
@@ -47,10 +49,6 @@ MAX_IMAGE_SIDE = 16384
 MAX_LIDAR_POINTS = 10_000_000
 #: Metres per degree of latitude (mean), used to turn the rig's GNSS noise [m] into CARLA's [deg].
 METRES_PER_DEG_LAT = 111_320.0
-#: sensor_msgs/NavSatFix covariance type "diagonal known".
-COVARIANCE_TYPE_DIAGONAL_KNOWN = 2
-#: sensor_msgs/NavSatStatus.STATUS_FIX.
-STATUS_FIX = 0
 
 #: ``str(carla.TrafficLightState.X)`` name -> project light state (Off/Unknown = no light governs).
 CARLA_LIGHT_NAMES: dict[str, Light] = {
@@ -136,32 +134,21 @@ def reanchor_geodetic(lat: float, lon: float, alt: float, src_origin: Sequence[f
     ``src_origin`` (lat [deg], lon [deg], alt [m]) and that same east/north/up offset is placed around
     ``dst_origin``. Returns (lat [deg], lon [deg], alt [m]).
     """
-    import pymap3d
-
     e, n, u = pymap3d.geodetic2enu(lat, lon, alt, *src_origin)
     out = pymap3d.enu2geodetic(e, n, u, *dst_origin)
     return float(out[0]), float(out[1]), float(out[2])
 
 
-@dataclass(frozen=True)
-class FixFields:
-    """Fields of a ``sensor_msgs/NavSatFix`` (``lmm_fusion.io.create_fix`` arguments)."""
-
-    lat: float
-    lon: float
-    alt: float
-    status: int
-    covariance: np.ndarray  # (9,) float64 [m^2]
-    covariance_type: int
-
-
 def gnss_to_fix(lat: float, lon: float, alt: float, rig: SensorRig,
-                src_origin: Sequence[float] | None = None) -> FixFields:
-    """CARLA ``GnssMeasurement`` (latitude, longitude [deg], altitude [m]) -> NavSatFix fields.
+                src_origin: Sequence[float] | None = None, stamp: float = math.nan) -> GnssFix:
+    """CARLA ``GnssMeasurement`` (latitude, longitude [deg], altitude [m]) -> :class:`GnssFix`.
 
     With ``src_origin`` (the map's geo-reference) the fix is re-anchored to the rig's origin
     (:func:`reanchor_geodetic`) so the node's configured origin applies unchanged. The covariance is
-    the rig's GNSS noise model (the same std the CARLA sensor's noise is configured with).
+    the rig's GNSS noise model (the same std the CARLA sensor's noise is configured with), status
+    STATUS_FIX. ``stamp`` [s]: the measurement's sim time; NaN when not given (the bridge stamps the
+    NavSatFix header from its tick, and :class:`~lmm_fusion.io.gnss.EgoMotionEstimator` refuses an
+    unstamped fix rather than taking it at time 0).
     """
     for name, v, lim in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
         if not (math.isfinite(v) and abs(v) <= lim):
@@ -172,8 +159,8 @@ def gnss_to_fix(lat: float, lon: float, alt: float, rig: SensorRig,
     if src_origin is not None:
         dst = (g.origin_lat, g.origin_lon, g.origin_alt)
         lat, lon, alt = reanchor_geodetic(lat, lon, alt, src_origin, dst)
-    return FixFields(float(lat), float(lon), float(alt), STATUS_FIX,
-                     gnss_covariance(g.horizontal_std, g.vertical_std), COVARIANCE_TYPE_DIAGONAL_KNOWN)
+    return GnssFix(float(stamp), float(lat), float(lon), float(alt), STATUS_FIX,
+                   gnss_covariance(g.horizontal_std, g.vertical_std), COVARIANCE_TYPE_DIAGONAL_KNOWN)
 
 
 # ---------------------------------------------------------------------------------------------- camera

@@ -33,6 +33,10 @@ from lmm_fusion.base.grid import OCCUPANCY_GRID, BevGrid
 from lmm_fusion.base.rig import EGO_FRONT_OFFSET, SensorRig
 from lmm_fusion.base.vocabulary import Light, Scenario
 from lmm_fusion.groundtruth.expert import DETECT_RANGE, ExpertInput, Label, Obstacle, assess, in_ego_corridor, occupancy
+from lmm_fusion.groundtruth.messages import ground_truth_msgs
+from lmm_fusion.io.bags import BagWriter
+from lmm_fusion.io.msgtypes import rosbags_types
+from lmm_fusion.io.tf import tf_static_msg
 
 log = logging.getLogger(__name__)
 
@@ -354,7 +358,7 @@ def ground_truth(ego: EgoTruth, actors: Iterable[Actor], grid: BevGrid = OCCUPAN
 # ------------------------------------------------------------------------------------------- recorder
 @dataclass(frozen=True)
 class _Boxes:
-    """The part of :class:`lmm_fusion.synth.world.Boxes` the synthetic world's ground-truth writer reads."""
+    """The boxes the ground-truth writer reads (:class:`lmm_fusion.groundtruth.messages.TruthBoxes`)."""
 
     center: np.ndarray  # (N, 3) base_link [m]
     yaw: np.ndarray  # (N,) [rad]
@@ -367,8 +371,9 @@ class _Boxes:
 
 @dataclass(frozen=True)
 class _SceneView:
-    """The part of :class:`lmm_fusion.synth.world.Scene` that
-    :func:`lmm_fusion.synth.drive.ground_truth_msgs` reads, filled from a CARLA snapshot."""
+    """The scene the ground-truth writer reads (:class:`lmm_fusion.groundtruth.messages.TruthScene`,
+    as :func:`lmm_fusion.groundtruth.messages.ground_truth_msgs` reads it of the synthetic world),
+    filled from a CARLA snapshot."""
 
     boxes: _Boxes
     ego_pose: tuple[float, float, float]
@@ -393,16 +398,13 @@ def scene_view(ego: EgoTruth, actors: Iterable[Actor], scenario: Scenario) -> _S
 class CarlaRecorder:
     """Write a CARLA drive as a rosbag2 (sensor topics + ground truth) in the synthetic world's layout.
 
-    The static transforms and the five ground-truth messages are built by the synthetic world's own
-    writers (:func:`lmm_fusion.synth.drive.tf_static_msg`, :func:`lmm_fusion.synth.drive.ground_truth_msgs`),
+    The static transforms and the five ground-truth messages are built by the writers the synthetic
+    world uses too (:func:`lmm_fusion.io.tf.tf_static_msg`, :func:`lmm_fusion.groundtruth.messages.ground_truth_msgs`),
     so a CARLA bag and a synthetic bag differ only in content. Use as a context manager; stamps are
     sim time [s].
     """
 
     def __init__(self, path: Path | str, rig: SensorRig, storage: str = "mcap") -> None:
-        from lmm_fusion.io import rosbags_types
-        from lmm_fusion.io.bags import BagWriter
-
         self.rig = rig
         self.types = rosbags_types()
         self.writer = BagWriter(path, storage)
@@ -424,8 +426,6 @@ class CarlaRecorder:
 
     def write_static(self, stamp: float) -> None:
         """``/tf_static`` with the rig's extrinsics (once)."""
-        from lmm_fusion.synth.drive import tf_static_msg
-
         if not self._static_written:
             self.writer.write(topics.TF_STATIC, stamp, tf_static_msg(self.types, self.rig, stamp))
             self._static_written = True
@@ -435,8 +435,6 @@ class CarlaRecorder:
 
     def write_truth(self, stamp: float, gt: GroundTruth, ego: EgoTruth, actors: Iterable[Actor]) -> None:
         """The five ground-truth topics for the LiDAR frame stamped ``stamp`` [s]."""
-        from lmm_fusion.synth.drive import ground_truth_msgs
-
         view = scene_view(ego, actors, gt.scenario)
         for topic, msg in ground_truth_msgs(self.types, view, gt.label, stamp).items():
             self.writer.write(topic, stamp, msg)

@@ -7,18 +7,28 @@ each stage recorded in ``Assessment.latency_ms``. ROS-free.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from lmm_fusion.base.paths import cache_dir, default_model_dir
 from lmm_fusion.base.rig import SensorRig, transform_points
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import Assessment, decode, invalid
+from lmm_fusion.cycle.preprocess import Preprocessor
 from lmm_fusion.cycle.safety import SafetyConfig, apply_guard, lane_free_distance
+from lmm_fusion.cycle.sync import Snapshot
+from lmm_fusion.model import FusionModel, ModelConfig, save_model
+from lmm_fusion.model.checkpoint import load_config
+from lmm_fusion.runtime.backends import make_backend
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +39,6 @@ RANDOM_MODEL_SEED = 0
 def resolve_model_dir(model_dir: str | Path | None) -> tuple[Path, bool]:
     """``(directory, is_random)``: the given or shipped model directory, or — when it has no trained
     weights — a randomly initialised model saved once under the cache dir (loudly warned about)."""
-    from lmm_fusion.base.paths import cache_dir, default_model_dir
-
     if model_dir not in (None, ""):
         if not (Path(model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"model_dir: {str(model_dir)!r} holds no config.json (not a model directory)")
@@ -44,22 +52,16 @@ def resolve_model_dir(model_dir: str | Path | None) -> tuple[Path, bool]:
     return _random_model_dir(cache_dir()), True
 
 
-def _architecture_tag(model: Any) -> str:
+def _architecture_tag(model: FusionModel) -> str:
     """Short hash of the model's config and parameter names/shapes: a cached random model is reused only
     by code that builds exactly the same network."""
-    import hashlib
-    import json
-
     spec = [(k, list(v.shape)) for k, v in sorted(model.state_dict().items())]
     blob = json.dumps([model.cfg.to_dict(), spec], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def _random_model_dir(cache: Path) -> Path:
-    import torch
-
-    from lmm_fusion.model import FusionModel, ModelConfig, save_model
-
+    """The folder of the seeded random model under ``cache``, saved there on first use."""
     torch.manual_seed(RANDOM_MODEL_SEED)
     model = FusionModel(ModelConfig())
     directory = cache / f"random_model_seed{RANDOM_MODEL_SEED}_{_architecture_tag(model)}"
@@ -73,8 +75,6 @@ def _random_model_dir(cache: Path) -> Path:
     try:
         tmp.rename(directory)
     except OSError:  # another process created it first: use theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
@@ -90,10 +90,6 @@ class FusionPipeline:
     def __init__(self, model_dir: str | Path | None = None, backend: str = "auto", rig: SensorRig | None = None,
                  safety_cfg: SafetyConfig | None = None, *, device: str | None = None, precision: str = "fp32",
                  threads: int | None = None) -> None:
-        from lmm_fusion.cycle.preprocess import Preprocessor
-        from lmm_fusion.model.checkpoint import load_config
-        from lmm_fusion.runtime.backends import make_backend
-
         self.rig = rig or SensorRig()
         self.safety_cfg = safety_cfg or SafetyConfig()
         self.safety_cfg.validate()
@@ -110,8 +106,6 @@ class FusionPipeline:
 
     def warmup(self, iterations: int = 3) -> float:
         """Run the backend on all-masked zero inputs; returns the last pass time [s]."""
-        from lmm_fusion.cycle.sync import Snapshot
-
         nan_ages = dict.fromkeys(MODALITIES, math.inf)
         snap = Snapshot(now=0.0, frames=dict.fromkeys(MODALITIES), ages=nan_ages,
                         mask=np.zeros(len(MODALITIES), bool), stamps=dict.fromkeys(MODALITIES))

@@ -258,8 +258,12 @@ class Preprocessor:
         lidar = frames.get("lidar") if mask[1] else None
         gnss = frames.get("gnss") if mask[2] else None
         mask &= np.array([cam is not None, lidar is not None, self.ego_valid(gnss)])
-        image = self.image(cam) if mask[0] else np.zeros((3, cfg.image_height, cfg.image_width), np.float32)
-        if mask[1]:
+        # ``mask[i]`` already implies a frame; the ``is not None`` tests repeat it for the type checker.
+        if mask[0] and cam is not None:
+            image = self.image(cam)
+        else:
+            image = np.zeros((3, cfg.image_height, cfg.image_width), np.float32)
+        if mask[1] and lidar is not None:
             stamp = (snapshot.stamps or {}).get("lidar")
             bev = self.history.stack(float(snapshot.now if stamp is None else stamp), self.bev(lidar, lidar_base))
         else:

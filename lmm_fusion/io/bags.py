@@ -13,12 +13,23 @@ from __future__ import annotations
 import heapq
 import logging
 import mmap
+import sqlite3
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+import apsw
+from mcap.exceptions import EndOfFile, McapError
+from mcap.reader import make_reader
+from mcap.records import Channel, Footer, Message, Schema
+from mcap.stream_reader import StreamReader
+from rosbags.highlevel import AnyReader, AnyReaderError
+from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+from rosbags.rosbag2 import ReaderError, StoragePlugin, Writer
+from rosbags.serde import SerdeError
 
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.io.msgtypes import ros_type_name, typestore
@@ -30,8 +41,6 @@ STORAGES: tuple[str, ...] = ("mcap", "sqlite3")
 
 def _qos(transient_local: bool, reliable: bool, depth: int) -> Any:
     """One rosbags ``Qos`` profile (used in ``offered_qos_profiles`` of the bag metadata)."""
-    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
-
     zero = QosTime(sec=0, nsec=0)
     return Qos(
         history=QosHistory.KEEP_LAST,
@@ -74,8 +83,6 @@ class BagWriter:
     """
 
     def __init__(self, path: Path | str, storage: str = "mcap") -> None:
-        from rosbags.rosbag2 import StoragePlugin, Writer
-
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
@@ -156,11 +163,6 @@ def bag_error(path: Path, exc: BaseException, messages_read: int = 0, last_stamp
               ) -> BagError:
     """The one place where what rosbags, mcap, sqlite3 and struct raise for a bad bag becomes a
     :class:`BagError` naming the file (``path`` is the bag folder; the storage file is named when known)."""
-    import sqlite3
-    import struct
-
-    from mcap.exceptions import EndOfFile, McapError
-
     if isinstance(exc, BagError):
         return exc
     # rosbags wraps the storage error (AnyReaderError <- ReaderError <- sqlite3/struct/...): report the root.
@@ -181,7 +183,7 @@ def bag_error(path: Path, exc: BaseException, messages_read: int = 0, last_stamp
         reason = "MCAP file ends in the middle of a record (truncated)"
     elif isinstance(root, McapError):
         reason = f"corrupt MCAP: {text}"
-    elif isinstance(root, (sqlite3.DatabaseError, *_sqlite_errors())):
+    elif isinstance(root, _SQLITE_ERRORS):
         reason = f"corrupt SQLite3 database: {text}"
     elif isinstance(root, (struct.error, EOFError)):
         reason = f"truncated or corrupt record: {text}"
@@ -194,36 +196,14 @@ def bag_error(path: Path, exc: BaseException, messages_read: int = 0, last_stamp
     return BagError(file, reason, messages_read, last_stamp)
 
 
-def _sqlite_errors() -> tuple[type[BaseException], ...]:
-    """What rosbags' SQLite3 storage raises for a damaged database (it reads through apsw)."""
-    try:
-        import apsw
+#: What a damaged SQLite3 database raises: rosbags' SQLite3 storage reads through apsw, others sqlite3.
+_SQLITE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.DatabaseError, apsw.Error)
 
-        return (apsw.Error,)
-    except ImportError:  # pragma: no cover - rosbags without apsw uses the standard sqlite3 module
-        return ()
-
-
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "this bag is bad" (everything else is a bug and propagates)."""
-    import sqlite3
-    import struct
-    import zlib
-
-    from mcap.exceptions import McapError
-    from rosbags.highlevel import AnyReaderError
-    from rosbags.rosbag2 import ReaderError
-
-    errors: list[type[BaseException]] = [AnyReaderError, ReaderError, McapError, sqlite3.DatabaseError,
-                                         struct.error, EOFError, OSError, zlib.error, UnicodeDecodeError,
-                                         *_sqlite_errors()]
-    try:
-        from rosbags.serde import SerdeError
-
-        errors.append(SerdeError)
-    except ImportError:  # pragma: no cover - older rosbags
-        pass
-    return tuple(errors)
+#: Exception types that mean "this bag is bad" (everything else is a bug and propagates).
+_READ_ERRORS: tuple[type[BaseException], ...] = (
+    AnyReaderError, ReaderError, McapError, *_SQLITE_ERRORS, struct.error, EOFError, OSError, zlib.error,
+    UnicodeDecodeError, SerdeError,
+)
 
 
 class BagMessage:
@@ -265,8 +245,6 @@ class _IndexedBag:
     """A bag whose index opens: read through rosbags (MCAP summary or SQLite3 tables)."""
 
     def __init__(self, path: Path, store: Any) -> None:
-        from rosbags.highlevel import AnyReader
-
         self.path = path
         self.store = store
         self.reader = AnyReader([path], default_typestore=store)
@@ -327,8 +305,6 @@ class _MappedMcap:
     def open(cls, file: Path) -> _MappedMcap | None:
         """The mapped reader, or None when the file has compressed chunks or no usable summary (then
         rosbags reads it)."""
-        from mcap.reader import make_reader
-
         with file.open("rb") as f:
             summary = make_reader(f).get_summary()
             if summary is None or not summary.chunk_indexes:
@@ -406,13 +382,10 @@ class _SalvagedMcap:
                     _, topic, msgtype, _, _ = rec
                     self.topics.setdefault(topic, msgtype)
                     self.counts[topic] = self.counts.get(topic, 0) + 1
-        except _read_errors():
+        except _READ_ERRORS:
             pass  # reported by messages(), after what is readable
 
     def _records(self) -> Iterator[tuple[str, str, str, int, bytes]]:
-        from mcap.records import Channel, Footer, Message, Schema
-        from mcap.stream_reader import StreamReader
-
         schemas: dict[int, str] = {}
         channels: dict[int, tuple[str, str]] = {}
         with self.file.open("rb") as f:
@@ -437,7 +410,7 @@ class _SalvagedMcap:
                     last = t_ns * 1e-9
                     n += 1
                     yield BagMessage(topic, msgtype, last, raw=data, deserialize=deser)
-        except _read_errors() as exc:
+        except _READ_ERRORS as exc:
             raise bag_error(self.path, exc, n, last) from exc
         # The records end cleanly, yet the index could not be opened: the file is still damaged.
         raise bag_error(self.path, self.cause, n, last) from self.cause
@@ -449,7 +422,7 @@ class _SalvagedMcap:
 def _open_one(path: Path, store: Any) -> _IndexedBag | _SalvagedMcap:
     try:
         return _IndexedBag(path, store)
-    except _read_errors() as exc:
+    except _READ_ERRORS as exc:
         file = _storage_file(path)
         if (path / "metadata.yaml").is_file() and file.suffix == ".mcap" and file.is_file():
             return _SalvagedMcap(path, file, store, exc)
@@ -536,7 +509,7 @@ class BagReader:
                 n += 1
                 last = m.stamp_sec
                 yield m
-        except _read_errors() as exc:
+        except _READ_ERRORS as exc:
             raise bag_error(bag.path, exc, n, last) from exc
 
 

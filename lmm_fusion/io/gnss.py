@@ -30,15 +30,21 @@ from lmm_fusion.io.msgtypes import MsgTypes
 STATUS_UNKNOWN = -2
 STATUS_NO_FIX = -1
 STATUS_FIX = 0
+STATUS_SBAS_FIX = 1
+STATUS_GBAS_FIX = 2
 COVARIANCE_TYPE_UNKNOWN = 0
 COVARIANCE_TYPE_DIAGONAL_KNOWN = 2
 
 
 @dataclass(frozen=True)
 class GnssFix:
-    """One validated fix. ``stamp`` [s], ``lat``/``lon`` [deg], ``alt`` [m above the WGS-84 ellipsoid],
-    ``status`` (NavSatStatus.STATUS_*), ``covariance`` (9,) ENU position covariance [m^2] (row-major),
-    ``covariance_type`` (NavSatFix.COVARIANCE_TYPE_*)."""
+    """One ``sensor_msgs/NavSatFix``: ``stamp`` [s], ``lat``/``lon`` [deg], ``alt`` [m above the WGS-84
+    ellipsoid], ``status`` (NavSatStatus.STATUS_*), ``covariance`` (9,) ENU position covariance [m^2]
+    (row-major), ``covariance_type`` (NavSatFix.COVARIANCE_TYPE_*).
+
+    The one fix record of the project: :func:`read_fix` returns it validated, the synthetic receiver
+    (:class:`lmm_fusion.synth.gnss.GnssSimulator`) and the CARLA conversion
+    (:func:`lmm_fusion.carla.convert.gnss_to_fix`) produce it, and :func:`create_fix` takes its fields."""
 
     stamp: float
     lat: float

@@ -13,7 +13,7 @@ Scaling of non-8-bit encodings to 8 bits (so the camera encoder always sees the 
 from __future__ import annotations
 
 import array
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -26,7 +26,7 @@ from lmm_fusion.io.msgtypes import MsgTypes
 MAX_SIDE = 8192
 
 #: encoding -> (channels, element dtype, colour conversion to RGB or None). ``"gray"`` = replicate.
-_ENCODINGS: dict[str, tuple[int, str, int | str | None]] = {
+_ENCODINGS: dict[str, tuple[int, str, int | Literal["gray"] | None]] = {
     "rgb8": (3, "u1", None),
     "bgr8": (3, "u1", cv2.COLOR_BGR2RGB),
     "rgba8": (4, "u1", cv2.COLOR_RGBA2RGB),
@@ -162,7 +162,7 @@ def _read_compressed(msg: Any) -> np.ndarray:
     if img.shape[:2] != (height, width):
         raise MessageError(f"data: decoded {img.shape[1]}x{img.shape[0]} but header says {width}x{height}")
     if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
+        img = np.right_shift(img, 8).astype(np.uint8)  # the high byte of each 16-bit sample
     elif img.dtype != np.uint8:
         raise MessageError(f"data: decoded pixel type {img.dtype} is not supported (format={fmt!r})")
     if img.ndim == 2:

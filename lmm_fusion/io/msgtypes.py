@@ -8,10 +8,13 @@ they are duck-typed on field names.
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 #: Package name of the interfaces before they moved into the ``lmm_fusion`` package (still read from bags).
 LEGACY_MSG_PACKAGE = "lmm_fusion_msgs"
@@ -100,13 +103,12 @@ def typestore() -> Any:
     Each type is registered under its name ``lmm_fusion/msg/X`` and under ``lmm_fusion_msgs/msg/X``, the
     name of the separate interface package of earlier releases, so bags recorded with it still read.
     """
-    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
-
     store = get_typestore(Stores.ROS2_JAZZY)
     folder = msg_definition_dir()
     extra: dict[str, Any] = {}
     for path in sorted(folder.glob("*.msg")):
-        extra.update(get_types_from_msg(path.read_text(), f"lmm_fusion/msg/{path.stem}"))
+        for package in ("lmm_fusion", LEGACY_MSG_PACKAGE):
+            extra.update(get_types_from_msg(path.read_text(), f"{package}/msg/{path.stem}"))
     store.register(extra)
     return store
 
@@ -121,8 +123,6 @@ def rosbags_types() -> MsgTypes:
 @functools.cache
 def rclpy_types() -> MsgTypes:
     """Message classes of the installed ROS 2 Python packages (for publishing over DDS)."""
-    import importlib
-
     classes: dict[str, Any] = {}
     for _, ros in _TYPES:
         pkg, _, name = ros.split("/")

@@ -263,9 +263,9 @@ def create_cloud(
     if le != pts.dtype:
         pts = pts.astype(le)
     pts = np.ascontiguousarray(pts)
+    le_fields = _fields(le)
     msg_fields = []
-    for name in le.names:
-        fdt, offset = le.fields[name][:2]
+    for name, (fdt, offset) in le_fields.items():
         base = fdt.base
         code = _DATATYPE_OF_KIND.get((base.kind, base.itemsize))
         if code is None:
@@ -275,7 +275,7 @@ def create_cloud(
     is_dense = True
     with np.errstate(invalid="ignore"):
         for name in XYZ:
-            if name in le.names and le.fields[name][0].kind == "f":
+            if name in le_fields and le_fields[name][0].kind == "f":
                 is_dense = is_dense and bool(np.isfinite(pts[name]).all())
     raw = pts.reshape(-1).view(np.uint8)
     point_step = le.itemsize
@@ -297,19 +297,26 @@ def create_cloud(
     )
 
 
+def _fields(dtype: np.dtype) -> dict[str, tuple[np.dtype, int]]:
+    """``name -> (field dtype, byte offset)`` of a structured dtype in field order; empty for a plain one."""
+    if dtype.fields is None:
+        return {}
+    return {name: (dtype.fields[name][0], int(dtype.fields[name][1])) for name in dtype.names or ()}
+
+
 def _little_endian(dtype: np.dtype) -> np.dtype:
     """The same structured dtype with every field little-endian (offsets and itemsize kept)."""
-    names = list(dtype.names or ())
-    formats = []
-    for name in names:
-        fdt = dtype.fields[name][0]
+    fields = _fields(dtype)
+    names = list(fields)
+    formats: list[np.dtype] = []
+    for fdt, _ in fields.values():
         base = fdt.base.newbyteorder("<") if fdt.base.itemsize > 1 else fdt.base
         formats.append(np.dtype((base, fdt.shape)) if fdt.shape else base)
     return np.dtype(
         {
             "names": names,
             "formats": formats,
-            "offsets": [dtype.fields[n][1] for n in names],
+            "offsets": [offset for _, offset in fields.values()],
             "itemsize": dtype.itemsize,
         }
     )

@@ -2,6 +2,15 @@
 
 from lmm_fusion.model.checkpoint import load_model, save_model
 from lmm_fusion.model.config import ModelConfig
-from lmm_fusion.model.fusion import INPUT_NAMES, OUTPUT_NAMES, FusionModel, TupleOutputs
+from lmm_fusion.model.fusion import INPUT_NAMES, OUTPUT_NAMES, FusionForward, FusionModel, TupleOutputs
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "FusionModel", "ModelConfig", "TupleOutputs", "load_model", "save_model"]
+__all__ = [
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "FusionForward",
+    "FusionModel",
+    "ModelConfig",
+    "TupleOutputs",
+    "load_model",
+    "save_model",
+]

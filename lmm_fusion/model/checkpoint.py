@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lmm_fusion.model.config import ModelConfig
@@ -72,8 +73,6 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Fus
 
 def model_metadata(directory: str | Path) -> dict[str, Any]:
     """The ``metadata`` dict given to :func:`save_model` (empty when none)."""
-    from safetensors import safe_open
-
     with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as f:
         meta = f.metadata() or {}
     return json.loads(meta.get("lmm_fusion", "{}"))

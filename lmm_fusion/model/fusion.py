@@ -8,6 +8,7 @@ softmax row has at least one valid key and the all-sensors-missing case stays fi
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,22 @@ OUTPUT_NAMES: tuple[str, ...] = (
 )
 #: Names of the model inputs, in call order.
 INPUT_NAMES: tuple[str, ...] = ("image", "bev", "ego", "modality_mask")
+
+
+
+class FusionForward(Protocol):
+    """What scoring code needs of a model: :class:`FusionModel`, or a backend wrapped to look like one.
+
+    ``__call__`` takes batched tensors ``image (B,3,Hi,Wi)``, ``bev (B,C,ny,nx)``, ``ego (B,F)``,
+    ``modality_mask (B,3)`` and returns the outputs keyed by :data:`OUTPUT_NAMES`.
+    """
+
+    def eval(self) -> object: ...
+
+    def __call__(
+        self, image: torch.Tensor, bev: torch.Tensor, ego: torch.Tensor, modality_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]: ...
+
 
 #: Additive attention bias for masked keys; finite so FP16 engines do not produce inf - inf.
 MASK_BIAS = -1.0e4
@@ -105,6 +122,9 @@ class FusionModel(nn.Module):
     of the occupancy head, the ego vector and the pooled camera vector of the decision heads) are
     multiplied by the mask, so changing a masked modality's input does not change any output.
     """
+
+    token_modality: torch.Tensor  # (T,) buffer: modality index per token (0 camera, 1 lidar, 2 gnss, 3 query)
+    token_onehot: torch.Tensor  # (T, 3) buffer: one-hot of token_modality without the query column
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

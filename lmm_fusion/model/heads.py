@@ -18,6 +18,8 @@ class Heads(nn.Module):
     Returns ``(outputs, trunk)`` where ``trunk (B, head_hidden)`` also conditions the occupancy head.
     """
 
+    caps: torch.Tensor  # (3,) buffer: speed [m/s], ttc [s], distance [m] caps
+
     def __init__(self, cfg: ModelConfig, d_in: int) -> None:
         super().__init__()
         h = cfg.head_hidden

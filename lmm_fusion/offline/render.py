@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import matplotlib
 import numpy as np
 
 from lmm_fusion.base.grid import OCCUPANCY_GRID, BevGrid
@@ -30,6 +31,11 @@ from lmm_fusion.base.rig import EGO_FRONT_OFFSET, EGO_LENGTH, EGO_WIDTH
 from lmm_fusion.base.vocabulary import MODALITIES, Action, Risk
 from lmm_fusion.cycle.assessment import Assessment
 from lmm_fusion.groundtruth.scoring import GroundTruth
+from lmm_fusion.ros.outputs import _path_points
+
+# Plots go to files only (no display on a vehicle or in CI); the backend is chosen before pyplot loads.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +235,7 @@ def bev_panel(
     c1, r1 = _to_px(np.array([EGO_FRONT_OFFSET - EGO_LENGTH]), np.array([-EGO_WIDTH / 2]), grid, scale)
     cv2.rectangle(img, (int(c0[0]), int(r0[0])), (int(c1[0]), int(r1[0])), CYAN, -1)
     if a.valid:
-        from lmm_fusion.ros.outputs import _path_points  # the same path the RViz markers show
-
-        path = np.asarray(_path_points(a), np.float64)
+        path = np.asarray(_path_points(a), np.float64)  # the same path the RViz markers show
         pc, pr = _to_px(path[:, 0], path[:, 1], grid, scale)
         colour = RISK_RGB[a.risk]
         cv2.arrowedLine(
@@ -287,7 +291,7 @@ class VideoRenderer:
         if self._writer is None:
             self._size = (w, h)
             self._writer = cv2.VideoWriter(
-                str(self.video_path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h)
+                str(self.video_path), cv2.VideoWriter.fourcc(*"mp4v"), self.fps, (w, h)
             )
             if not self._writer.isOpened():
                 raise RuntimeError(f"cv2.VideoWriter could not open {self.video_path} (mp4v, {w}x{h})")
@@ -341,11 +345,6 @@ def timeline_plot(records: Sequence[CycleRecord], path: Path | str, title: str =
     Prediction solid, ground truth dashed; cycles with a masked modality are shaded grey and safety
     overrides marked on the action row.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     if not records:
         raise ValueError("timeline_plot: no cycles to plot")

@@ -41,19 +41,13 @@ import numpy as np
 
 from lmm_fusion.base import topics as T
 from lmm_fusion.base.rig import SensorRig, transform_points
+from lmm_fusion.base.topics import NODE_NAME  # the node's ``~/...`` publishers live under ``/<NODE_NAME>/``
 from lmm_fusion.cycle.assessment import Assessment
 from lmm_fusion.cycle.bagfeed import GROUND_TRUTH_TOPICS, detect_sensor_topics, iter_cycles
-from lmm_fusion.groundtruth.scoring import (
-    GroundTruth,
-    SampleScore,
-    accuracy_table,
-    ground_truth_from_messages,
-    grouped_tables,
-    window_key,
-)
-from lmm_fusion.groundtruth.scoring import score as score_sample
+from lmm_fusion.groundtruth.messages import GroundTruth, ground_truth_from_messages
+from lmm_fusion.groundtruth.scoring import Sample, accuracy_table, grouped_tables, sample_of, window_key
 from lmm_fusion.io.bags import BagError, BagMessage, BagReader, BagWriter
-from lmm_fusion.ros.node import NODE_NAME  # the node's ``~/...`` publishers live under ``/<NODE_NAME>/``
+from lmm_fusion.io.tf import tf_static_msg
 
 log = logging.getLogger(__name__)
 
@@ -108,28 +102,6 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
         "p99": round(float(np.percentile(v, 99)), 3),
         "mean": round(float(v.mean()), 3),
     }
-
-
-def _rig_tf_static(stamp: float, rig: SensorRig) -> Any:
-    """``tf2_msgs/TFMessage`` with the rig's sensor frames in ``base_link`` (for bags without one)."""
-    from lmm_fusion.carla.record import _quat_from_matrix, rig_transforms
-    from lmm_fusion.io import make_header, rosbags_types
-
-    t = rosbags_types()
-    tfs = []
-    for child, m in rig_transforms(rig):
-        qx, qy, qz, qw = _quat_from_matrix(m[:3, :3])
-        tfs.append(
-            t.TransformStamped(
-                header=make_header(t, stamp, T.BASE_FRAME),
-                child_frame_id=child,
-                transform=t.Transform(
-                    translation=t.Vector3(x=float(m[0, 3]), y=float(m[1, 3]), z=float(m[2, 3])),
-                    rotation=t.Quaternion(x=qx, y=qy, z=qz, w=qw),
-                ),
-            )
-        )
-    return t.TFMessage(transforms=tfs)
 
 
 class _OutputBag:
@@ -241,7 +213,7 @@ def replay(
         renderer = VideoRenderer(out, fps=opts.rate_hz, keyframe_every_s=opts.keyframe_every_s)
 
     latencies: dict[str, list[float]] = {s: [] for s in LATENCY_STAGES}
-    samples: list[SampleScore] = []
+    samples: list[Sample] = []
     records: list[Any] = []
     cycles = valid = degraded = overrides = 0
     first_t: float | None = None
@@ -275,7 +247,7 @@ def replay(
             if first_t is None:
                 first_t = c.t
                 if not wrote_tf:  # RViz needs the sensor frames to place the points and image
-                    bag.writer.write(T.TF_STATIC, c.t, _rig_tf_static(c.t, rig))
+                    bag.writer.write(T.TF_STATIC, c.t, tf_static_msg(types, rig, c.t))
                     wrote_tf = True
             a = pipeline.cycle(c.snapshot)
             t0 = time.perf_counter()
@@ -291,7 +263,7 @@ def replay(
             gt_msgs = {k: v for k, v in c.ground_truth.items() if c.t - v[0] <= GT_MAX_AGE}
             gt = ground_truth_from_messages(gt_msgs) if gt_msgs else None
             if gt is not None:
-                samples.append(score_sample(a, gt, t=c.t))
+                samples.append(sample_of(a, gt, t=c.t))
             records.append(_record(a, gt))
             cycles += 1
             valid += a.valid

@@ -14,8 +14,21 @@ import argparse
 import importlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import rclpy
+from builtin_interfaces.msg import Time
+from rclpy.duration import Duration
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rosgraph_msgs.msg import Clock
+
+from lmm_fusion.base.topics import CLOCK, LIDAR_POINTS, TF_STATIC
+from lmm_fusion.io.bags import bag_topics, read_bag
+from lmm_fusion.io.msgtypes import typestore
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +46,9 @@ def msg_class(ros_type: str) -> Any | None:
         return None
 
 
-def qos_for(topic: str) -> Any:
-    from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-
-    if topic == "/tf_static":
+def qos_for(topic: str) -> QoSProfile:
+    """QoS of the publisher for ``topic``: latched for /tf_static, sensor data for /sensors/..., else reliable."""
+    if topic == TF_STATIC:
         return QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
     if topic.startswith("/sensors/"):
         return qos_profile_sensor_data
@@ -46,10 +58,8 @@ def qos_for(topic: str) -> Any:
 class BagPlayer:
     """Publishes one bag through an rclpy node (created on a given or the default context)."""
 
-    def __init__(self, node: Any, bag: Path, rate: float = 1.0, clock: bool = False, clock_hz: float = 100.0,
+    def __init__(self, node: Node, bag: Path, rate: float = 1.0, clock: bool = False, clock_hz: float = 100.0,
                  topics: list[str] | None = None) -> None:
-        from lmm_fusion.io.bags import bag_topics
-
         if not rate > 0:
             raise ValueError(f"rate must be > 0, got {rate!r}")
         if not clock_hz > 0:
@@ -71,10 +81,7 @@ class BagPlayer:
             self.pubs[topic] = node.create_publisher(cls, topic, qos_for(topic))
         self.clock_pub = None
         if clock:
-            from rclpy.qos import QoSProfile, ReliabilityPolicy
-            from rosgraph_msgs.msg import Clock
-
-            self.clock_pub = node.create_publisher(Clock, "/clock", QoSProfile(depth=1,
+            self.clock_pub = node.create_publisher(Clock, CLOCK, QoSProfile(depth=1,
                                                    reliability=ReliabilityPolicy.RELIABLE))
         self.published = dict.fromkeys(self.pubs, 0)
 
@@ -113,8 +120,6 @@ class BagPlayer:
         Called before the node is destroyed so the last reliable messages of a bag are not dropped
         by a process that exits right after publishing them; best-effort topics return at once.
         """
-        from rclpy.duration import Duration
-
         deadline = time.monotonic() + timeout
         ok = True
         for pub in [*self.pubs.values(), *([self.clock_pub] if self.clock_pub is not None else [])]:
@@ -123,18 +128,13 @@ class BagPlayer:
         return ok
 
     def _publish_clock(self, bag_time: float) -> None:
-        from builtin_interfaces.msg import Time
-        from rosgraph_msgs.msg import Clock
-
         ns = max(round(bag_time * 1e9), 0)
         assert self.clock_pub is not None
         self.clock_pub.publish(Clock(clock=Time(sec=ns // 1_000_000_000, nanosec=ns % 1_000_000_000)))
 
-    def play_once(self, ok: Any = lambda: True) -> int:
-        """Play the bag once at the recorded pace; returns the number of messages published."""
-        from lmm_fusion.io.bags import read_bag
-        from lmm_fusion.io.msgtypes import typestore
-
+    def play_once(self, ok: Callable[[], bool] = lambda: True) -> int:
+        """Play the bag once at the recorded pace (until ``ok()`` is false); returns the number of messages
+        published."""
         store = typestore()
         n = 0
         t_wall0: float | None = None
@@ -161,6 +161,7 @@ class BagPlayer:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``lmm-fusion play``."""
     parser.add_argument("bag", type=Path, help="rosbag2 folder (MCAP or SQLite3)")
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0)")
     parser.add_argument("--loop", action="store_true", help="play again from the start when done")
@@ -172,11 +173,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import rclpy
-    from rclpy.executors import ExternalShutdownException
-
-    from lmm_fusion.base import topics
-
+    """``lmm-fusion play``: exit status 0, or 2 when the bag does not exist."""
     if not args.bag.exists():
         log.error("bag %s does not exist", args.bag)
         return 2
@@ -185,10 +182,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         player = BagPlayer(node, args.bag, rate=args.rate, clock=args.clock, clock_hz=args.clock_hz,
                            topics=args.topics)
-        if args.wait_for_subscriber > 0 and not player.wait_for_subscribers(topics.LIDAR_POINTS,
-                                                                           args.wait_for_subscriber):
-            log.warning("no subscriber on %s after %.1f s; playing anyway", topics.LIDAR_POINTS,
-                        args.wait_for_subscriber)
+        if args.wait_for_subscriber > 0 and not player.wait_for_subscribers(LIDAR_POINTS, args.wait_for_subscriber):
+            log.warning("no subscriber on %s after %.1f s; playing anyway", LIDAR_POINTS, args.wait_for_subscriber)
         log.info("playing %s (%d topics) at %gx%s", args.bag, len(player.pubs), args.rate,
                  " with /clock" if args.clock else "")
         while rclpy.ok():

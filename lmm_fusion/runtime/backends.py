@@ -11,51 +11,36 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
+import torch
+
+from lmm_fusion.model import INPUT_NAMES, load_model
+from lmm_fusion.runtime.base import BACKENDS, Backend, BackendUnavailable
+from lmm_fusion.runtime.export import ensure_onnx
+from lmm_fusion.runtime.tensorrt import TensorRTBackend
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES: tuple[str, ...] = ("image", "bev", "ego", "modality_mask")
-BACKEND_KINDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "tensorrt")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here (package, GPU or model file missing)."""
-
-
-class Backend(ABC):
-    """One way to run the fusion model. ``infer`` takes and returns float32 numpy arrays."""
-
-    name: str = "backend"
-    device: str = "cpu"
-    precision: str = "fp32"
-
-    @abstractmethod
-    def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one forward pass; ``inputs`` keyed by :data:`INPUT_NAMES`."""
-
-    def warmup(self, inputs: dict[str, np.ndarray], iterations: int = 3) -> float:
-        """Run a few passes (first-call allocations, autotuning); returns the last pass time [s]."""
-        elapsed = 0.0
-        for _ in range(iterations):
-            t0 = time.perf_counter()
-            self.infer(inputs)
-            elapsed = time.perf_counter() - t0
-        return elapsed
-
-    def describe(self) -> str:
-        return f"{self.name} ({self.device}, {self.precision})"
+__all__ = [
+    "BACKENDS",
+    "INPUT_NAMES",
+    "Backend",
+    "BackendUnavailable",
+    "OnnxRuntimeBackend",
+    "TorchBackend",
+    "ensure_onnx",
+    "make_backend",
+    "ort_providers",
+]
 
 
 def _cuda_available() -> bool:
+    """Whether torch sees a CUDA device (a broken driver counts as none)."""
     try:
-        import torch
-
         return bool(torch.cuda.is_available())
     except Exception:
         return False
@@ -78,8 +63,6 @@ class TorchBackend(Backend):
         cuda_graph: bool = False,
         threads: int | None = None,
     ) -> None:
-        import torch
-
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable("torch: CUDA requested but torch.cuda.is_available() is False")
         if precision not in ("fp32", "fp16"):
@@ -88,7 +71,6 @@ class TorchBackend(Backend):
             raise BackendUnavailable("torch: fp16 autocast is only used on CUDA")
         if threads:
             torch.set_num_threads(threads)
-        self._torch = torch
         self.device = device
         self.precision = precision
         self.model = model.to(device).eval()
@@ -98,7 +80,6 @@ class TorchBackend(Backend):
         self.cuda_graph = cuda_graph and device.startswith("cuda")
 
     def _forward(self, tensors: dict[str, Any]) -> dict[str, Any]:
-        torch = self._torch
         with (
             torch.inference_mode(),
             torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.precision == "fp16"),
@@ -106,7 +87,6 @@ class TorchBackend(Backend):
             return self.model(*(tensors[n] for n in INPUT_NAMES))
 
     def _capture(self, inputs: dict[str, np.ndarray]) -> None:
-        torch = self._torch
         self._static_in = {n: torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device) for n in INPUT_NAMES}
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -119,7 +99,6 @@ class TorchBackend(Backend):
             self._static_out = self._forward(self._static_in)
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
         if self.cuda_graph:
             if self._graph is None:
                 self._capture(inputs)
@@ -131,6 +110,11 @@ class TorchBackend(Backend):
             tensors = {n: torch.from_numpy(np.ascontiguousarray(inputs[n])).to(self.device) for n in INPUT_NAMES}
             out = self._forward(tensors)
         return {k: v.float().cpu().numpy() for k, v in out.items()}
+
+
+def _ort_has_gpu() -> bool:
+    """Whether this ONNX Runtime build has a GPU execution provider (CUDA or TensorRT)."""
+    return bool(set(ort.get_available_providers()) & {"CUDAExecutionProvider", "TensorrtExecutionProvider"})
 
 
 def ort_providers(available: list[str], prefer_gpu: bool = True) -> list[str]:
@@ -146,10 +130,6 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None, prefer_gpu: bool = True) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:  # pragma: no cover - onnxruntime is a pinned dependency
-            raise BackendUnavailable(f"onnxruntime: not installed ({exc})") from exc
         path = Path(onnx_path)
         if not path.is_file():
             raise BackendUnavailable(f"onnxruntime: ONNX file {path} does not exist (run `lmm-fusion export`)")
@@ -193,11 +173,6 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(self.output_names, b.copy_outputs_to_cpu()))
 
 
-def default_onnx_path(model_dir: str | Path, precision: str = "fp32") -> Path:
-    """Where ``lmm-fusion export`` / ``quantize`` put the ONNX files of a model directory."""
-    return Path(model_dir) / ("model.int8.onnx" if precision == "int8" else "model.onnx")
-
-
 def make_backend(
     kind: str,
     model_dir: str | Path,
@@ -212,12 +187,10 @@ def make_backend(
     ONNX Runtime on a GPU, torch CUDA, ONNX Runtime CPU, torch CPU; each refusal is logged with its
     reason. ONNX files are exported on demand when missing (``model.onnx`` next to the weights).
     """
-    if kind not in BACKEND_KINDS:
-        raise ValueError(f"backend: expected one of {BACKEND_KINDS}, got {kind!r}")
+    if kind not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {kind!r}")
     model_dir = Path(model_dir)
     if kind == "torch":
-        from lmm_fusion.model import load_model
-
         dev = device or ("cuda" if _cuda_available() else "cpu")
         return TorchBackend(
             load_model(model_dir), device=dev, precision=precision, cuda_graph=cuda_graph, threads=threads
@@ -226,8 +199,6 @@ def make_backend(
         onnx_path = ensure_onnx(model_dir, precision)
         return OnnxRuntimeBackend(onnx_path, threads=threads, prefer_gpu=device != "cpu")
     if kind == "tensorrt":
-        from lmm_fusion.runtime.tensorrt import TensorRTBackend
-
         return TensorRTBackend(ensure_onnx(model_dir, precision), precision=precision)
 
     reasons: list[str] = []
@@ -240,11 +211,8 @@ def make_backend(
     ]
     for cand, kw in candidates:
         try:
-            if cand == "onnxruntime" and kw["device"] == "cuda":
-                import onnxruntime as ort
-
-                if not set(ort.get_available_providers()) & {"CUDAExecutionProvider", "TensorrtExecutionProvider"}:
-                    raise BackendUnavailable("onnxruntime: no GPU execution provider installed")
+            if cand == "onnxruntime" and kw["device"] == "cuda" and not _ort_has_gpu():
+                raise BackendUnavailable("onnxruntime: no GPU execution provider installed")
             if cand == "torch" and kw["device"] == "cuda" and not _cuda_available():
                 raise BackendUnavailable("torch: no CUDA device")
             backend = make_backend(cand, model_dir, threads=threads, **kw)
@@ -254,31 +222,3 @@ def make_backend(
         log.info("backend auto: chose %s; not chosen: %s", backend.describe(), "; ".join(reasons) or "none")
         return backend
     raise BackendUnavailable("no backend could be created: " + "; ".join(reasons))
-
-
-def ensure_onnx(model_dir: Path, precision: str = "fp32") -> Path:
-    """The ONNX file of ``model_dir``, exported from the weights when missing or stale.
-
-    Staleness is decided by content, not file times (a git checkout sets arbitrary times): the export
-    report beside the ONNX file records the sha256 of the weights it was exported from.
-    """
-    from lmm_fusion.runtime.export import export_onnx, exported_from
-    from lmm_fusion.runtime.tensorrt import sha256_file
-
-    path = default_onnx_path(model_dir, precision)
-    if precision == "int8":
-        if not path.is_file():
-            raise BackendUnavailable(f"int8: {path} missing; create it with `lmm-fusion quantize`")
-        return path
-    weights = sha256_file(model_dir / "model.safetensors")
-    if path.is_file() and exported_from(path) == weights:
-        return path
-    if not os.access(model_dir, os.W_OK):
-        # A model installed read-only (ROS share dir): export into the user cache, keyed by the weights.
-        from lmm_fusion.base.paths import cache_dir
-
-        path = cache_dir() / f"{model_dir.name}-{weights[:16]}" / path.name
-        if path.is_file() and exported_from(path) == weights:
-            return path
-    export_onnx(model_dir, path)
-    return path

@@ -4,11 +4,15 @@ Batch 1, named inputs (``image``, ``bev``, ``ego``, ``modality_mask``) and outpu
 (``lmm_fusion.model.OUTPUT_NAMES``), opset 17 (supported by TensorRT 8.6 and 10.x), checked with the
 ONNX checker, audited against the operators TensorRT 10 parses, and compared with torch through ONNX
 Runtime (max abs error per output written to ``export_report.json`` beside the ONNX file).
+
+:func:`ensure_onnx` is what the ONNX Runtime and TensorRT backends call: the ONNX file of a model
+directory, re-exported only when the weights it came from (their sha256, in the report) changed.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -17,8 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
 
-from lmm_fusion.runtime.backends import INPUT_NAMES
+from lmm_fusion.base.paths import cache_dir, default_model_dir
+from lmm_fusion.model import INPUT_NAMES, OUTPUT_NAMES, load_model
+from lmm_fusion.runtime.base import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +178,6 @@ def unsupported_ops(model_proto: Any) -> set[str]:
 
 def export_model(model: Any, cfg: Any, out: Path) -> Path:
     """Write ``model`` (eval mode, CPU, fp32) to ``out`` as static-shape ONNX; returns ``out``."""
-    import onnx
-    import torch
-
-    from lmm_fusion.model import OUTPUT_NAMES
-
     model = model.cpu().eval()
     args = tuple(torch.from_numpy(a) for a in example_inputs(cfg).values())
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,9 +209,6 @@ def export_model(model: Any, cfg: Any, out: Path) -> Path:
 def parity(model: Any, cfg: Any, onnx_path: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, float]:
     """Max abs difference per output between torch fp32 and ONNX Runtime (CPU) over a few inputs,
     with each modality mask pattern of a full and a one-missing input."""
-    import onnxruntime as ort
-    import torch
-
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst: dict[str, float] = {}
     masks = ([1, 1, 1], [0, 1, 1], [1, 0, 1], [1, 1, 0])
@@ -226,14 +227,10 @@ def parity(model: Any, cfg: Any, onnx_path: Path, seeds: tuple[int, ...] = (0, 1
 
 def export_onnx(model_dir: str | Path, out: str | Path | None = None, check_parity: bool = True) -> Path:
     """Export the model stored in ``model_dir``; report (ops, parity) beside the ONNX file."""
-    from lmm_fusion.model import load_model
-
     model_dir = Path(model_dir)
     out = Path(out) if out else model_dir / "model.onnx"
     model = load_model(model_dir)
     export_model(model, model.cfg, out)
-    from lmm_fusion.runtime.tensorrt import sha256_file
-
     report: dict[str, Any] = {
         "onnx": out.name,
         "opset": OPSET,
@@ -260,6 +257,43 @@ def exported_from(onnx_path: Path) -> str | None:
         return None
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_onnx_path(model_dir: str | Path, precision: str = "fp32") -> Path:
+    """Where ``lmm-fusion export`` / ``quantize`` put the ONNX files of a model directory."""
+    return Path(model_dir) / ("model.int8.onnx" if precision == "int8" else "model.onnx")
+
+
+def ensure_onnx(model_dir: Path, precision: str = "fp32") -> Path:
+    """The ONNX file of ``model_dir``, exported from the weights when missing or stale.
+
+    Staleness is decided by content, not file times (a git checkout sets arbitrary times): the export
+    report beside the ONNX file records the sha256 of the weights it was exported from.
+    """
+    path = default_onnx_path(model_dir, precision)
+    if precision == "int8":
+        if not path.is_file():
+            raise BackendUnavailable(f"int8: {path} missing; create it with `lmm-fusion quantize`")
+        return path
+    weights = sha256_file(model_dir / "model.safetensors")
+    if path.is_file() and exported_from(path) == weights:
+        return path
+    if not os.access(model_dir, os.W_OK):
+        # A model installed read-only (ROS share dir): export into the user cache, keyed by the weights.
+        path = cache_dir() / f"{model_dir.name}-{weights[:16]}" / path.name
+        if path.is_file() and exported_from(path) == weights:
+            return path
+    export_onnx(model_dir, path)
+    return path
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--out", default=None, help="ONNX file to write (default: MODEL/model.onnx)")
@@ -267,8 +301,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmm_fusion.base.paths import default_model_dir
-
     model_dir = Path(args.model) if args.model else default_model_dir()
     out = export_onnx(model_dir, args.out, check_parity=not args.no_parity)
     report = json.loads(report_path(out).read_text())

@@ -28,16 +28,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import onnx
+import torch
 
-from lmm_fusion.runtime.backends import INPUT_NAMES, Backend, BackendUnavailable
+from lmm_fusion.base.paths import default_model_dir
+from lmm_fusion.model import INPUT_NAMES
+from lmm_fusion.runtime.base import Backend, BackendUnavailable, EngineError
+from lmm_fusion.runtime.export import ensure_onnx, sha256_file
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-class EngineError(RuntimeError):
-    """An engine file cannot be used (corrupt, truncated, wrong I/O)."""
 
 
 @dataclass(frozen=True)
@@ -76,18 +77,8 @@ class EngineApi(Protocol):
     def inspect(self, engine_bytes: bytes) -> list[TensorSpec]: ...
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def onnx_io(onnx_path: Path) -> list[TensorSpec]:
     """Input and output tensors (static shapes) of an ONNX file."""
-    import onnx
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     init = {i.name for i in model.graph.initializer}
 
@@ -199,8 +190,6 @@ class TensorRTApi:
         return str(self.trt.__version__)
 
     def gpu(self) -> tuple[str, str]:
-        import torch
-
         if not torch.cuda.is_available():
             raise BackendUnavailable("tensorrt: no CUDA device visible")
         major, minor = torch.cuda.get_device_capability(0)
@@ -275,15 +264,12 @@ class TensorRTBackend(Backend):
         dla_core: int | None = None,
         cuda_graph: bool = True,
     ) -> None:
-        import torch
-
         self.api = TensorRTApi()
         self.precision = precision
         path, data = EngineCache(self.api).get(onnx_path, precision, workspace_mib, dla_core)
         self.engine_path = path
         self.engine = self.api.deserialize(data)
         self.context = self.engine.create_execution_context()
-        self._torch = torch
         self.stream = torch.cuda.Stream()
         self.buffers: dict[str, Any] = {}
         for spec in self.api.inspect(data):
@@ -299,7 +285,6 @@ class TensorRTBackend(Backend):
             raise EngineError(f"{self.engine_path}: execute_async_v3 failed")
 
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self._torch
         with torch.cuda.stream(self.stream):
             for n in INPUT_NAMES:
                 self.buffers[n].copy_(torch.from_numpy(np.ascontiguousarray(inputs[n], np.float32)), non_blocking=True)
@@ -326,9 +311,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmm_fusion.base.paths import default_model_dir
-    from lmm_fusion.runtime.backends import ensure_onnx
-
     onnx_path = Path(args.onnx) if args.onnx else ensure_onnx(default_model_dir(), args.precision)
     path, _ = EngineCache(TensorRTApi()).get(
         onnx_path, args.precision, args.workspace, args.dla_core, rebuild=args.rebuild

@@ -19,6 +19,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import Scenario
@@ -89,8 +90,6 @@ def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorR
     jobs = [(s, rig, compressed, storage, lamp_cues) for s in specs]
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(jobs), unit="drive", desc=f"dataset {out.name}")
     if workers > 1:
         with get_context("spawn").Pool(workers) as pool:

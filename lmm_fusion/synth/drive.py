@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -22,22 +24,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from lmm_fusion.base import topics
-from lmm_fusion.base.grid import OCCUPANCY_GRID
 from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
-from lmm_fusion.base.vocabulary import MODALITIES, Scenario
-from lmm_fusion.groundtruth.expert import Label, occupancy
+from lmm_fusion.base.vocabulary import Scenario
+from lmm_fusion.groundtruth.messages import ground_truth_msgs
 from lmm_fusion.io.bags import BagWriter
-from lmm_fusion.io.common import make_header, make_time
+from lmm_fusion.io.common import make_header
 from lmm_fusion.io.gnss import create_fix
 from lmm_fusion.io.image import create_compressed_image, create_image
 from lmm_fusion.io.msgtypes import MsgTypes, rosbags_types
 from lmm_fusion.io.pointcloud import create_cloud
+from lmm_fusion.io.tf import tf_static_msg
 from lmm_fusion.synth.camera import CameraRenderer, camera_info_arrays
 from lmm_fusion.synth.gnss import GnssSimulator
 from lmm_fusion.synth.lidar import LidarSimulator
-from lmm_fusion.synth.world import Scene, World
+from lmm_fusion.synth.world import World
 
 log = logging.getLogger(__name__)
 
@@ -55,40 +58,6 @@ DEFAULT_WARMUP = 1.0
 
 
 # ---------------------------------------------------------------------------- message builders
-def _quat(rot: np.ndarray) -> tuple[float, float, float, float]:
-    """Unit quaternion (x, y, z, w) of a 3x3 rotation matrix."""
-    m = rot
-    tr = m[0, 0] + m[1, 1] + m[2, 2]
-    if tr > 0:
-        s = math.sqrt(tr + 1.0) * 2
-        w, x, y, z = 0.25 * s, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s
-    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
-        s = math.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2]) * 2
-        w, x, y, z = (m[2, 1] - m[1, 2]) / s, 0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s
-    elif m[1, 1] > m[2, 2]:
-        s = math.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2]) * 2
-        w, x, y, z = (m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s
-    else:
-        s = math.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1]) * 2
-        w, x, y, z = (m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s
-    n = math.sqrt(x * x + y * y + z * z + w * w)
-    return (x / n, y / n, z / n, w / n)
-
-
-def tf_static_msg(types: MsgTypes, rig: SensorRig, stamp: float) -> Any:
-    """tf2_msgs/TFMessage: base_link -> camera_optical, lidar, gnss."""
-    out = []
-    for child, t in ((topics.CAMERA_FRAME, rig.camera_optical_to_base()),
-                     (topics.LIDAR_FRAME, rig.lidar_mount.matrix()),
-                     (topics.GNSS_FRAME, rig.gnss_mount.matrix())):
-        qx, qy, qz, qw = _quat(t[:3, :3])
-        out.append(types.TransformStamped(
-            header=make_header(types, stamp, topics.BASE_FRAME), child_frame_id=child,
-            transform=types.Transform(translation=types.Vector3(x=float(t[0, 3]), y=float(t[1, 3]), z=float(t[2, 3])),
-                                      rotation=types.Quaternion(x=qx, y=qy, z=qz, w=qw))))
-    return types.TFMessage(transforms=out)
-
-
 def camera_info_msg(types: MsgTypes, rig: SensorRig, header: Any) -> Any:
     """sensor_msgs/CameraInfo of the rig camera (plumb_bob, zero distortion)."""
     a = camera_info_arrays(rig)
@@ -96,52 +65,6 @@ def camera_info_msg(types: MsgTypes, rig: SensorRig, header: Any) -> Any:
         header=header, height=rig.camera.height, width=rig.camera.width, distortion_model="plumb_bob",
         d=a["d"], k=a["k"], r=a["r"], p=a["p"], binning_x=0, binning_y=0,
         roi=types.RegionOfInterest(x_offset=0, y_offset=0, height=0, width=0, do_rectify=False))
-
-
-def _one_hot(n: int, i: int) -> np.ndarray:
-    v = np.zeros(n, dtype=np.float32)
-    v[int(i)] = 1.0
-    return v
-
-
-def ground_truth_msgs(types: MsgTypes, scene: Scene, label: Label, stamp: float,
-                      ages: Sequence[float] = (0.0, 0.0, 0.0)) -> dict[str, Any]:
-    """Ground-truth messages for one LiDAR frame, keyed by topic."""
-    hdr = make_header(types, stamp, topics.BASE_FRAME)
-    mods = [types.ModalityStatus(name=n, used=True, age=float(a), attention_share=float(1.0 / 3.0))
-            for n, a in zip(MODALITIES, ages)]
-    sa = types.SceneAssessment(
-        header=hdr, risk_level=int(label.risk), risk_probabilities=_one_hot(3, label.risk),
-        time_to_collision=float(label.ttc), nearest_obstacle_distance=float(label.distance),
-        traffic_light_state=int(label.light), traffic_light_probabilities=_one_hot(4, label.light),
-        modalities=mods, degraded=False, valid=True)
-    act = types.ActionSuggestion(
-        header=hdr, action=int(label.action), action_probabilities=_one_hot(6, label.action),
-        target_speed=float(label.target_speed), confidence=1.0, safety_override=False, rationale=label.rationale)
-    b = scene.boxes
-    ground = (b.center[:, 2] - b.size[:, 2] / 2) < 2.0 if len(b) else np.zeros(0, bool)
-    occ = occupancy(b.center[ground, :2], b.yaw[ground], b.size[ground, :2], OCCUPANCY_GRID)
-    g = OCCUPANCY_GRID
-    grid = types.OccupancyGrid(
-        header=hdr,
-        info=types.MapMetaData(
-            map_load_time=make_time(types, stamp), resolution=float(g.cell), width=g.nx, height=g.ny,
-            origin=types.Pose(position=types.Point(x=float(g.x_min), y=float(g.y_min), z=0.0),
-                              orientation=types.Quaternion(x=0.0, y=0.0, z=0.0, w=1.0))),
-        data=occ.reshape(-1).astype(np.int8))
-    x, y, yaw = scene.ego_pose
-    odom = types.Odometry(
-        header=make_header(types, stamp, topics.MAP_FRAME), child_frame_id=topics.BASE_FRAME,
-        pose=types.PoseWithCovariance(
-            pose=types.Pose(position=types.Point(x=float(x), y=float(y), z=0.0),
-                            orientation=types.Quaternion(x=0.0, y=0.0, z=math.sin(yaw / 2), w=math.cos(yaw / 2))),
-            covariance=np.zeros(36)),
-        twist=types.TwistWithCovariance(
-            twist=types.Twist(linear=types.Vector3(x=float(scene.ego_speed), y=0.0, z=0.0),
-                              angular=types.Vector3(x=0.0, y=0.0, z=float(scene.ego_yaw_rate))),
-            covariance=np.zeros(36)))
-    return {topics.GT_SCENE: sa, topics.GT_ACTION: act, topics.GT_OCCUPANCY: grid,
-            topics.GT_SCENARIO: types.String(data=scene.scenario.name), topics.GT_EGO: odom}
 
 
 # ---------------------------------------------------------------------------- drive
@@ -224,8 +147,6 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
     last = {"camera": -math.inf, "lidar": -math.inf, "gnss": -math.inf}
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(events), unit="msg", desc=f"synth {out.name} ({seconds:g} s)", leave=False)
     with BagWriter(out, storage=storage) as bag:
         bag.write(topics.TF_STATIC, START_TIME, tf_static_msg(types, rig, START_TIME))
@@ -268,7 +189,8 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
             else:
                 f = gnss.fix(t, scene.ego_pose)
                 bag.write(topics.GNSS_FIX, stamp, create_fix(types, make_header(types, stamp, topics.GNSS_FRAME),
-                                                             f.lat, f.lon, f.alt, f.status, f.covariance))
+                                                             f.lat, f.lon, f.alt, f.status, f.covariance,
+                                                             f.covariance_type))
                 stats.add_time("gnss", time.perf_counter() - t0)
             last[sensor] = t
             if bar is not None:
@@ -288,9 +210,6 @@ def synth_benchmark(seconds: float = 10.0, rig: SensorRig | None = None, compres
     is less sensitive to other load on the machine), the real-time factor (simulated / wall; > 1 is
     faster than real time), bag bytes per minute and wall seconds per stage per simulated minute.
     """
-    import shutil
-    import tempfile
-
     tmp = Path(tempfile.mkdtemp(prefix="lmm_synth_bench_"))
     try:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -402,5 +321,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_WARMUP", "START_TIME", "SynthStats", "camera_info_msg", "ground_truth_msgs", "rig_from_args",
-           "sensor_schedule", "synth_benchmark", "synthesize", "synthesize_with_stats", "tf_static_msg"]
+__all__ = ["DEFAULT_WARMUP", "START_TIME", "SynthStats", "camera_info_msg", "rig_from_args", "sensor_schedule",
+           "synth_benchmark", "synthesize", "synthesize_with_stats"]

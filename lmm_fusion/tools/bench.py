@@ -11,18 +11,52 @@ scaling plot (cycle time against point count and image size).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
-import math
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime
+import psutil
+import torch
+from matplotlib.figure import Figure
+
+from lmm_fusion.base.paths import cache_dir
+from lmm_fusion.base.rig import SensorRig
+from lmm_fusion.cycle.assessment import decode
+from lmm_fusion.cycle.pipeline import FusionPipeline
+from lmm_fusion.cycle.preprocess import Preprocessor
+from lmm_fusion.cycle.safety import apply_guard
+from lmm_fusion.cycle.sync import Snapshot
+from lmm_fusion.io import (
+    create_cloud,
+    create_compressed_image,
+    create_fix,
+    create_image,
+    make_header,
+    read_fix,
+    read_image,
+    read_points,
+    rosbags_types,
+)
+from lmm_fusion.io.gnss import EgoState
+from lmm_fusion.model import load_model
+from lmm_fusion.offline.replay import ReplayOptions, replay
+from lmm_fusion.ros import outputs as ro
+from lmm_fusion.runtime.backends import BackendUnavailable, OnnxRuntimeBackend, TorchBackend, ensure_onnx
+from lmm_fusion.runtime.export import example_inputs
+from lmm_fusion.runtime.tensorrt import TensorRTBackend
+from lmm_fusion.synth.drive import synth_benchmark, synthesize
+from lmm_fusion.tools.payloads import padded_cloud_array, synthetic_image, synthetic_points
 
 log = logging.getLogger(__name__)
 
@@ -49,68 +83,13 @@ def timeit(fn: Callable[[], Any], iterations: int, warmup: int = 3) -> dict[str,
 
 
 def rss_mib() -> float:
-    import psutil
-
+    """This process's resident memory [MiB]."""
     return round(psutil.Process().memory_info().rss / 2**20, 1)
-
-
-# ----------------------------------------------------------------------------- synthetic inputs
-def synthetic_points(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 4) float32 x, y, z, intensity of a plausible scan in the LiDAR frame: ground ring + boxes."""
-    rng = np.random.default_rng(seed)
-    r = rng.uniform(2.0, 60.0, n)
-    az = rng.uniform(-math.pi, math.pi, n)
-    z = np.where(rng.random(n) < 0.7, -1.85 + rng.normal(0, 0.02, n), rng.uniform(-1.8, 1.0, n))
-    return np.stack([r * np.cos(az), r * np.sin(az), z, rng.uniform(0, 1, n)], axis=1).astype(np.float32)
-
-
-def padded_cloud_array(points: np.ndarray) -> np.ndarray:
-    """A 48-byte-per-point structured array like real spinning sensors publish (extra fields, padding)."""
-    dtype = np.dtype(
-        {
-            "names": ["x", "y", "z", "intensity", "t", "reflectivity", "ring", "ambient", "range"],
-            "formats": ["<f4", "<f4", "<f4", "<f4", "<u4", "<u2", "<u2", "<u2", "<u4"],
-            "offsets": [0, 4, 8, 16, 20, 24, 26, 28, 32],
-            "itemsize": 48,
-        }
-    )
-    rec = np.zeros(len(points), dtype)
-    for k, name in enumerate(("x", "y", "z", "intensity")):
-        rec[name] = points[:, k]
-    rec["ring"] = np.arange(len(points)) % 64
-    return rec
-
-
-def synthetic_image(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """(H, W, 3) uint8 RGB with smooth gradients and boxes (compresses like a camera frame, unlike noise)."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
-    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
-    img = np.stack([120 + 80 * y + 0 * x, 140 + 60 * x * y, 160 - 90 * y + 0 * x], axis=2).astype(np.uint8)
-    for _ in range(12):
-        x0, y0 = int(rng.integers(0, width - 40)), int(rng.integers(height // 3, height - 40))
-        color = tuple(int(c) for c in rng.integers(0, 255, 3))
-        cv2.rectangle(img, (x0, y0), (x0 + int(rng.integers(20, 200)), y0 + int(rng.integers(20, 120))), color, -1)
-    return img
 
 
 # ----------------------------------------------------------------------------- stages
 def bench_io(points: np.ndarray, width: int, height: int, iterations: int) -> dict[str, Any]:
     """Message -> numpy for each input type, with rosbags message objects (same readers as rclpy's)."""
-    from lmm_fusion.io import (
-        create_cloud,
-        create_compressed_image,
-        create_fix,
-        create_image,
-        read_fix,
-        read_image,
-        read_points,
-    )
-    from lmm_fusion.io.common import make_header
-    from lmm_fusion.io.msgtypes import rosbags_types
-
     types = rosbags_types()
     header = make_header(types, 1.0, "lidar")
     xyzi = create_cloud(types, header, points, ("x", "y", "z", "intensity"))
@@ -133,10 +112,7 @@ def bench_io(points: np.ndarray, width: int, height: int, iterations: int) -> di
 
 
 def bench_preprocess(points: np.ndarray, width: int, height: int, iterations: int, cfg: Any) -> dict[str, Any]:
-    from lmm_fusion.base.rig import SensorRig
-    from lmm_fusion.cycle.preprocess import Preprocessor
-    from lmm_fusion.io.gnss import EgoState
-
+    """Image resize + normalise, BEV gridding and GNSS features; open3d's voxel grid beside them when installed."""
     pre = Preprocessor(cfg, SensorRig())
     rgb = synthetic_image(width, height)
     ego = EgoState(1.0, 0.0, 0.0, 0.0, 12.0, 0.5, 0.1, 0.01, 0, 0.05, True)
@@ -146,7 +122,7 @@ def bench_preprocess(points: np.ndarray, width: int, height: int, iterations: in
         "gnss_features": timeit(lambda: pre.ego(ego), iterations),
     }
     try:
-        import open3d as o3d
+        import open3d as o3d  # optional: only for the comparison
 
         def voxel() -> Any:
             pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points[:, :3].astype(np.float64)))
@@ -163,10 +139,6 @@ def bench_preprocess(points: np.ndarray, width: int, height: int, iterations: in
 
 def bench_model(model_dir: Path, device: str, iterations: int, threads: int) -> dict[str, Any]:
     """Model inference per backend on identical inputs; ratios against torch eager."""
-    from lmm_fusion.model import load_model
-    from lmm_fusion.runtime.backends import BackendUnavailable, OnnxRuntimeBackend, TorchBackend, ensure_onnx
-    from lmm_fusion.runtime.export import example_inputs
-
     model = load_model(model_dir)
     inputs = example_inputs(model.cfg)
     results: dict[str, Any] = {}
@@ -192,7 +164,7 @@ def bench_model(model_dir: Path, device: str, iterations: int, threads: int) -> 
             results[name] = f"skipped: {exc}"
             continue
         results[name] = {
-            **timeit(lambda b=backend: b.infer(inputs), iterations, warmup=5),
+            **timeit(functools.partial(backend.infer, inputs), iterations, warmup=5),
             "backend": backend.describe(),
         }
     base = results.get("torch_eager_cpu")
@@ -206,16 +178,10 @@ def bench_model(model_dir: Path, device: str, iterations: int, threads: int) -> 
 
 
 def _tensorrt(model_dir: Path) -> Any:
-    from lmm_fusion.runtime.backends import ensure_onnx
-    from lmm_fusion.runtime.tensorrt import TensorRTBackend
-
     return TensorRTBackend(ensure_onnx(model_dir), precision="fp16")
 
 
-def _snapshot(points: np.ndarray, rgb: np.ndarray) -> Any:
-    from lmm_fusion.cycle.sync import Snapshot
-    from lmm_fusion.io.gnss import EgoState
-
+def _snapshot(points: np.ndarray, rgb: np.ndarray) -> Snapshot:
     ego = EgoState(1.0, 0.0, 0.0, 0.0, 12.0, 0.5, 0.1, 0.01, 0, 0.05, True)
     return Snapshot(
         now=1.0,
@@ -228,11 +194,6 @@ def _snapshot(points: np.ndarray, rgb: np.ndarray) -> Any:
 
 def bench_outputs(pipeline: Any, points: np.ndarray, rgb: np.ndarray, iterations: int) -> dict[str, Any]:
     """Decode + safety guard and building every output message from one assessment."""
-    from lmm_fusion.cycle.assessment import decode
-    from lmm_fusion.cycle.safety import apply_guard
-    from lmm_fusion.io.msgtypes import rosbags_types
-    from lmm_fusion.ros import outputs as ro
-
     snap = _snapshot(points, rgb)
     inputs = pipeline.preprocessor.inputs(snap)
     outputs = pipeline.backend.infer(inputs)
@@ -261,11 +222,6 @@ def bench_outputs(pipeline: Any, points: np.ndarray, rgb: np.ndarray, iterations
 
 def bench_cycle(pipeline: Any, points: np.ndarray, width: int, height: int, iterations: int) -> dict[str, Any]:
     """End to end: sensor messages -> numpy -> snapshot -> pipeline.cycle -> output messages."""
-    from lmm_fusion.io import create_cloud, create_compressed_image, create_image, read_image, read_points
-    from lmm_fusion.io.common import make_header
-    from lmm_fusion.io.msgtypes import rosbags_types
-    from lmm_fusion.ros import outputs as ro
-
     types = rosbags_types()
     header = make_header(types, 1.0, "lidar")
     cloud = create_cloud(types, header, padded_cloud_array(points))
@@ -292,10 +248,6 @@ def bench_cycle(pipeline: Any, points: np.ndarray, width: int, height: int, iter
 
 def bench_scaling(pipeline: Any, iterations: int) -> dict[str, Any]:
     """Cycle time (read + pipeline) against point count at 1280x720, and against image size at 120k points."""
-    from lmm_fusion.io import create_cloud, create_image, read_image, read_points
-    from lmm_fusion.io.common import make_header
-    from lmm_fusion.io.msgtypes import rosbags_types
-
     types = rosbags_types()
     header = make_header(types, 1.0, "lidar")
 
@@ -310,12 +262,9 @@ def bench_scaling(pipeline: Any, iterations: int) -> dict[str, Any]:
 
 
 def plot_scaling(scaling: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    """PNG of :func:`bench_scaling`: p50/p99 cycle time against point count and against image size."""
+    fig = Figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
     pts = scaling["points"]
     a.plot([r["points"] / 1000 for r in pts], [r["p50_ms"] for r in pts], "o-", label="p50")
     a.plot([r["points"] / 1000 for r in pts], [r["p99_ms"] for r in pts], "s--", label="p99")
@@ -329,14 +278,10 @@ def plot_scaling(scaling: dict[str, Any], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def bench_synth(seconds: float) -> dict[str, Any]:
-    try:
-        from lmm_fusion.synth.drive import synth_benchmark
-    except ImportError as exc:
-        return {"skipped": f"synthetic world not available ({exc})"}
+    """Synthesis speed of ``seconds`` of drive (:func:`lmm_fusion.synth.drive.synth_benchmark`)."""
     return synth_benchmark(seconds)
 
 
@@ -357,20 +302,11 @@ def bench_replay(seconds: float, model: str | Path | None, backend: str, threads
     the bag, decoding the messages, copying inputs into the output bag). ``rig`` (a
     :class:`~lmm_fusion.base.rig.SensorRig`, default the default rig) is for quick tests.
     """
-    import shutil
-    import tempfile
-
-    from lmm_fusion.base.paths import cache_dir
-    from lmm_fusion.base.rig import SensorRig
-    from lmm_fusion.offline.replay import ReplayOptions, replay
-
     rig = rig or SensorRig()
     cam, lidar = rig.camera, rig.lidar
     drive = cache_dir() / f"bench_drive_{seconds:g}s_{cam.width}x{cam.height}_{lidar.beams}x{lidar.columns}_seed7"
     synth_s = None
     if not (drive / "metadata.yaml").is_file():  # written last: its presence means a complete bag
-        from lmm_fusion.synth.drive import synthesize
-
         shutil.rmtree(drive, ignore_errors=True)
         t0 = time.perf_counter()
         synthesize(drive, seconds, seed=7, rig=rig, progress=False)
@@ -404,9 +340,7 @@ def bench_replay(seconds: float, model: str | Path | None, backend: str, threads
 
 
 def machine_info() -> dict[str, Any]:
-    import onnxruntime
-    import torch
-
+    """CPU, cores, Python/torch/ONNX Runtime versions, CUDA device, torch threads."""
     return {
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
@@ -419,10 +353,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
-    from lmm_fusion.cycle.pipeline import FusionPipeline
-
+    """The report of ``lmm-fusion bench`` for the parsed options."""
     width, height = (int(v) for v in args.image.lower().split("x"))
     stages = set(args.stage or [s for s in STAGES if s != "synth"])
     torch.set_num_threads(args.threads)

@@ -9,8 +9,8 @@ summary — per-scenario action and risk accuracy against ground truth matched b
 latency p50/p99 — and leaves everything in one folder (default ``out/demo``): the bag, ``outputs.jsonl``,
 ``summary.json`` and the process logs. Exit status 1 when the node produced nothing.
 
-The process and DDS helpers here (:func:`loopback_env`, :class:`Processes`, :class:`OutputCollector`)
-are also what the integration tests use.
+The node, its output collector and the loopback domain are :class:`lmm_fusion.tools.harness.NodeHarness`,
+the same harness the load test and the integration tests use.
 """
 
 from __future__ import annotations
@@ -18,234 +18,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
-import random
-import signal
+import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lmm_fusion.base import topics
-from lmm_fusion.ros.dds import PROFILE_VARS, use_large_data_profile
+from lmm_fusion.base.paths import find_shared
+from lmm_fusion.groundtruth.scoring import NO_LABEL, Columns, group_indices, score_arrays
+from lmm_fusion.io.bags import bag_counts, read_bag
+from lmm_fusion.synth.drive import rig_from_args, synthesize
+from lmm_fusion.tools.harness import NodeHarness, wait_until
 
 log = logging.getLogger(__name__)
-
-NODE_NS = "/fusion_node"
-
-
-# ---------------------------------------------------------------- processes on loopback DDS
-def loopback_env(domain_id: int | None = None) -> dict[str, str]:
-    """Environment for processes that must only talk to each other: a random domain id (1..101,
-    valid on every OS) and discovery limited to this host."""
-    env = dict(os.environ)
-    env["ROS_DOMAIN_ID"] = str(domain_id if domain_id is not None else random.randint(1, 101))
-    env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    env.pop("ROS_STATIC_PEERS", None)
-    env.pop("ROS_LOCALHOST_ONLY", None)  # deprecated in Jazzy; conflicts with the range above
-    env["PYTHONUNBUFFERED"] = "1"
-    # Shared memory sized for whole full-size samples (config/fastdds_large_data.xml): with Fast DDS's
-    # default UDP fragments most multi-MB clouds and images are lost under the sensor-data QoS.
-    use_large_data_profile(env)
-    return env
-
-
-def use_env_here(env: dict[str, str]) -> int:
-    """Apply the DDS variables of ``env`` to this process (before ``rclpy.init``); returns the domain id."""
-    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", *PROFILE_VARS):
-        if key in env:
-            os.environ[key] = env[key]
-    os.environ.pop("ROS_LOCALHOST_ONLY", None)
-    return int(env["ROS_DOMAIN_ID"])
-
-
-def node_command(*ros_params: str, params_file: Path | None = None) -> list[str]:
-    """argv that starts the fusion node with ``-p NAME:=VALUE`` parameters."""
-    cmd = [sys.executable, "-m", "lmm_fusion.ros.node", "--ros-args"]
-    if params_file is not None:
-        cmd += ["--params-file", str(params_file)]
-    for p in ros_params:
-        cmd += ["-p", p]
-    return cmd
-
-
-class Processes:
-    """Subprocesses started by this process, each in its own session; :meth:`stop_all` ends exactly
-    those (SIGINT, then SIGTERM, then SIGKILL of their process groups) with bounded waits."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = Path(log_dir)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self._files: list[Any] = []
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        f = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - closed in stop_all
-        self._files.append(f)
-        proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log_text(self, name: str) -> str:
-        p = self.log_dir / f"{name}.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def stop(self, name: str, timeout: float = 10.0) -> int | None:
-        proc = self.procs.get(name)
-        if proc is None:
-            return None
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGTERM, 3.0), (signal.SIGKILL, 3.0)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-        return proc.poll()
-
-    def stop_all(self, timeout: float = 10.0) -> None:
-        for name in list(self.procs):
-            self.stop(name, timeout)
-        for f in self._files:
-            f.close()
-        self._files = []
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, period: float = 0.05) -> bool:
-    """Poll ``pred`` until true or ``timeout`` [s]; returns its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(period)
-    return pred()
-
-
-def _stamp(msg: Any) -> float:
-    return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-
-
-def scene_record(msg: Any) -> dict[str, Any]:
-    def num(x: float) -> float | None:
-        return float(x) if math.isfinite(x) else None
-
-    return {"stamp": _stamp(msg), "frame_id": msg.header.frame_id, "valid": bool(msg.valid),
-            "degraded": bool(msg.degraded), "risk": int(msg.risk_level),
-            "risk_probabilities": [float(p) for p in msg.risk_probabilities], "ttc": num(msg.time_to_collision),
-            "distance": num(msg.nearest_obstacle_distance), "light": int(msg.traffic_light_state),
-            "modalities": [{"name": m.name, "used": bool(m.used), "age": num(m.age),
-                            "attention": float(m.attention_share)} for m in msg.modalities]}
-
-
-def action_record(msg: Any) -> dict[str, Any]:
-    return {"stamp": _stamp(msg), "frame_id": msg.header.frame_id, "action": int(msg.action),
-            "target_speed": float(msg.target_speed), "confidence": float(msg.confidence),
-            "safety_override": bool(msg.safety_override), "rationale": msg.rationale}
-
-
-def diagnostics_record(msg: Any) -> dict[str, Any]:
-    from lmm_fusion.ros.outputs import level_of
-
-    return {"stamp": _stamp(msg), "status": {s.name: {"level": level_of(s), "message": s.message,
-                                                       "values": {kv.key: kv.value for kv in s.values}}
-                                             for s in msg.status}}
-
-
-class OutputCollector:
-    """Subscribes (in this process, on its own rclpy context and domain) to the node's outputs,
-    ``/diagnostics`` and the ground truth; records each message as a dict with ``recv`` (monotonic
-    arrival time [s]). Spins in a background thread; :meth:`close` stops it."""
-
-    def __init__(self, domain_id: int, node_ns: str = NODE_NS, ground_truth: bool = True,
-                 extra: Callable[[Any], None] | None = None) -> None:
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.executors import SingleThreadedExecutor
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-
-        from lmm_fusion.io.msgtypes import rclpy_types
-
-        self.ctx = Context()
-        rclpy.init(context=self.ctx, domain_id=domain_id)
-        self.node = rclpy.create_node(f"lmm_fusion_collector_{os.getpid()}", context=self.ctx)
-        self.records: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self._lock = threading.Lock()
-        t = rclpy_types()
-        qos = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-        subs: list[tuple[Any, str, str, Callable[[Any], dict[str, Any]]]] = [
-            (t.SceneAssessment, f"{node_ns}/scene_assessment", "scene", scene_record),
-            (t.ActionSuggestion, f"{node_ns}/action_suggestion", "action", action_record),
-            (t.DiagnosticArray, "/diagnostics", "diagnostics", diagnostics_record),
-            (t.OccupancyGrid, f"{node_ns}/occupancy", "occupancy",
-             lambda m: {"stamp": _stamp(m), "frame_id": m.header.frame_id, "width": m.info.width,
-                        "height": m.info.height, "n": len(m.data)}),
-            (t.MarkerArray, f"{node_ns}/markers", "markers",
-             lambda m: {"n": len(m.markers), "ns": sorted({mk.ns for mk in m.markers}),
-                        "frame_id": m.markers[0].header.frame_id if m.markers else ""}),
-        ]
-        if ground_truth:
-            subs += [
-                (t.SceneAssessment, topics.GT_SCENE, "gt_scene", scene_record),
-                (t.ActionSuggestion, topics.GT_ACTION, "gt_action", action_record),
-                (t.String, topics.GT_SCENARIO, "gt_scenario", lambda m: {"scenario": m.data}),
-            ]
-        self._subs = [self.node.create_subscription(cls, topic, self._cb(key, conv), qos)
-                      for cls, topic, key, conv in subs]
-        self.executor = SingleThreadedExecutor(context=self.ctx)
-        self.executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _cb(self, key: str, conv: Callable[[Any], dict[str, Any]]) -> Callable[[Any], None]:
-        def cb(msg: Any) -> None:
-            rec = conv(msg)
-            rec["recv"] = time.monotonic()
-            with self._lock:
-                self.records[key].append(rec)
-        return cb
-
-    def _spin(self) -> None:
-        from rclpy.executors import ExternalShutdownException
-
-        try:
-            while self.ctx.ok():
-                self.executor.spin_once(timeout_sec=0.05)
-        except (ExternalShutdownException, Exception):  # the context was shut down while spinning
-            pass
-
-    def get(self, key: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return list(self.records[key])
-
-    def count(self, key: str) -> int:
-        with self._lock:
-            return len(self.records[key])
-
-    def clear(self) -> None:
-        with self._lock:
-            self.records.clear()
-
-    def close(self) -> None:
-        import rclpy
-
-        rclpy.try_shutdown(context=self.ctx)
-        self._thread.join(timeout=5.0)
-        try:
-            self.executor.shutdown(timeout_sec=1.0)
-            self.node.destroy_node()
-        except Exception:  # already torn down with the context
-            pass
 
 
 # ---------------------------------------------------------------- summary
@@ -260,7 +49,11 @@ def _match(stamps: np.ndarray, t: float, tol: float) -> int | None:
 def summarise(outputs: dict[str, list[dict[str, Any]]], scenario_at: dict[float, str],
               tol: float = 0.25) -> dict[str, Any]:
     """Accuracy per scenario (node output vs the ground truth label with the latest stamp <= the
-    output stamp, within ``tol`` s), rates and latencies."""
+    output stamp, within ``tol`` s; scored by :mod:`lmm_fusion.groundtruth.scoring`), rates and latencies.
+
+    Each matched action is one scored sample (its action), each matched valid scene another (its risk);
+    ``cycles`` counts the matched actions.
+    """
     scenes = sorted(outputs.get("scene", []), key=lambda r: r["stamp"])
     actions = sorted(outputs.get("action", []), key=lambda r: r["stamp"])
     gt_scene = sorted(outputs.get("gt_scene", []), key=lambda r: r["stamp"])
@@ -269,42 +62,42 @@ def summarise(outputs: dict[str, list[dict[str, Any]]], scenario_at: dict[float,
     ga = np.array([r["stamp"] for r in gt_action])
     sc_stamps = np.array(sorted(scenario_at))
     sc_names = [scenario_at[s] for s in sc_stamps]
-    per: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def scenario_of(t: float) -> str:
         j = _match(sc_stamps, t, tol) if sc_stamps.size else None
         return sc_names[j] if j is not None else "UNLABELLED"
 
+    # One scored row per matched output: a valid scene scores its risk, an action its action; the other
+    # field of the row has no label. Per row: family, (predicted, true) codes, is an action, override, degraded.
+    family: list[str] = []
+    codes: dict[str, list[tuple[int, int]]] = {"action": [], "risk": []}
+    flags: list[tuple[bool, bool, bool]] = []
     for r in scenes:
-        if not r["valid"]:
-            continue
-        i = _match(gs, r["stamp"], tol) if gs.size else None
-        if i is None:
-            continue
-        p = per[scenario_of(r["stamp"])]
-        p["risk_n"] += 1
-        p["risk_ok"] += int(r["risk"] == gt_scene[i]["risk"])
-        p["degraded"] += int(r["degraded"])
+        i = _match(gs, r["stamp"], tol) if gs.size and r["valid"] else None
+        if i is not None:
+            family.append(scenario_of(r["stamp"]))
+            codes["risk"].append((r["risk"], gt_scene[i]["risk"]))
+            codes["action"].append((NO_LABEL, NO_LABEL))
+            flags.append((False, False, bool(r["degraded"])))
     for r in actions:
         i = _match(ga, r["stamp"], tol) if ga.size else None
-        if i is None:
-            continue
-        p = per[scenario_of(r["stamp"])]
-        p["action_n"] += 1
-        p["action_ok"] += int(r["action"] == gt_action[i]["action"])
-        p["override"] += int(r["safety_override"])
+        if i is not None:
+            family.append(scenario_of(r["stamp"]))
+            codes["action"].append((r["action"], gt_action[i]["action"]))
+            codes["risk"].append((NO_LABEL, NO_LABEL))
+            flags.append((True, bool(r["safety_override"]), False))
+    pt = {f: np.array(c, np.int64).reshape(-1, 2) for f, c in codes.items()}
+    cols = Columns(pred={f: c[:, 0] for f, c in pt.items()}, true={f: c[:, 1] for f, c in pt.items()})
+    is_action, override, degraded = np.array(flags, bool).reshape(-1, 3).T
     table = {}
-    for name in sorted(per):
-        p = per[name]
-        table[name] = {"cycles": p["action_n"],
-                       "action_accuracy": p["action_ok"] / p["action_n"] if p["action_n"] else None,
-                       "risk_accuracy": p["risk_ok"] / p["risk_n"] if p["risk_n"] else None,
-                       "safety_overrides": p["override"], "degraded_cycles": p["degraded"]}
-    tot_a = sum(per[n]["action_n"] for n in per)
-    tot_r = sum(per[n]["risk_n"] for n in per)
-    overall = {"action_accuracy": sum(per[n]["action_ok"] for n in per) / tot_a if tot_a else None,
-               "risk_accuracy": sum(per[n]["risk_ok"] for n in per) / tot_r if tot_r else None,
-               "matched_cycles": tot_a}
+    for name, idx in group_indices(family).items():
+        t = score_arrays(cols.take(idx))
+        table[name] = {"cycles": int(is_action[idx].sum()), "action_accuracy": t["action_accuracy"],
+                       "risk_accuracy": t["risk_accuracy"], "safety_overrides": int(override[idx].sum()),
+                       "degraded_cycles": int(degraded[idx].sum())}
+    t = score_arrays(cols)
+    overall = {"action_accuracy": t["action_accuracy"], "risk_accuracy": t["risk_accuracy"],
+               "matched_cycles": int(is_action.sum())}
     rate_wall = rate_sim = None
     if len(scenes) > 1:
         recv = [r["recv"] for r in scenes]
@@ -357,8 +150,6 @@ def format_summary(s: dict[str, Any]) -> str:
 def scenario_labels(bag: Path) -> dict[float, str]:
     """Bag time [s] -> scenario name of every ``/ground_truth/scenario`` message (String has no header;
     the bag time equals the LiDAR stamp it labels)."""
-    from lmm_fusion.io.bags import read_bag
-
     return {m.stamp_sec: m.msg.data for m in read_bag(bag, topics=[topics.GT_SCENARIO])}
 
 
@@ -383,21 +174,15 @@ def synthesise(out: Path, duration: float, seed: int, camera: tuple[int, int], l
                lidar_columns: int) -> Path:
     """Write the demo drive to ``out/drive`` with :func:`lmm_fusion.synth.drive.synthesize`: every scenario
     family, a JPEG camera and the LiDAR of the shipped model's training data."""
-    from lmm_fusion.synth.drive import rig_from_args, synthesize
-
     bag = out / "drive"
     if bag.exists():
-        import shutil
-
         shutil.rmtree(bag)
     rig = rig_from_args(camera=camera, lidar_beams=lidar_beams, lidar_columns=lidar_columns)
     return Path(synthesize(bag, duration, seed, rig=rig, compressed=True, progress=False))
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmm_fusion.base.paths import find_shared
-    from lmm_fusion.io.bags import bag_counts
-
+    """``lmm-fusion demo``: exit status 0, or 1 when the node did not come up or produced nothing."""
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
@@ -410,26 +195,20 @@ def run(args: argparse.Namespace) -> int:
     counts = bag_counts(bag)
     transport = "compressed" if topics.CAMERA_COMPRESSED in counts else "raw"
     print(f"[demo] bag {bag}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), flush=True)
-    env = loopback_env()
-    domain = use_env_here(env)
-    procs = Processes(out)
-    collector: OutputCollector | None = None
+    params = [f"rate_hz:={args.rate_hz}", "use_sim_time:=true", f"backend:={args.backend}",
+              "threads:=1", f"camera_transport:={transport}"]
+    if args.model_dir:  # an empty override cannot be written on the command line
+        params.append(f"model_dir:={args.model_dir}")
+    harness = NodeHarness(out, params, params_file=find_shared("config/fusion.yaml"), ground_truth=True)
+    procs = harness.procs
     try:
-        params = [f"rate_hz:={args.rate_hz}", "use_sim_time:=true", f"backend:={args.backend}",
-                  "threads:=1", f"camera_transport:={transport}"]
-        if args.model_dir:  # an empty override cannot be written on the command line
-            params.append(f"model_dir:={args.model_dir}")
-        procs.start("node", node_command(*params, params_file=find_shared("config/fusion.yaml")), env)
-        collector = OutputCollector(domain)
-        print(f"[demo] node started (ROS_DOMAIN_ID={domain}, loopback); waiting for its subscriptions ...",
+        print(f"[demo] node started (ROS_DOMAIN_ID={harness.domain}, loopback); waiting for its subscriptions ...",
               flush=True)
-        ready = wait_until(lambda: collector.node.count_subscribers(topics.LIDAR_POINTS) > 0
-                           or procs.procs["node"].poll() is not None, timeout=120.0)
-        if not ready or procs.procs["node"].poll() is not None:
-            print("[demo] the node did not come up; its log:\n" + procs.log_text("node")[-3000:], flush=True)
+        if not harness.wait_subscribed(timeout=120.0):
+            print("[demo] the node did not come up; its log:\n" + harness.log(), flush=True)
             return 1
         player = procs.start("player", [sys.executable, "-m", "lmm_fusion.cli", "play", str(bag), "--clock",
-                                        "--rate", str(args.rate), "--wait-for-subscriber", "10"], env)
+                                        "--rate", str(args.rate), "--wait-for-subscriber", "10"], harness.env)
         print("[demo] playing the drive at its recorded pace ...", flush=True)
         bag_len = max(args.duration, 1.0) / args.rate
         try:
@@ -439,9 +218,8 @@ def run(args: argparse.Namespace) -> int:
         wait_until(lambda: False, 1.0)  # let the last outputs arrive
     finally:
         procs.stop_all()
-        records = {k: collector.get(k) for k in list(collector.records)} if collector is not None else {}
-        if collector is not None:
-            collector.close()
+        records = harness.outputs.all()
+        harness.close()
     scenarios = scenario_labels(bag) if topics.GT_SCENARIO in counts else {}
     with open(out / "outputs.jsonl", "w") as f:
         for key in ("scene", "action", "diagnostics", "gt_scene", "gt_action"):
@@ -460,5 +238,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["OutputCollector", "Processes", "loopback_env", "node_command", "run", "summarise",
-           "use_env_here", "wait_until"]
+__all__ = ["add_arguments", "format_summary", "run", "scenario_labels", "summarise", "synthesise"]

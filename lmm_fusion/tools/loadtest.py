@@ -1,9 +1,11 @@
 """``lmm-fusion load``: drive the real node with full-size synthetic sensors and measure it as a process.
 
-The node runs as its own process (``python -m lmm_fusion.ros.node``) on loopback DDS; this process
-publishes a 1280x720 rgb8 camera at 20 Hz, a 120k-point 48-byte-layout PointCloud2 at 10 Hz and a
-moving NavSatFix at 10 Hz (configurable), stamped with the wall clock, for a bounded time, while it
-collects the node's outputs and ``/diagnostics`` and samples the node's CPU and RSS once a second.
+The node runs as its own process (``python -m lmm_fusion.ros.node``) on loopback DDS; a second process
+(``python -m lmm_fusion.tools.loadtest ...``, :func:`publisher_main`) publishes a 1280x720 rgb8 camera at
+20 Hz, a 120k-point 48-byte-layout PointCloud2 at 10 Hz and a moving NavSatFix at 10 Hz (configurable),
+stamped with the wall clock, for a bounded time, while this process collects the node's outputs and
+``/diagnostics`` and samples the node's CPU and RSS once a second (:class:`~lmm_fusion.tools.harness.NodeHarness`,
+:class:`~lmm_fusion.tools.harness.SensorPublisher`).
 
 The report (JSON) gives the achieved output rate, cycle latency p50/p99 (the node's own
 measurement), deadline misses, per-sensor rates seen by the node against the published rates
@@ -17,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
+import signal
 import sys
 import threading
 import time
@@ -25,115 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
+from matplotlib.figure import Figure
 
-from lmm_fusion.base import topics as T
-from lmm_fusion.ros.dds import use_large_data_profile
-from lmm_fusion.tools.bench import padded_cloud_array, synthetic_image, synthetic_points
+from lmm_fusion.ros.dds import PROFILE_VARS
+from lmm_fusion.tools.harness import NodeHarness, SensorPublisher, loopback_env, wait_until
+from lmm_fusion.tools.payloads import padded_cloud_array, synthetic_image, synthetic_points
 
 log = logging.getLogger(__name__)
 
-
-class SensorPublisher:
-    """Publishes pre-built full-size sensor messages at their rates from a background thread.
-
-    Messages are built once; each publish only restamps the header (building a 2.7 MB image per
-    frame would measure this process, not the node).
-    """
-
-    def __init__(
-        self,
-        domain_id: int,
-        width: int,
-        height: int,
-        points: int,
-        camera_hz: float,
-        lidar_hz: float,
-        gnss_hz: float,
-        speed: float = 10.0,
-    ) -> None:
-        import rclpy
-        from rclpy.context import Context
-        from rclpy.qos import qos_profile_sensor_data
-
-        from lmm_fusion.base.rig import SensorRig
-        from lmm_fusion.io import create_cloud, create_fix, create_image
-        from lmm_fusion.io.common import make_header
-        from lmm_fusion.io.msgtypes import rclpy_types
-
-        self.ctx = Context()
-        rclpy.init(context=self.ctx, domain_id=domain_id)
-        self.node = rclpy.create_node("lmm_fusion_load_publisher", context=self.ctx)
-        t = rclpy_types()
-        self.types = t
-        self.rig = SensorRig()
-        hdr = make_header(t, 0.0, T.LIDAR_FRAME)
-        self.cloud = create_cloud(t, hdr, padded_cloud_array(synthetic_points(points)))
-        self.image = create_image(t, make_header(t, 0.0, T.CAMERA_FRAME), synthetic_image(width, height), "rgb8")
-        self.fix_header = make_header(t, 0.0, T.GNSS_FRAME)
-        self._create_fix = create_fix
-        self.speed = speed
-        self.pubs = {
-            "camera": self.node.create_publisher(t.Image, T.CAMERA_IMAGE, qos_profile_sensor_data),
-            "lidar": self.node.create_publisher(t.PointCloud2, T.LIDAR_POINTS, qos_profile_sensor_data),
-            "gnss": self.node.create_publisher(t.NavSatFix, T.GNSS_FIX, qos_profile_sensor_data),
-        }
-        self.rates = {"camera": camera_hz, "lidar": lidar_hz, "gnss": gnss_hz}
-        self.sent = dict.fromkeys(self.pubs, 0)
-        self.publish_ms: dict[str, list[float]] = {k: [] for k in self.pubs}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _stamp(self, header: Any, now: float) -> None:
-        header.stamp.sec = math.floor(now)
-        header.stamp.nanosec = int((now - math.floor(now)) * 1e9)
-
-    def _fix(self, now: float, t0: float) -> Any:
-        import pymap3d
-
-        g = self.rig.gnss
-        lat, lon, alt = pymap3d.enu2geodetic(
-            self.speed * (now - t0), 0.0, 0.0, g.origin_lat, g.origin_lon, g.origin_alt
-        )
-        self._stamp(self.fix_header, now)
-        return self._create_fix(self.types, self.fix_header, float(lat), float(lon), float(alt), 0, g.horizontal_std)
-
-    def _run(self) -> None:
-        t0 = time.time()
-        due = dict.fromkeys(self.pubs, t0)
-        while not self._stop.is_set():
-            now = time.time()
-            for sensor, when in due.items():
-                if now < when:
-                    continue
-                start = time.perf_counter()
-                if sensor == "camera":
-                    self._stamp(self.image.header, now)
-                    self.pubs[sensor].publish(self.image)
-                elif sensor == "lidar":
-                    self._stamp(self.cloud.header, now)
-                    self.pubs[sensor].publish(self.cloud)
-                else:
-                    self.pubs[sensor].publish(self._fix(now, t0))
-                self.publish_ms[sensor].append((time.perf_counter() - start) * 1e3)
-                self.sent[sensor] += 1
-                # Next slot on the fixed grid; a late publish skips slots instead of bursting.
-                period = 1.0 / self.rates[sensor]
-                due[sensor] = when + period * max(1, math.floor((now - when) / period) + 1)
-            self._stop.wait(max(0.0, min(due.values()) - time.time()))
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        import rclpy
-
-        self._stop.set()
-        self._thread.join(timeout=5.0)
-        self.node.destroy_node()
-        rclpy.try_shutdown(context=self.ctx)
+#: GNSS rate of the load [Hz] (the receiver's rate in the default rig).
+GNSS_HZ = 10.0
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p99 and max of ``values`` (rounded to 3 decimals), all None for no values."""
     if not values:
         return {"p50": None, "p99": None, "max": None}
     arr = np.asarray(values, float)
@@ -163,27 +71,18 @@ def run_load(
     segment that holds whole multi-MB samples); ``large_data`` = Fast DDS's builtin LARGE_DATA mode;
     ``default`` = Fast DDS defaults (UDP fragments: multi-MB best-effort samples are mostly lost).
     """
-    import os
-
-    import psutil
-
-    from lmm_fusion.tools.demo import OutputCollector, Processes, loopback_env, node_command, wait_until
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = loopback_env()
-    if transport == "shm":
-        use_large_data_profile(env)
-        use_large_data_profile(os.environ)
-    elif transport == "large_data":
-        env["FASTDDS_BUILTIN_TRANSPORTS"] = os.environ["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
-    domain = int(env["ROS_DOMAIN_ID"])
-    procs = Processes(out_dir / "logs")
-    collector = None
+    env = loopback_env()  # with the shipped shared-memory profile
+    if transport != "shm":
+        for var in PROFILE_VARS:
+            env.pop(var, None)
+    if transport == "large_data":
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    # The harness applies the same DDS variables to this process (the collector) while it runs.
+    harness = NodeHarness(out_dir / "logs", (f"rate_hz:={rate_hz}", f"backend:={backend}", "use_camera_info:=false"),
+                          env=env)
+    node, collector, procs, domain = harness.node, harness.outputs, harness.procs, harness.domain
     try:
-        node = procs.start(
-            "node", node_command(f"rate_hz:={rate_hz}", f"backend:={backend}", "use_camera_info:=false"), env
-        )
-        collector = OutputCollector(domain, ground_truth=False)
         if not wait_until(lambda: collector.count("scene") > 0 or node.poll() is not None, 120.0):
             raise RuntimeError("the node published nothing within 120 s; see " + str(out_dir / "logs/node.log"))
         if node.poll() is not None:
@@ -224,9 +123,7 @@ def run_load(
         procs.stop("publisher")
         pub_report = json.loads(procs.log_text("publisher").strip().splitlines()[-1])
     finally:
-        if collector is not None:
-            collector.close()
-        procs.stop_all()
+        harness.close()
     sent = pub_report["sent"]
     publish_ms = pub_report["publish_ms"]
     pub_seconds = pub_report["seconds"]
@@ -255,7 +152,7 @@ def run_load(
             "rate_hz": rate_hz,
             "camera": f"{width}x{height} rgb8 @ {camera_hz:g} Hz",
             "lidar": f"{points} points x 48 B @ {lidar_hz:g} Hz",
-            "gnss": "NavSatFix @ 10 Hz",
+            "gnss": f"NavSatFix @ {GNSS_HZ:g} Hz",
             "backend": backend,
             "warmup_s": warmup_s,
             "transport": transport,
@@ -299,13 +196,10 @@ def run_load(
 
 
 def plot_rss(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """PNG of the node's RSS [MiB] over the time under load, with the end of the warm-up marked."""
     series = report["node_process"]["rss_mib_series"]
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig = Figure(figsize=(8, 3))
+    ax = fig.subplots()
     ax.plot([t for t, _ in series], [m for _, m in series])
     ax.axvline(report["config"]["warmup_s"], color="grey", ls="--", label="end of warm-up")
     ax.set(
@@ -317,10 +211,10 @@ def plot_rss(report: dict[str, Any], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``lmm-fusion load``."""
     p.add_argument("--seconds", type=float, default=60.0, help="time under load [s] (soak: 600)")
     p.add_argument("--rate-hz", type=float, default=10.0, help="node cycle rate [Hz]")
     p.add_argument("--image", default="1280x720", help="camera WxH (rgb8)")
@@ -339,6 +233,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """``lmm-fusion load``: run the load, write load.json and rss.png, print the report without the RSS series."""
     w, h = (int(v) for v in args.image.lower().split("x"))
     out = Path(args.out)
     report = run_load(
@@ -364,19 +259,19 @@ def run(args: argparse.Namespace) -> int:
 def publisher_main(argv: list[str]) -> int:
     """``python -m lmm_fusion.tools.loadtest DOMAIN W H POINTS CAMERA_HZ LIDAR_HZ``: publish until SIGINT, then
     print one JSON line with the counts and publish times (read back by :func:`run_load`)."""
-    import signal
-
     domain, w, h, n = (int(v) for v in argv[:4])
     cam_hz, lidar_hz = float(argv[4]), float(argv[5])
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    pub = SensorPublisher(domain, w, h, n, cam_hz, lidar_hz, 10.0)
+    pub = SensorPublisher.on_domain(domain, synthetic_image(w, h), padded_cloud_array(synthetic_points(n)),
+                                    {"camera": cam_hz, "lidar": lidar_hz, "gnss": GNSS_HZ},
+                                    node_name="lmm_fusion_load_publisher")
     pub.start()
     t0 = time.monotonic()
     stop.wait()
     seconds = time.monotonic() - t0
-    pub.stop()
+    pub.close()
     print(
         json.dumps(
             {
@@ -391,6 +286,4 @@ def publisher_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import sys as _sys
-
-    raise SystemExit(publisher_main(_sys.argv[1:]))
+    raise SystemExit(publisher_main(sys.argv[1:]))

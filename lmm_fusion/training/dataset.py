@@ -34,6 +34,7 @@ from lmm_fusion.cycle.bagfeed import detect_sensor_topics
 from lmm_fusion.cycle.ingest import SensorIngest
 from lmm_fusion.cycle.preprocess import Preprocessor
 from lmm_fusion.cycle.sync import SensorSync, SyncConfig
+from lmm_fusion.groundtruth.messages import ground_truth_from_messages
 from lmm_fusion.io.bags import bag_topics, read_bag
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.model.config import ModelConfig
@@ -82,21 +83,27 @@ def preprocess_fingerprint(cfg: ModelConfig, rig: SensorRig, sync_cfg: SyncConfi
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _occupancy(msg: Any) -> np.ndarray:
-    """OccupancyGrid on ``OCCUPANCY_GRID`` -> ``(ny, nx)`` uint8 (1 = occupied, value >= 50)."""
-    ny, nx = OCCUPANCY_GRID.shape
-    w, h = int(msg.info.width), int(msg.info.height)
-    if (h, w) != (ny, nx):
-        raise MessageError(f"occupancy: info.height/width = {h}x{w}, expected {ny}x{nx}")
-    data = np.asarray(msg.data, dtype=np.int8)
-    if data.size != ny * nx:
-        raise MessageError(f"occupancy: data has {data.size} cells, expected {ny * nx}")
-    return (data.reshape(ny, nx) >= 50).astype(np.uint8)
-
-
 def _finite_or(v: float, cap: float) -> float:
     v = float(v)
     return cap if not math.isfinite(v) else min(max(v, 0.0), cap)
+
+
+def _labels(msgs: dict[str, Any], stamp: float, cfg: ModelConfig) -> dict[str, Any]:
+    """One sample's label row from its ground-truth messages (``{topic: msg}``), decoded by
+    :func:`~lmm_fusion.groundtruth.messages.ground_truth_from_messages`: class codes, TTC / distance /
+    target speed capped to ``[0, cap]`` at the model's caps ("none"/"free" = the cap), occupancy as
+    ``(ny, nx)`` uint8 (1 = occupied), scenario code (-1 = none or unknown)."""
+    gt = ground_truth_from_messages({topic: (stamp, m) for topic, m in msgs.items()})
+    if (gt is None or gt.risk is None or gt.light is None or gt.ttc is None or gt.distance is None
+            or gt.action is None or gt.target_speed is None or gt.occupied is None):
+        raise MessageError(f"ground truth at {stamp:.6f} s: needs every one of {list(_REQUIRED_GT)}")
+    return {
+        "risk": int(gt.risk), "light": int(gt.light), "ttc": _finite_or(gt.ttc, cfg.ttc_max),
+        "distance": _finite_or(gt.distance, cfg.distance_max), "action": int(gt.action),
+        "target_speed": _finite_or(gt.target_speed, cfg.speed_max), "occupancy": gt.occupied.astype(np.uint8),
+        "scenario": Scenario[gt.scenario].value if gt.scenario is not None and gt.scenario in Scenario.__members__
+        else -1,
+    }
 
 
 def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = None,
@@ -127,17 +134,8 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
         rows["bev"].append(x["bev"][0].astype(np.float16))
         rows["ego"].append(x["ego"][0])
         rows["mask"].append(mask)
-        scene, action = gt[T.GT_SCENE], gt[T.GT_ACTION]
-        rows["risk"].append(int(scene.risk_level))
-        rows["light"].append(int(scene.traffic_light_state))
-        rows["ttc"].append(_finite_or(scene.time_to_collision, cfg.ttc_max))
-        rows["distance"].append(_finite_or(scene.nearest_obstacle_distance, cfg.distance_max))
-        rows["action"].append(int(action.action))
-        rows["target_speed"].append(_finite_or(action.target_speed, cfg.speed_max))
-        rows["occupancy"].append(_occupancy(gt[T.GT_OCCUPANCY]))
-        name = gt.get(T.GT_SCENARIO)
-        rows["scenario"].append(Scenario[name.data].value if name is not None and name.data in Scenario.__members__
-                                else -1)
+        for k, v in _labels({t: m for t, m in gt.items() if t != "_stamp"}, stamp, cfg).items():
+            rows[k].append(v)
         rows["stamp"].append(stamp)
 
     def flush(before: float) -> None:
@@ -191,7 +189,8 @@ def sample_source(path: Path | str, cfg: ModelConfig, cache_dir: Path | str | No
         return extract_samples(path, cfg, rig, sync_cfg)
     file = Path(cache_dir) / f"{Path(path).name}-{bag_fingerprint(path)}-{fingerprint}.npz"
     if not file.is_file():
-        arrays = extract_samples(path, cfg, rig, sync_cfg)
+        # Any: numpy's stub would check **arrays against savez's allow_pickle flag.
+        arrays: dict[str, Any] = extract_samples(path, cfg, rig, sync_cfg)
         file.parent.mkdir(parents=True, exist_ok=True)
         tmp = file.with_suffix(".tmp.npz")
         np.savez(tmp, **arrays)

@@ -18,27 +18,47 @@ import time
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import torch
 
+from lmm_fusion.base.paths import default_model_dir
 from lmm_fusion.base.vocabulary import MODALITIES, Action, Light, Risk, Scenario
 from lmm_fusion.cycle.assessment import decide_risk
-from lmm_fusion.model import FusionModel, load_model
+from lmm_fusion.groundtruth.scoring import (
+    UNCAPPED,
+    Columns,
+    accuracy,
+    confusion,
+    ece,
+    occupancy_overlap,
+    score_arrays,
+    score_groups,
+)
+from lmm_fusion.model import FusionForward, FusionModel, load_model
 from lmm_fusion.training.dataset import FusionDataset, expand_bags
+
+# Plots go to files only (no display in CI or on a training server); the backend is chosen before pyplot loads.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 
 log = logging.getLogger(__name__)
 
 #: Modality subsets of the ablation, named by the modalities kept.
 ABLATION_MASKS: dict[str, tuple[int, int, int]] = {
     "+".join(m for m, k in zip(MODALITIES, keep) if k): keep
-    for n in (1, 2, 3) for keep in itertools.product((1, 0), repeat=3) if sum(keep) == n
+    for n in (1, 2, 3) for keep in itertools.product((1, 0), (1, 0), (1, 0)) if sum(keep) == n
 }
 ABLATION_MASKS["all"] = ABLATION_MASKS.pop("camera+lidar+gnss")
-ECE_BINS = 15
+#: The dataset's label arrays that the scorer compares with the predictions.
+LABEL_KEYS: tuple[str, ...] = ("action", "risk", "light", "target_speed", "ttc", "distance")
+#: Keys of each scenario family's entry in the report.
+PER_SCENARIO_KEYS: tuple[str, ...] = ("n", "action_accuracy", "risk_accuracy", "light_accuracy", "risk_under_rate",
+                                      "risk_over_rate", "distance_mae")
 
 
 @torch.no_grad()
-def predict(model: FusionModel, ds: FusionDataset, keep: tuple[int, int, int] | None = None,
+def predict(model: FusionForward, ds: FusionDataset, keep: tuple[int, int, int] | None = None,
             batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Run ``model`` over ``ds`` with the data's modality mask times ``keep`` (1 = keep).
 
@@ -57,79 +77,56 @@ def predict(model: FusionModel, ds: FusionDataset, keep: tuple[int, int, int] | 
         b = {k: v.to(device) for k, v in b.items()}
         mask = b["modality_mask"] * keep_t
         o = model(b["image"], b["bev"], b["ego"], mask)
-        occ_pred = o["occupancy_logits"] > 0
-        occ_true = b["occupancy"] > 0.5
+        # A cell is predicted occupied at probability > 0.5 (logit > 0); the labels are stored as 0 / 1.
+        occ_inter, occ_union = occupancy_overlap((o["occupancy_logits"] > 0).cpu().numpy(),
+                                                 (b["occupancy"] > 0.5).cpu().numpy())
         parts["risk_prob"].append(torch.softmax(o["risk_logits"], -1).cpu().numpy())
         parts["action_prob"].append(torch.softmax(o["action_logits"], -1).cpu().numpy())
         parts["light_prob"].append(torch.softmax(o["light_logits"], -1).cpu().numpy())
         parts["target_speed"].append(o["target_speed"].cpu().numpy())
         parts["ttc"].append(o["ttc"].cpu().numpy())
         parts["distance"].append(o["obstacle_distance"].cpu().numpy())
-        parts["occ_inter"].append((occ_pred & occ_true).sum((1, 2)).cpu().numpy())
-        parts["occ_union"].append((occ_pred | occ_true).sum((1, 2)).cpu().numpy())
+        parts["occ_inter"].append(occ_inter)
+        parts["occ_union"].append(occ_union)
         parts["attention"].append(o["modality_attention"].cpu().numpy())
         parts["used"].append((mask > 0.5).cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in parts.items()}
 
 
-def macro_f1(true: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    """Mean F1 over the classes that occur in ``true`` or ``pred``."""
-    f1s = []
-    for c in range(n_classes):
-        tp = int(((pred == c) & (true == c)).sum())
-        fp = int(((pred == c) & (true != c)).sum())
-        fn = int(((pred != c) & (true == c)).sum())
-        if tp + fp + fn == 0:
-            continue
-        f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1s)) if f1s else float("nan")
+def _nan(x: float | None) -> float:
+    """The report's "undefined" (NaN) for the scorer's None (e.g. no samples)."""
+    return float("nan") if x is None else x
 
 
-def ece(prob: np.ndarray, true: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Expected calibration error of the top-class confidence (equal-width bins)."""
-    if len(true) == 0:
-        return float("nan")
-    conf = prob.max(1)
-    correct = (prob.argmax(1) == true).astype(np.float64)
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            total += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
-    return float(total)
+def columns(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> Columns:
+    """The scorer's input (:class:`~lmm_fusion.groundtruth.scoring.Columns`) for one prediction set: the
+    arg-max classes, the risk as the node decides it, the regressions and the occupancy cell counts
+    against the dataset's labels (:data:`LABEL_KEYS`)."""
+    return Columns(
+        pred={"action": pred["action_prob"].argmax(1), "risk": risk_decisions(pred),
+              "light": pred["light_prob"].argmax(1), "target_speed": pred["target_speed"], "ttc": pred["ttc"],
+              "distance": pred["distance"]},
+        true={k: arrays[k] for k in LABEL_KEYS},
+        occ_inter=pred["occ_inter"], occ_union=pred["occ_union"],
+    )
 
 
-def confusion(true: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
-    """``(n, n)`` counts, row = true class, column = predicted class."""
-    return np.bincount(true * n + pred, minlength=n * n).reshape(n, n)
-
-
-def _acc(true: np.ndarray, pred: np.ndarray) -> float:
-    return float((true == pred).mean()) if len(true) else float("nan")
+def _table(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    # The labels were capped when the samples were extracted (the model's ttc_max / distance_max /
+    # speed_max) and the heads cannot exceed those caps, so the values are compared as they are.
+    return score_arrays(columns(pred, arrays), UNCAPPED)
 
 
 def compute_metrics(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Headline metrics of one prediction set against the dataset's labels."""
-    action_p, light_p = (pred[k].argmax(1) for k in ("action_prob", "light_prob"))
-    risk_p = risk_decisions(pred)
-    rt, at, lt = arrays["risk"], arrays["action"], arrays["light"]
-    union = float(pred["occ_union"].sum())
+    """Headline metrics of one prediction set against the dataset's labels
+    (:func:`lmm_fusion.groundtruth.scoring.score_arrays`, NaN where undefined), plus calibration and attention."""
+    t = _table(pred, arrays)
     return {
-        "n": len(rt),
-        "action_accuracy": _acc(at, action_p),
-        "risk_accuracy": _acc(rt, risk_p),
-        "risk_macro_f1": macro_f1(rt, risk_p, len(Risk)),
-        "risk_under_rate": float((risk_p < rt).mean()) if len(rt) else float("nan"),
-        "risk_over_rate": float((risk_p > rt).mean()) if len(rt) else float("nan"),
-        "light_accuracy": _acc(lt, light_p),
-        "target_speed_mae": float(np.abs(pred["target_speed"] - arrays["target_speed"]).mean()),
-        "ttc_mae": float(np.abs(pred["ttc"] - arrays["ttc"]).mean()),
-        "distance_mae": float(np.abs(pred["distance"] - arrays["distance"]).mean()),
-        "occupancy_iou": float(pred["occ_inter"].sum()) / union if union > 0 else float("nan"),
-        "action_ece": ece(pred["action_prob"], at),
-        "risk_ece": ece(pred["risk_prob"], rt),
+        **{k: t[k] if k == "n" else _nan(t[k]) for k in (
+            "n", "action_accuracy", "risk_accuracy", "risk_macro_f1", "risk_under_rate", "risk_over_rate",
+            "light_accuracy", "target_speed_mae", "ttc_mae", "distance_mae", "occupancy_iou")},
+        "action_ece": _nan(ece(pred["action_prob"], arrays["action"])),
+        "risk_ece": _nan(ece(pred["risk_prob"], arrays["risk"])),
         "mean_attention": {m: float(v) for m, v in zip(MODALITIES, pred["attention"].mean(0))},
     }
 
@@ -145,14 +142,11 @@ def _subset(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray], sel: np.
 
 
 def per_scenario(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for code in sorted(set(arrays["scenario"].tolist())):
-        name = Scenario(code).name if code in Scenario._value2member_map_ else "UNKNOWN"
-        p, a = _subset(pred, arrays, arrays["scenario"] == code)
-        m = compute_metrics(p, a)
-        out[name] = {k: m[k] for k in ("n", "action_accuracy", "risk_accuracy", "light_accuracy",
-                                       "risk_under_rate", "risk_over_rate", "distance_mae")}
-    return out
+    """The scorer's table per scenario family (:data:`PER_SCENARIO_KEYS`; families in code order,
+    samples without a family as ``UNKNOWN``)."""
+    tables = score_groups(columns(pred, arrays), arrays["scenario"], UNCAPPED)  # UNCAPPED: see _table
+    return {(Scenario(code).name if code in Scenario._value2member_map_ else "UNKNOWN"):
+            {k: t[k] if k == "n" else _nan(t[k]) for k in PER_SCENARIO_KEYS} for code, t in tables.items()}
 
 
 def fusion_gain_by_light(fused_action: np.ndarray, single_action: np.ndarray, arrays: dict[str, np.ndarray]
@@ -169,7 +163,7 @@ def fusion_gain_by_light(fused_action: np.ndarray, single_action: np.ndarray, ar
     out: dict[str, dict[str, float]] = {}
     for name, sel in (("light_governs", lit), ("no_light", ~lit)):
         truth = arrays["action"][sel]
-        fused, single = _acc(truth, fused_action[sel]), _acc(truth, single_action[sel])
+        fused, single = _nan(accuracy(fused_action[sel], truth)), _nan(accuracy(single_action[sel], truth))
         share = float(sel.mean()) if len(sel) else float("nan")
         gain = fused - single if sel.any() else 0.0
         out[name] = {"n": int(sel.sum()), "share": share, "fused": fused, "single": single, "gain": gain,
@@ -241,18 +235,14 @@ def quick_metrics(model: FusionModel, ds: FusionDataset, device: torch.device | 
     out: dict[str, float] = {}
     for name in ("all", "lidar+gnss", "camera+gnss", "camera+lidar"):
         p = predict(model, ds, ABLATION_MASKS[name], device=device)
-        out[f"{name}/action_acc"] = round(_acc(ds.arrays["action"], p["action_prob"].argmax(1)), 4)
-        out[f"{name}/risk_acc"] = round(_acc(ds.arrays["risk"], risk_decisions(p)), 4)
+        t = _table(p, ds.arrays)
+        out[f"{name}/action_acc"] = round(_nan(t["action_accuracy"]), 4)
+        out[f"{name}/risk_acc"] = round(_nan(t["risk_accuracy"]), 4)
     return out
 
 
 # ---------------------------------------------------------------- plots
 def plot_confusion(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     specs = [("action", [a.name for a in Action]), ("risk", [r.name for r in Risk]),
              ("light", [x.name for x in Light])]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.5), gridspec_kw={"width_ratios": [6, 3, 4]})
@@ -277,11 +267,6 @@ def plot_confusion(report: dict[str, Any], path: Path) -> Path:
 
 
 def plot_ablation(report: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = list(report["ablation"])
     keys = [("action_accuracy", "action acc"), ("risk_accuracy", "risk acc"), ("light_accuracy", "light acc"),
             ("risk_under_rate", "risk under-estimated")]
@@ -364,8 +349,6 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(max(1, args.threads))
     model_dir = args.model
     if model_dir is None:
-        from lmm_fusion.base.paths import default_model_dir
-
         model_dir = default_model_dir()
     model = load_model(model_dir)
     bags = expand_bags(args.data)

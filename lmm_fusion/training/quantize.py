@@ -11,14 +11,34 @@ accuracy against fp32 is measured, not assumed (``lmm-fusion eval --backend onnx
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from lmm_fusion.runtime.backends import INPUT_NAMES
+from lmm_fusion.base.paths import default_model_dir
+from lmm_fusion.base.rig import SensorRig
+from lmm_fusion.cycle.bagfeed import iter_cycles
+from lmm_fusion.cycle.ingest import SensorIngest
+from lmm_fusion.cycle.preprocess import Preprocessor
+from lmm_fusion.cycle.sync import SensorSync
+from lmm_fusion.model import INPUT_NAMES, ModelConfig, load_model
+from lmm_fusion.runtime.backends import Backend, OnnxRuntimeBackend
+from lmm_fusion.runtime.export import ensure_onnx
+from lmm_fusion.training.dataset import FusionDataset, expand_bags
+from lmm_fusion.training.evaluate import compute_metrics, predict
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +47,6 @@ def calibration_inputs(
     bags: Sequence[Path | str], model_dir: Path, max_frames: int = 200, rate_hz: float = 10.0
 ) -> Iterator[dict[str, np.ndarray]]:
     """Model inputs (batch 1) from bag cycles with every modality present, up to ``max_frames``."""
-    from lmm_fusion.base.rig import SensorRig
-    from lmm_fusion.cycle.bagfeed import iter_cycles
-    from lmm_fusion.cycle.ingest import SensorIngest
-    from lmm_fusion.cycle.preprocess import Preprocessor
-    from lmm_fusion.cycle.sync import SensorSync
-    from lmm_fusion.model import ModelConfig
-
     cfg = ModelConfig.load(model_dir / "config.json")
     rig = SensorRig()
     pre = Preprocessor(cfg, rig)
@@ -56,17 +69,6 @@ def calibration_inputs(
 
 def quantize(model_dir: Path, calib_bags: Sequence[Path | str], out: Path, max_frames: int = 200) -> Path:
     """Write a symmetric-int8 Q/DQ ONNX of the model in ``model_dir`` calibrated on ``calib_bags``."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from lmm_fusion.runtime.backends import ensure_onnx
-
     fp32 = ensure_onnx(model_dir, "fp32")
     frames = list(calibration_inputs(calib_bags, model_dir, max_frames))
     if not frames:
@@ -104,18 +106,20 @@ def quantize(model_dir: Path, calib_bags: Sequence[Path | str], out: Path, max_f
 
 
 class BackendModule:
-    """Make a batch-1 :class:`~lmm_fusion.runtime.backends.Backend` callable like ``FusionModel`` on a
+    """Make a batch-1 :class:`~lmm_fusion.runtime.base.Backend` callable like ``FusionModel`` on a
     batch of torch tensors, so :func:`lmm_fusion.training.evaluate.predict` scores it with the same code."""
 
-    def __init__(self, backend: Any) -> None:
+    def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
     def eval(self) -> BackendModule:
+        """No training mode to leave; there for the same call sequence as a torch module."""
         return self
 
-    def __call__(self, image: Any, bev: Any, ego: Any, modality_mask: Any) -> dict[str, Any]:
-        import torch
-
+    def __call__(
+        self, image: torch.Tensor, bev: torch.Tensor, ego: torch.Tensor, modality_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """One backend call per sample of the batch ``(N, ...)``; outputs concatenated back to ``(N, ...)``."""
         batch = {"image": image, "bev": bev, "ego": ego, "modality_mask": modality_mask}
         outs = [
             self.backend.infer({k: v[i : i + 1].cpu().numpy() for k, v in batch.items()}) for i in range(image.shape[0])
@@ -140,11 +144,6 @@ def precision_deltas(
 ) -> dict[str, Any]:
     """Metrics per head of the torch fp32 model and of the int8 Q/DQ graph (ONNX Runtime, CPU) on the
     same held-out samples, and their differences (int8 - fp32)."""
-    from lmm_fusion.model import load_model
-    from lmm_fusion.runtime.backends import OnnxRuntimeBackend
-    from lmm_fusion.training.dataset import FusionDataset, expand_bags
-    from lmm_fusion.training.evaluate import compute_metrics, predict
-
     model = load_model(model_dir)
     ds = FusionDataset(expand_bags(bags), model.cfg, cache_dir=cache)
     if len(ds) == 0:
@@ -180,14 +179,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmm_fusion.base.paths import default_model_dir
-
     model_dir = Path(args.model) if args.model else default_model_dir()
     out = Path(args.out) if args.out else model_dir / "model.int8.onnx"
     print(quantize(model_dir, args.calib, out, args.frames))
     if args.eval:
-        import json
-
         report = precision_deltas(model_dir, out, args.eval, args.cache)
         out.with_name(out.stem + ".deltas.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))

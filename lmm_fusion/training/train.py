@@ -22,19 +22,23 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, fields
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm import tqdm
 
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
 from lmm_fusion.model.checkpoint import load_config, load_model, model_metadata
 from lmm_fusion.model.losses import FusionLoss, LossWeights
 from lmm_fusion.training.dataset import FusionDataset, bag_fingerprint, expand_bags
+from lmm_fusion.training.evaluate import quick_metrics
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +52,7 @@ def modality_dropout(data_mask: np.ndarray, rng: np.random.Generator, p_drop: fl
     """Mask ``(B, 3)`` the model sees: with probability ``p_drop`` a sample loses one present modality
     (two thirds of those) or keeps only one (the other third). A modality absent in the data stays
     absent. Returns float32."""
-    b = data_mask.shape[0]
+    b = int(data_mask.shape[0])
     used = data_mask.astype(bool).copy()
     drop = rng.random(b) < p_drop
     keep_one = rng.random(b) < (1.0 / 3.0)
@@ -177,8 +181,6 @@ def _dist_setup(device_arg: str) -> tuple[int, int, torch.device]:
     else:
         device = torch.device(device_arg)
     if world > 1:
-        import torch.distributed as dist
-
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
 
@@ -186,8 +188,6 @@ def _dist_setup(device_arg: str) -> tuple[int, int, torch.device]:
 def _all_reduce_mean(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     if world == 1:
         return values
-    import torch.distributed as dist
-
     keys = sorted(values)
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -201,6 +201,134 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     frac = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Steps of a run: each of ``world`` ranks takes ``per_rank`` samples an epoch, in ``steps_per_epoch``
+    batches; the learning rate warms up over ``warmup`` of the ``total`` steps, then decays (:func:`lr_at`)."""
+
+    per_rank: int
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    base_lr: float
+
+    @classmethod
+    def plan(cls, n: int, world: int, batch_size: int, epochs: int, base_lr: float) -> Schedule:
+        """The schedule of ``epochs`` over ``n`` samples split across ``world`` ranks."""
+        per_rank = n // world
+        steps_per_epoch = max(1, per_rank // batch_size)
+        total = steps_per_epoch * epochs
+        return cls(per_rank, steps_per_epoch, total, min(200, max(1, total // 20)), base_lr)
+
+    def lr(self, step: int) -> float:
+        """Learning rate of optimiser step ``step`` (counted over the whole run)."""
+        return lr_at(step, self.total, self.base_lr, self.warmup)
+
+
+@dataclass
+class Trainer:
+    """What every optimiser step of one run uses: the model, its optimiser, loss and precision."""
+
+    model: FusionModel  # the weights: saved, validated, BatchNorm-recalibrated
+    net: nn.Module  # what the forward pass runs: ``model`` or its DistributedDataParallel wrapper
+    opt: torch.optim.Optimizer
+    loss_fn: FusionLoss
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    device: torch.device
+
+    def step(self, b: dict[str, torch.Tensor], used: torch.Tensor, lr: float) -> dict[str, float]:
+        """One optimiser step on batch ``b`` (on ``device``) with the modalities ``used (B, 3)`` the model
+        sees; returns the loss parts and the total as ``loss``."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            o = self.net(b["image"], b["bev"], b["ego"], used, with_embeddings=True)
+        loss, parts = self.loss_fn(o, b, data_mask=b["modality_mask"], used_mask=used)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        parts["loss"] = float(loss.detach())
+        return parts
+
+
+def _initial_model(cfg: ModelConfig, seed: int, init_from: Path | None, device: torch.device) -> FusionModel:
+    """A model seeded with ``seed`` (or with the weights of ``init_from``), on ``device``."""
+    torch.manual_seed(seed)
+    model = FusionModel(cfg)
+    if init_from is not None:
+        model.load_state_dict(initial_weights(init_from, cfg))
+    return model.to(device)
+
+
+def _resume_point(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """(first epoch, optimiser steps done) after loading the checkpoint of ``out``; (0, 0) without one."""
+    prog = load_checkpoint(out, model, opt)
+    if prog is None:
+        return 0, 0
+    log.info("resumed from %s at epoch %d", out / CHECKPOINT_DIR, int(prog["epoch"]) + 1)
+    return int(prog["epoch"]) + 1, int(prog["step"])
+
+
+def _epoch_order(seed: int, epoch: int, n: int, sched: Schedule, rank: int, world: int,
+                 ) -> tuple[np.random.Generator, np.ndarray]:
+    """The generator of epoch ``epoch`` (modality dropout and augmentation draw from it after the
+    shuffle) and this rank's sample indices ``(per_rank,)`` in training order."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)[: sched.per_rank * world]
+    return rng, perm[rank::world]
+
+
+def _train_epoch(trainer: Trainer, sched: Schedule, train_set: FusionDataset, shard: np.ndarray,
+                 rng: np.random.Generator, step: int, *, batch_size: int, p_drop: float, augmentation: bool,
+                 max_steps: int | None, bar_desc: str | None) -> tuple[dict[str, float], int]:
+    """One pass over ``shard``, stopping early at ``max_steps``; returns (mean loss parts over the
+    steps taken, optimiser steps done so far). ``bar_desc``: label of a progress bar, None for none."""
+    steps: Iterable[int] = range(sched.steps_per_epoch)
+    bar = None
+    if bar_desc is not None:
+        bar = tqdm(steps, desc=bar_desc, leave=False, file=sys.stderr)
+        steps = bar
+    sums: dict[str, float] = {}
+    done = 0
+    for i in steps:
+        if max_steps is not None and step >= max_steps:
+            break
+        b = train_set.batch(shard[i * batch_size:(i + 1) * batch_size])
+        used = torch.from_numpy(modality_dropout(b["modality_mask"].numpy(), rng, p_drop))
+        if augmentation:
+            augment(b, rng)
+        b = {k: v.to(trainer.device, non_blocking=True) for k, v in b.items()}
+        parts = trainer.step(b, used.to(trainer.device), sched.lr(step))
+        step += 1
+        done += 1
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        if bar is not None:
+            bar.set_postfix(loss=f"{parts['loss']:.3f}")
+    return {k: v / max(done, 1) for k, v in sums.items()}, step
+
+
+def _validate(model: FusionModel, train_set: FusionDataset, val_set: FusionDataset, batch_size: int,
+              bn_batches: int, seed: int, device: torch.device) -> dict[str, float]:
+    """Quick validation metrics with BatchNorm statistics recomputed for the current weights."""
+    recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, device)
+    model.eval()
+    return quick_metrics(model, val_set, device=device)
+
+
+def _write_epoch(out: Path, record: dict[str, Any], epochs: int, trainer: Trainer, seed: int) -> None:
+    """Append the epoch's record to the training log and checkpoint the run (rank 0 only)."""
+    with (out / LOG_FILE).open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+    log.info("epoch %d/%d loss %.4f %s", record["epoch"] + 1, epochs, record["train"].get("loss", float("nan")),
+             json.dumps(record.get("val", {})))
+    save_checkpoint(out, trainer.model, trainer.opt, {"epoch": record["epoch"], "step": record["step"], "seed": seed})
 
 
 def train(
@@ -232,104 +360,46 @@ def train(
     ``init_from``: a model directory whose weights the run starts from (its configuration must equal
     ``cfg``); ignored when ``resume`` finds a checkpoint, which already holds the fine-tuned weights."""
     rank, world, dev = _dist_setup(device)
-    torch.manual_seed(seed)
-    model = FusionModel(cfg)
-    if init_from is not None:
-        model.load_state_dict(initial_weights(init_from, cfg))
-    model = model.to(dev)
+    model = _initial_model(cfg, seed, init_from, dev)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    start_epoch, step = 0, 0
     out = Path(out)
-    if resume:
-        prog = load_checkpoint(out, model, opt)
-        if prog is not None:
-            start_epoch, step = int(prog["epoch"]) + 1, int(prog["step"])
-            log.info("resumed from %s at epoch %d", out / CHECKPOINT_DIR, start_epoch)
+    start_epoch, step = _resume_point(out, model, opt) if resume else (0, 0)
     net: nn.Module = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    loss_fn = FusionLoss(cfg, weights)
     use_amp = amp and dev.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    trainer = Trainer(model, net, opt, FusionLoss(cfg, weights), torch.amp.GradScaler("cuda", enabled=use_amp),
+                      use_amp, dev)
     n = len(train_set)
     if n == 0:
         raise ValueError("training set is empty")
-    per_rank = n // world
-    steps_per_epoch = max(1, per_rank // batch_size)
-    total = steps_per_epoch * epochs
-    warmup = min(200, max(1, total // 20))
+    sched = Schedule.plan(n, world, batch_size, epochs, lr)
     record: dict[str, Any] = {}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     for epoch in range(start_epoch, epochs):
-        rng = np.random.default_rng([seed, epoch])
-        perm = rng.permutation(n)[: per_rank * world]
-        shard = perm[rank::world]
+        rng, shard = _epoch_order(seed, epoch, n, sched, rank, world)
         net.train()
-        sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        bar = range(steps_per_epoch)
-        if progress and rank == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(bar, desc=f"epoch {epoch + 1}/{epochs}", leave=False, file=sys.stderr)
-        done = 0
-        for i in bar:
-            if max_steps is not None and step >= max_steps:
-                break
-            idx = shard[i * batch_size:(i + 1) * batch_size]
-            b = train_set.batch(idx)
-            data_mask = b["modality_mask"].numpy()
-            used = torch.from_numpy(modality_dropout(data_mask, rng, p_drop))
-            if augmentation:
-                augment(b, rng)
-            b = {k: v.to(dev, non_blocking=True) for k, v in b.items()}
-            used = used.to(dev)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, lr, warmup)
-            with torch.autocast(dev.type, dtype=torch.float16, enabled=use_amp):
-                o = net(b["image"], b["bev"], b["ego"], used, with_embeddings=True)
-            loss, parts = loss_fn(o, b, data_mask=b["modality_mask"], used_mask=used)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            scaler.step(opt)
-            scaler.update()
-            step += 1
-            done += 1
-            parts["loss"] = float(loss.detach())
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if progress and rank == 0 and hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{parts['loss']:.3f}")
-        means = {k: v / max(done, 1) for k, v in sums.items()}
-        means = _all_reduce_mean(means, world, dev)
-        record = {"epoch": epoch, "step": step, "lr": lr_at(step, total, lr, warmup),
-                  "seconds": round(time.perf_counter() - t0, 2), "train": means}
+        means, step = _train_epoch(
+            trainer, sched, train_set, shard, rng, step, batch_size=batch_size, p_drop=p_drop,
+            augmentation=augmentation, max_steps=max_steps,
+            bar_desc=f"epoch {epoch + 1}/{epochs}" if progress and rank == 0 else None,
+        )
+        record = {"epoch": epoch, "step": step, "lr": sched.lr(step), "seconds": round(time.perf_counter() - t0, 2),
+                  "train": _all_reduce_mean(means, world, dev)}
         if val_set is not None and len(val_set) and rank == 0:
-            from lmm_fusion.training.evaluate import quick_metrics
-
-            recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, dev)
-            model.eval()
-            record["val"] = quick_metrics(model, val_set, device=dev)
+            record["val"] = _validate(model, train_set, val_set, batch_size, bn_batches, seed, dev)
         if rank == 0:
-            with (out / LOG_FILE).open("a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
-            log.info("epoch %d/%d loss %.4f %s", epoch + 1, epochs, means.get("loss", float("nan")),
-                     json.dumps(record.get("val", {})))
-            save_checkpoint(out, model, opt, {"epoch": epoch, "step": step, "seed": seed})
+            _write_epoch(out, record, epochs, trainer, seed)
         if max_steps is not None and step >= max_steps:
             break
     if rank == 0:
         recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, dev)
-        meta = dict(metadata or {})
-        meta.update({"epochs": epochs, "steps": step, "seed": seed, "samples": n, "world_size": world,
-                     "last": record})
+        meta = {**(metadata or {}), "epochs": epochs, "steps": step, "seed": seed, "samples": n,
+                "world_size": world, "last": record}
         save_model(model.cpu().eval(), out, metadata=meta)
     if world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
         dist.destroy_process_group()
     return record
