@@ -38,16 +38,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from lmm_fusion.base import topics as T
 from lmm_fusion.base.rig import SensorRig, transform_points
 from lmm_fusion.base.topics import NODE_NAME  # the node's ``~/...`` publishers live under ``/<NODE_NAME>/``
+from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import Assessment
 from lmm_fusion.cycle.bagfeed import GROUND_TRUTH_TOPICS, detect_sensor_topics, iter_cycles
+from lmm_fusion.cycle.ingest import SensorIngest
+from lmm_fusion.cycle.pipeline import FusionPipeline
+from lmm_fusion.cycle.sync import SensorSync, Snapshot
 from lmm_fusion.groundtruth.messages import GroundTruth, ground_truth_from_messages
 from lmm_fusion.groundtruth.scoring import Sample, accuracy_table, grouped_tables, sample_of, window_key
 from lmm_fusion.io.bags import BagError, BagMessage, BagReader, BagWriter
+from lmm_fusion.io.msgtypes import rosbags_types
 from lmm_fusion.io.tf import tf_static_msg
+from lmm_fusion.offline.render import CycleRecord, VideoRenderer, compose_frame, timeline_plot
+from lmm_fusion.ros import outputs as ro
+from lmm_fusion.runtime.base import BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +137,7 @@ class _OutputBag:
         return final
 
 
-def _record(a: Assessment, gt: GroundTruth | None) -> Any:
-    from lmm_fusion.offline.render import CycleRecord
-
+def _record(a: Assessment, gt: GroundTruth | None) -> CycleRecord:
     return CycleRecord(
         t=a.stamp,
         valid=a.valid,
@@ -148,47 +155,142 @@ def _record(a: Assessment, gt: GroundTruth | None) -> Any:
     )
 
 
-def replay(
-    paths: Path | str | Sequence[Path | str], out_dir: Path | str, options: ReplayOptions | None = None
-) -> dict[str, Any]:
-    """Replay ``paths`` (one or more rosbag2 folders) into ``out_dir``; returns the metrics dict that is
-    also written to ``out_dir/metrics.json`` (see the module docstring)."""
-    from tqdm import tqdm
+@dataclass
+class _Input:
+    """The opened bags: what they hold, or the error that made them unreadable (then empty)."""
 
-    from lmm_fusion.cycle.ingest import SensorIngest
-    from lmm_fusion.cycle.pipeline import FusionPipeline
-    from lmm_fusion.cycle.sync import SensorSync
-    from lmm_fusion.io import rosbags_types
-    from lmm_fusion.ros import outputs as ro
+    reader: BagReader
+    error: BagError | None
+    open_s: float  # [s] opening reads the bag's index: counted in the wall time
+    topic_types: dict[str, str]
+    sensor_of: dict[str, str]  # topic -> sensor
+    duration: float  # [s] from the index
 
-    opts = options or ReplayOptions()
+
+def _open_input(bags: list[Path], opts: ReplayOptions) -> _Input:
+    reader = BagReader(bags)
+    error: BagError | None = None
+    t0 = time.perf_counter()
+    try:
+        reader.open()
+    except BagError as exc:  # nothing readable: still write an (empty) output bag and metrics.json
+        error = exc  # raised after the (empty) outputs are written; the caller reports it
+    open_s = time.perf_counter() - t0
+    topic_types = reader.topics
+    sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None) if error is None else {}
+    missing = sorted(set(MODALITIES) - set(sensor_of.values()))
+    if missing and error is None:
+        log.warning("no topic for %s in the bag: replaying with %s masked", ", ".join(missing), ", ".join(missing))
+    start, end = reader.time_range or (0.0, 0.0)
+    return _Input(reader, error, open_s, topic_types, sensor_of, max(end - start, 0.0))
+
+
+@dataclass
+class _Tally:
+    """What the cycles of a replay add up to."""
+
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in LATENCY_STAGES})
+    samples: list[Sample] = field(default_factory=list)
+    records: list[CycleRecord] = field(default_factory=list)
+    cycles: int = 0
+    valid: int = 0
+    degraded: int = 0
+    overrides: int = 0
+    first_t: float | None = None
+    last_t: float | None = None
+
+    def add(self, a: Assessment, gt: GroundTruth | None, t: float) -> None:
+        for stage, ms in a.latency_ms.items():
+            self.latencies.setdefault(stage, []).append(ms)
+        if gt is not None:
+            self.samples.append(sample_of(a, gt, t=t))
+        self.records.append(_record(a, gt))
+        self.cycles += 1
+        self.valid += a.valid
+        self.degraded += a.degraded
+        self.overrides += a.safety_override
+        self.last_t = t
+
+
+def _write_outputs(writer: BagWriter, types: Any, a: Assessment, t: float) -> None:
+    """The node's four output messages of one cycle, at bag time ``t`` [s]."""
+    writer.write(OUTPUT_TOPICS["scene"], t, ro.scene_assessment(types, a))
+    writer.write(OUTPUT_TOPICS["action"], t, ro.action_suggestion(types, a))
+    writer.write(OUTPUT_TOPICS["occupancy"], t, ro.occupancy_grid(types, a))
+    writer.write(OUTPUT_TOPICS["markers"], t, ro.markers(types, a))
+
+
+def _lidar_in_base(snapshot: Snapshot, lidar_to_base: np.ndarray) -> np.ndarray | None:
+    """The snapshot's LiDAR points ``(N, 3)`` in ``base_link`` [m], for rendering."""
+    lidar = snapshot.frames.get("lidar")
+    if lidar is None:
+        return None
+    return transform_points(lidar_to_base, np.asarray(lidar, np.float32)[:, :3])
+
+
+def _ended_early(error: BagError | None) -> dict[str, Any] | None:
+    """None when every bag was read to its end; else which file stopped the replay, and why."""
+    if error is None:
+        return None
+    return {"bag": str(error.path), "reason": error.reason, "messages_read": error.messages_read,
+            "last_stamp_s": error.last_stamp, "error": str(error)}
+
+
+def _timing(tally: _Tally, wall: float, duration: float) -> dict[str, Any]:
+    lat = tally.latencies
+    return {
+        "wall_s": round(wall, 3),
+        "throughput_x_realtime": round(duration / wall, 3) if wall > 0 else None,
+        "cycles_per_s": round(tally.cycles / wall, 2) if wall > 0 else None,
+        # The rest of the wall time: reading, deserialising, decoding and copying the inputs.
+        "read_decode_copy_s": round(wall - sum(sum(lat[k]) for k in ("total", "write", "render")) / 1e3, 3),
+        "latency_ms": {s: _percentiles(v) for s, v in lat.items() if v},
+    }
+
+
+def _accuracy(tally: _Tally, window_s: float) -> dict[str, Any]:
+    """Overall, per scenario family and per time window (:mod:`lmm_fusion.groundtruth.scoring`)."""
+    t0 = tally.first_t if tally.first_t is not None else 0.0
+    return {
+        "overall": accuracy_table(tally.samples),
+        "per_scenario": grouped_tables(tally.samples, lambda x: x.scenario),
+        "per_window": {"window_s": window_s, "windows": grouped_tables(tally.samples, window_key(t0, window_s))},
+    }
+
+
+def _timeline(tally: _Tally, renderer: VideoRenderer, pipeline: FusionPipeline, bags: list[Path],
+              out: Path) -> dict[str, Any]:
+    # The model's folder name, not its path: the plot is shared (docs, reports) beyond this machine.
+    model = f"model {Path(pipeline.model_dir).name}" + (" (random init)" if pipeline.random_model else "")
+    title = f"{', '.join(b.name for b in bags)} — {pipeline.backend.describe()}, {model}"
+    timeline = timeline_plot(tally.records, out / "timeline.png", title=title)
+    return {"video": str(renderer.video_path), "frames": renderer.frames,
+            "keyframes": [str(p) for p in renderer.keyframes], "timeline": str(timeline)}
+
+
+def _checked_bags(paths: Path | str | Sequence[Path | str]) -> list[Path]:
     bags = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not bags:
         raise ValueError("bags: need at least one rosbag2 folder")
     for b in bags:
         if not b.exists():
             raise FileNotFoundError(f"bag {str(b)!r} does not exist")
+    return bags
+
+
+def replay(
+    paths: Path | str | Sequence[Path | str], out_dir: Path | str, options: ReplayOptions | None = None
+) -> dict[str, Any]:
+    """Replay ``paths`` (one or more rosbag2 folders) into ``out_dir``; returns the metrics dict that is
+    also written to ``out_dir/metrics.json`` (see the module docstring)."""
+    opts = options or ReplayOptions()
+    bags = _checked_bags(paths)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rig = opts.rig or SensorRig()
-    reader = BagReader(bags)
-    error: BagError | None = None
-    open_t0 = time.perf_counter()
-    try:
-        reader.open()
-    except BagError as exc:  # nothing readable: still write an (empty) output bag and metrics.json
-        error = exc  # raised after the (empty) outputs are written; the caller reports it
-    open_s = time.perf_counter() - open_t0  # counted in the wall time: opening reads the bag's index
-    topic_types = reader.topics
-    sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None) if error is None else {}
-    missing = sorted({"camera", "lidar", "gnss"} - set(sensor_of.values()))
-    if missing and error is None:
-        log.warning(
-            "no topic for %s in the bag: replaying with %s masked", ", ".join(missing), ", ".join(missing)
-        )
-    has_gt = any(t in topic_types for t in GROUND_TRUTH_TOPICS)
-    start, end = reader.time_range or (0.0, 0.0)
-    duration = max(end - start, 0.0)
+    src = _open_input(bags, opts)
+    error = src.error
+    has_gt = any(t in src.topic_types for t in GROUND_TRUTH_TOPICS)
 
     pipeline = FusionPipeline(opts.model_dir, backend=opts.backend, rig=rig, threads=opts.threads)
     pipeline.warmup()
@@ -196,9 +298,8 @@ def replay(
     types = rosbags_types()
     bag = _OutputBag(out)
     lidar_to_base = rig.lidar_mount.matrix().astype(np.float32)
-
-    copied = (set(sensor_of) if opts.copy_sensors else set()) | set(VIEW_TOPICS)
-    wrote_tf = T.TF_STATIC in topic_types
+    copied = (set(src.sensor_of) if opts.copy_sensors else set()) | set(VIEW_TOPICS)
+    wrote_tf = T.TF_STATIC in src.topic_types
 
     def copy_input(m: BagMessage) -> None:
         if m.raw is not None:  # recorded bytes as they are: no deserialising and serialising again
@@ -206,92 +307,51 @@ def replay(
         else:
             bag.writer.write(m.topic, m.stamp_sec, m.msg)
 
-    renderer = None
-    if opts.render:
-        from lmm_fusion.offline.render import VideoRenderer, compose_frame
-
-        renderer = VideoRenderer(out, fps=opts.rate_hz, keyframe_every_s=opts.keyframe_every_s)
-
-    latencies: dict[str, list[float]] = {s: [] for s in LATENCY_STAGES}
-    samples: list[Sample] = []
-    records: list[Any] = []
-    cycles = valid = degraded = overrides = 0
-    first_t: float | None = None
+    renderer = VideoRenderer(out, fps=opts.rate_hz, keyframe_every_s=opts.keyframe_every_s) if opts.render else None
+    tally = _Tally()
     # iter_cycles emits one cycle per period after the first message, plus a final one.
-    expected = math.floor(duration * opts.rate_hz) + 1 if duration > 0 else None
-    last_t: float | None = None
-    bar = tqdm(
-        total=expected,
-        unit="cycle",
-        desc="replay",
-        disable=not opts.progress,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
+    expected = math.floor(src.duration * opts.rate_hz) + 1 if src.duration > 0 else None
+    bar = tqdm(total=expected, unit="cycle", desc="replay", disable=not opts.progress, file=sys.stderr,
+               dynamic_ncols=True)
     wall0 = time.perf_counter()
-    cycle_iter = (
-        iter_cycles(
-            reader,
-            ingest,
-            opts.rate_hz,
-            sensor_topics=opts.sensor_topics or None,
-            with_ground_truth=has_gt,
-            passthrough=sorted(copied),
-            on_passthrough=copy_input,
-        )
-        if error is None
-        else iter(())
-    )
+    cycle_iter = iter(()) if error is not None else iter_cycles(
+        src.reader, ingest, opts.rate_hz, sensor_topics=opts.sensor_topics or None, with_ground_truth=has_gt,
+        passthrough=sorted(copied), on_passthrough=copy_input)
     try:
         for c in cycle_iter:
-            if first_t is None:
-                first_t = c.t
+            if tally.first_t is None:
+                tally.first_t = c.t
                 if not wrote_tf:  # RViz needs the sensor frames to place the points and image
                     bag.writer.write(T.TF_STATIC, c.t, tf_static_msg(types, rig, c.t))
                     wrote_tf = True
             a = pipeline.cycle(c.snapshot)
             t0 = time.perf_counter()
-            bag.writer.write(OUTPUT_TOPICS["scene"], c.t, ro.scene_assessment(types, a))
-            bag.writer.write(OUTPUT_TOPICS["action"], c.t, ro.action_suggestion(types, a))
-            bag.writer.write(OUTPUT_TOPICS["occupancy"], c.t, ro.occupancy_grid(types, a))
-            bag.writer.write(OUTPUT_TOPICS["markers"], c.t, ro.markers(types, a))
+            _write_outputs(bag.writer, types, a, c.t)
             t1 = time.perf_counter()
-            for stage, ms in a.latency_ms.items():
-                latencies.setdefault(stage, []).append(ms)
-            latencies["write"].append((t1 - t0) * 1e3)
-
+            tally.latencies["write"].append((t1 - t0) * 1e3)
             gt_msgs = {k: v for k, v in c.ground_truth.items() if c.t - v[0] <= GT_MAX_AGE}
             gt = ground_truth_from_messages(gt_msgs) if gt_msgs else None
-            if gt is not None:
-                samples.append(sample_of(a, gt, t=c.t))
-            records.append(_record(a, gt))
-            cycles += 1
-            valid += a.valid
-            degraded += a.degraded
-            overrides += a.safety_override
+            tally.add(a, gt, c.t)
             if renderer is not None:
-                lidar = c.snapshot.frames.get("lidar")
-                pts = None
-                if lidar is not None:
-                    xyz = np.asarray(lidar, np.float32)[:, :3]
-                    pts = transform_points(lidar_to_base, xyz)
-                renderer.add(compose_frame(c.snapshot.frames.get("camera"), pts, a, gt, c.t - first_t), c.t)
-                latencies["render"].append((time.perf_counter() - t1) * 1e3)
+                pts = _lidar_in_base(c.snapshot, lidar_to_base)
+                renderer.add(compose_frame(c.snapshot.frames.get("camera"), pts, a, gt, c.t - tally.first_t), c.t)
+                tally.latencies["render"].append((time.perf_counter() - t1) * 1e3)
             bar.update(1)
-            last_t = c.t
     except BagError as exc:  # keep what was read: close the output bag, write metrics, then raise
         error = exc
         log.warning("replay: the bag ended early; outputs.mcap and metrics.json keep the %d cycles before it",
-                    cycles)
+                    tally.cycles)
     finally:
-        reader.close()
+        src.reader.close()
         bar.close()
         if renderer is not None:
             renderer.close()
         bag_path = bag.close()
-    wall = time.perf_counter() - wall0 + open_s
-    if error is not None or reader.salvaged:  # no (trustworthy) index: the span actually replayed
-        duration = 0.0 if first_t is None or last_t is None else last_t - first_t + 1.0 / opts.rate_hz
+    wall = time.perf_counter() - wall0 + src.open_s
+    duration = src.duration
+    if error is not None or src.reader.salvaged:  # no (trustworthy) index: the span actually replayed
+        first, last = tally.first_t, tally.last_t
+        duration = 0.0 if first is None or last is None else last - first + 1.0 / opts.rate_hz
 
     counters = ingest.sync.counters()
     metrics: dict[str, Any] = {
@@ -300,65 +360,24 @@ def replay(
         "random_model": pipeline.random_model,
         "backend": pipeline.backend.describe(),
         "rate_hz": opts.rate_hz,
-        "sensor_topics": {s: t for t, s in sorted(sensor_of.items(), key=lambda kv: kv[1])},
+        "sensor_topics": {s: t for t, s in sorted(src.sensor_of.items(), key=lambda kv: kv[1])},
         "bag_duration_s": round(duration, 3),
-        # None when every bag was read to its end; else which file stopped the replay, and why.
-        "ended_early": None if error is None else {
-            "bag": str(error.path),
-            "reason": error.reason,
-            "messages_read": error.messages_read,
-            "last_stamp_s": error.last_stamp,
-            "error": str(error),
-        },
-        "frames": {
-            s: {
-                "received": counters[s].received,
-                "accepted": int(ingest.stats.accepted[s]),
-                "rejected": int(ingest.stats.rejected[s]),
-            }
-            for s in ("camera", "lidar", "gnss")
-        },
-        "cycles": {"total": cycles, "valid": valid, "degraded": degraded, "safety_override": overrides},
+        "ended_early": _ended_early(error),
+        "frames": {s: {"received": counters[s].received, "accepted": int(ingest.stats.accepted[s]),
+                       "rejected": int(ingest.stats.rejected[s])} for s in MODALITIES},
+        "cycles": {"total": tally.cycles, "valid": tally.valid, "degraded": tally.degraded,
+                   "safety_override": tally.overrides},
         "outputs": {"bag": str(bag_path), "messages": dict(sorted(bag.writer.counts.items()))},
-        "timing": {
-            "wall_s": round(wall, 3),
-            "throughput_x_realtime": round(duration / wall, 3) if wall > 0 else None,
-            "cycles_per_s": round(cycles / wall, 2) if wall > 0 else None,
-            # The rest of the wall time: reading, deserialising, decoding and copying the inputs.
-            "read_decode_copy_s": round(
-                wall - sum(sum(latencies[k]) for k in ("total", "write", "render")) / 1e3, 3
-            ),
-            "latency_ms": {s: _percentiles(v) for s, v in latencies.items() if v},
-        },
+        "timing": _timing(tally, wall, duration),
     }
-    if samples:
-        t0 = first_t if first_t is not None else 0.0
-        metrics["accuracy"] = {
-            "overall": accuracy_table(samples),
-            "per_scenario": grouped_tables(samples, lambda x: x.scenario),
-            "per_window": {
-                "window_s": opts.window_s,
-                "windows": grouped_tables(samples, window_key(t0, opts.window_s)),
-            },
-        }
+    if tally.samples:
+        metrics["accuracy"] = _accuracy(tally, opts.window_s)
     if renderer is not None:
-        from lmm_fusion.offline.render import timeline_plot
-
-        # The model's folder name, not its path: the plot is shared (docs, reports) beyond this machine.
-        model = f"model {Path(pipeline.model_dir).name}" + (" (random init)" if pipeline.random_model else "")
-        title = f"{', '.join(b.name for b in bags)} — {pipeline.backend.describe()}, {model}"
-        timeline = timeline_plot(records, out / "timeline.png", title=title)
-        metrics["render"] = {
-            "video": str(renderer.video_path),
-            "frames": renderer.frames,
-            "keyframes": [str(p) for p in renderer.keyframes],
-            "timeline": str(timeline),
-        }
+        metrics["render"] = _timeline(tally, renderer, pipeline, bags, out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     if error is not None:
         raise error
     return metrics
-
 
 
 #: Keys of metrics.json that depend on wall-clock time or the machine (excluded from determinism checks).
@@ -378,7 +397,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=("auto", "torch", "onnxruntime", "tensorrt"),
+        choices=BACKENDS,
         help="inference backend (default auto; use a CPU backend for bit-identical reruns)",
     )
     p.add_argument("--rate-hz", type=float, default=10.0, help="cycle rate in bag time [Hz] (default 10)")
