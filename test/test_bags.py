@@ -13,7 +13,7 @@ from rosbags.interfaces import QosDurability, QosReliability
 from lmm_fusion.io.bags import BagWriter, bag_counts, bag_topics, offered_qos, read_bag
 from lmm_fusion.io.common import make_header
 from lmm_fusion.io.errors import MessageError
-from lmm_fusion.io.msgtypes import rosbags_types
+from lmm_fusion.io.msgtypes import LEGACY_MSG_PACKAGE, rosbags_types, typestore
 from lmm_fusion.io.pointcloud import create_cloud, read_points
 
 
@@ -68,6 +68,23 @@ def test_custom_messages_roundtrip(tmp_path: Path, types) -> None:
     (got,) = read_bag(tmp_path / "bag")
     assert got.msgtype == "lmm_fusion/msg/ActionSuggestion"
     assert got.msg.action == 3 and got.msg.rationale == "stop"
+
+
+def test_bags_of_the_earlier_interface_package_name_still_read(tmp_path: Path, types) -> None:
+    # Bags recorded before the interfaces moved into the lmm_fusion package name them lmm_fusion_msgs.
+    store = typestore()
+    legacy = f"{LEGACY_MSG_PACKAGE}/msg/SceneAssessment"
+    hdr = make_header(types, 2.0, "base_link")
+    msg = types.SceneAssessment(header=hdr, valid=True, degraded=False, risk_level=2,
+                                risk_probabilities=np.array([0.1, 0.2, 0.7], np.float32), time_to_collision=1.5,
+                                nearest_obstacle_distance=9.0, traffic_light_state=0,
+                                traffic_light_probabilities=np.array([1, 0, 0, 0], np.float32), modalities=[])
+    raw = store.serialize_cdr(msg, "lmm_fusion/msg/SceneAssessment")
+    with BagWriter(tmp_path / "bag") as bag:
+        bag.write_raw("/ground_truth/scene_assessment", 2.0, legacy, raw)
+    (got,) = read_bag(tmp_path / "bag")
+    assert got.msgtype == legacy
+    assert got.msg.risk_level == 2 and got.msg.nearest_obstacle_distance == 9.0
 
 
 def test_readable_by_mcap_reader(tmp_path: Path, types) -> None:
