@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from lmm_fusion.cycle.pipeline import FusionPipeline
 from lmm_fusion.synth.drive import synthesize
+
+if TYPE_CHECKING:
+    from lmm_fusion.cycle.pipeline import FusionPipeline
 
 #: A tiny model on small grids that trains and evaluates in seconds on a CPU: ``ModelConfig(**TINY_MODEL)``.
 TINY_MODEL: dict[str, Any] = dict(
@@ -24,7 +26,8 @@ TINY_MODEL: dict[str, Any] = dict(
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded (0), randomly initialised model of the current architecture (``ModelConfig()``), saved once
     per session. Shared by every module: copy it before changing a file in it."""
-    # Imported here, not at the top: torch costs seconds, and most test modules never need a model.
+    # torch and what needs it are imported in the fixtures that use them: this file is loaded by every test
+    # session, most of which never need a model, and importing torch costs seconds.
     import torch
 
     from lmm_fusion.model import FusionModel, ModelConfig, save_model
@@ -38,6 +41,8 @@ def pipeline(model_dir: Path) -> Iterator[FusionPipeline]:
     """A torch, single-thread :class:`FusionPipeline` on :func:`model_dir`; one per module, since a pipeline
     keeps state between cycles (the LiDAR history)."""
     import torch
+
+    from lmm_fusion.cycle.pipeline import FusionPipeline
 
     threads = torch.get_num_threads()
     yield FusionPipeline(model_dir, backend="torch", threads=1)

@@ -45,8 +45,9 @@ from lmm_fusion.base import topics
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import Light
 from lmm_fusion.carla import convert as cc
-from lmm_fusion.carla.control import ClosedLoopController
+from lmm_fusion.carla.control import ClosedLoopController, ControlConfig, LateralConfig, lateral_from_physics
 from lmm_fusion.carla.record import Actor, CarlaRecorder, EgoTruth, TickAssembler, actor_kind, ground_truth
+from lmm_fusion.carla.route import Route
 from lmm_fusion.cycle.ingest import SensorIngest
 from lmm_fusion.cycle.pipeline import FusionPipeline
 from lmm_fusion.cycle.sync import SensorSync
@@ -238,17 +239,25 @@ class SensorItem:
 
 
 class CarlaLanes:
-    """:class:`~lmm_fusion.carla.control.LaneMap` on CARLA's map waypoints (REP-103 ``base_link``)."""
+    """:class:`~lmm_fusion.carla.control.LaneMap` on CARLA's map waypoints (REP-103 ``base_link``).
+
+    The ego lane's path is the :class:`~lmm_fusion.carla.route.Route`'s plan, the one the Traffic
+    Manager is given too, so ground truth, pure pursuit and the Traffic Manager take the same branch at
+    every junction; the neighbouring lanes' paths take the same exits (:meth:`Route.follow`).
+    """
 
     def __init__(self, carla: ModuleType, world_map: Any, base_in_actor: tuple[float, float, float],
-                 horizon: float = 50.0, step: float = 2.0) -> None:
+                 horizon: float = 50.0, step: float = 2.0, route: Route | None = None) -> None:
         self.carla = carla
         self.map = world_map
         self.base_in_actor = base_in_actor
         self.horizon = horizon
         self.step = step
+        self.route = route if route is not None else Route(step=step)
         self._pose = (0.0, 0.0, 0.0, 0.0)  # base_link x, y, z, yaw in map
         self._location: Any = None
+        self._yaw = 0.0  # CARLA yaw of the actor [deg]
+        self._routed = True  # the route follows the current pose
 
     def update(self, actor_transform: Any) -> tuple[float, float, float, float]:
         """Set the ego pose of this tick; returns ``base_link``'s (x, y, z, yaw) in ``map``."""
@@ -257,7 +266,16 @@ class CarlaLanes:
         c, s = math.cos(yaw), math.sin(yaw)
         self._pose = (ax + c * bx - s * by, ay + s * bx + c * by, az + bz, yaw)
         self._location = actor_transform.location
+        self._yaw = float(actor_transform.rotation.yaw)
+        self._routed = False
         return self._pose
+
+    def advance_route(self) -> bool:
+        """Bring the route to this tick's pose (once per :meth:`update`); True when a choice ahead changed."""
+        if self._routed:
+            return False
+        self._routed = True
+        return self.route.update(self._location.x, self._location.y, self._yaw, self._waypoint)
 
     def _waypoint(self) -> Any:
         return self.map.get_waypoint(self._location, project_to_road=True, lane_type=self.carla.LaneType.Driving)
@@ -283,20 +301,21 @@ class CarlaLanes:
         return nb
 
     def path(self, side: int) -> np.ndarray | None:
-        wp = self._waypoint() if side == 0 else self.neighbour(side)
-        if wp is None:
-            return None
-        pts = []
-        back = wp.previous(self.step)
-        if back:
-            pts.append(back[0].transform.location)
-        cur, travelled = wp, 0.0
-        while cur is not None and travelled <= self.horizon:
-            pts.append(cur.transform.location)
-            nxt = cur.next(self.step)
-            cur = nxt[0] if nxt else None
-            travelled += self.step
-        return self.to_base(np.array([(p.x, -p.y) for p in pts], np.float64))
+        """Centre line (N, 2) in ``base_link`` of the ego lane (``side`` 0: the route's plan) or of the
+        neighbouring lane on ``side``, from one step behind to :attr:`horizon` ahead; None without one."""
+        self.advance_route()
+        if side == 0:
+            wps = [n.wp for n in self.route.ahead(self.horizon)]
+            if not wps:
+                return None
+        else:
+            nb = self.neighbour(side)
+            if nb is None:
+                return None
+            wps = self.route.follow(nb, self.horizon)
+        back = wps[0].previous(self.step)
+        locations = ([back[0].transform.location] if back else []) + [w.transform.location for w in wps]
+        return self.to_base(np.array([(p.x, -p.y) for p in locations], np.float64))
 
     def to_base(self, xy_map: np.ndarray) -> np.ndarray:
         """(N, 2) ENU map points -> ``base_link``."""
@@ -318,7 +337,7 @@ class CarlaBridge:
         self.stop_event = threading.Event()
         self.queue: queue.Queue[SensorItem] = queue.Queue(maxsize=256)
         self.errors: Counter[str] = Counter()
-        self.spawned: list[int] = []  # actor ids, sensors last (destroyed first)
+        self.spawned: list[int] = []  # actor ids: ego, traffic, sensors (destroyed in reverse)
         self.sensors: dict[str, Any] = {}
         self.world: Any = None
         self.tm: Any = None
@@ -326,11 +345,24 @@ class CarlaBridge:
         self.original_settings: Any = None
         self.lanes: CarlaLanes | None = None
         self.base_in_actor = (0.0, 0.0, 0.0)
-        self.geo_origin: tuple[float, float, float] | None = None
+        self.geo: cc.CarlaGeoReference | None = None
+        self.lateral = LateralConfig()
         self.ticks = 0
         self.assessments = 0
+        self.partial_sweeps = 0
+        self.traffic: dict[str, Any] = {"requested": 0, "spawned": 0, "failed": {}}
+        self.tm_paths = 0  # Traffic Manager paths set
+        self.teardown_report: dict[str, Any] = {}
         self._next_keep: dict[str, float] = {}
         self.skipped: Counter[str] = Counter()  # asynchronous mode: frames above the rig rate
+        # What setup changed on the server, so that teardown restores exactly that.
+        self._settings_changed = False
+        self._tm_sync_set = False
+        # Traffic Manager route state: revision of the route last sent, tick it was sent / TM took over.
+        self._tm_revision: int | None = None
+        self._tm_path_tick = 0
+        self._last_lidar: tuple[int, float] | None = None  # frame, stamp [s] of the previous sweep
+        self._lidar_lock = threading.Lock()
 
     # -------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -344,24 +376,27 @@ class CarlaBridge:
                 raise BridgeError(f"--town: cannot load {a.town!r}: {exc}") from None
         self.world = world
         self.original_settings = world.get_settings()
-        if a.sync:
-            settings = world.get_settings()
-            settings.synchronous_mode = True
-            settings.fixed_delta_seconds = 1.0 / a.fps
-            world.apply_settings(settings)
-            log.info("synchronous mode, fixed step %.4f s", settings.fixed_delta_seconds)
+        self._configure_step(world)
         self.tm = self.client.get_trafficmanager(a.tm_port)
-        self.tm.set_synchronous_mode(bool(a.sync))
+        if a.sync:
+            # Right after the world: the client that ticks a synchronous world must drive its TM too.
+            self.tm.set_synchronous_mode(True)
+            self._tm_sync_set = True
         self.tm.set_random_device_seed(a.seed)
         world_map = world.get_map()
-        geo = world_map.transform_to_geolocation(carla.Location(x=0.0, y=0.0, z=0.0))
-        self.geo_origin = (geo.latitude, geo.longitude, geo.altitude)
+        try:
+            self.geo = cc.detect_geo_reference(
+                lambda x, y, z: _geo_tuple(world_map.transform_to_geolocation(carla.Location(x=x, y=y, z=z))))
+        except ValueError as exc:
+            raise BridgeError(f"GNSS of map {world_map.name}: {exc}") from None
+        log.info("geo-reference %.7f, %.7f, %.1f m (CARLA projection %s)", self.geo.latitude, self.geo.longitude,
+                 self.geo.altitude, self.geo.projection)
         library = world.get_blueprint_library()
         spawn_points = world_map.get_spawn_points()
         if not spawn_points:
             raise BridgeError(f"map {world_map.name} has no spawn points")
         rng = np.random.default_rng(a.seed)
-        order = list(rng.permutation(len(spawn_points)))
+        order = [int(i) for i in rng.permutation(len(spawn_points))]
         if a.spawn_point is not None:
             if a.spawn_point >= len(spawn_points):
                 raise BridgeError(f"--spawn-point: {a.spawn_point} >= the map's {len(spawn_points)} spawn points")
@@ -372,24 +407,83 @@ class CarlaBridge:
         except IndexError:
             raise BridgeError(f"--vehicle: no blueprint {a.vehicle!r}") from None
         configure_blueprint(ego_bp, {}, role_name="hero")
+        ego_index = -1
         for i in order[:10]:
             self.ego = world.try_spawn_actor(ego_bp, spawn_points[i])
             if self.ego is not None:
+                ego_index = i
                 break
         if self.ego is None:
             raise BridgeError("could not spawn the ego vehicle at any of 10 spawn points (occupied?)")
         self.spawned.append(self.ego.id)
+        log.info("ego %s at spawn point %d", a.vehicle, ego_index)
         bbox = self.ego.bounding_box
         self.base_in_actor = cc.base_link_in_actor((bbox.location.x, bbox.location.y, bbox.location.z),
                                                    (bbox.extent.x, bbox.extent.y, bbox.extent.z))
-        self.lanes = CarlaLanes(carla, world_map, self.base_in_actor)
+        if a.closed_loop:
+            self.lateral = self._steering_geometry()
+        self.lanes = CarlaLanes(carla, world_map, self.base_in_actor, route=Route(seed=a.seed))
+        # Traffic before the sensors, so a batch's tick (synchronous mode) queues no sensor frames.
+        self._spawn_traffic(library, traffic_spawn_points(spawn_points, order, ego_index))
         self._spawn_sensors(library)
-        self._spawn_traffic(library, [spawn_points[i] for i in order[1:]])
         if not a.closed_loop:
             self.ego.set_autopilot(True, a.tm_port)
+            self.tm_take_over()
+
+    def _configure_step(self, world: Any) -> None:
+        """Give every tick the fixed step ``1/--fps``, in both modes.
+
+        The LiDAR turns ``--fps`` times a second (:func:`~lmm_fusion.carla.convert.sensor_attributes`),
+        so a sweep is a full 360 degrees only when a tick lasts exactly ``1/--fps``: with CARLA's
+        variable step a sweep is partial or overlaps itself. ``--sync`` sets synchronous mode with that
+        step; without it the world stays asynchronous (the server ticks on its own) but with the fixed
+        step. A world another client runs synchronously is not ours to change: it is used only when
+        its step already is ``1/--fps``; anything else is refused with :class:`BridgeError`.
+        """
+        a, orig = self.args, self.original_settings
+        dt = 1.0 / a.fps
+        if not a.sync and orig.synchronous_mode:
+            if not same_step(orig.fixed_delta_seconds, dt):
+                raise BridgeError(
+                    f"the world is in synchronous mode (another client ticks it) with fixed_delta_seconds="
+                    f"{orig.fixed_delta_seconds}; LiDAR sweeps are full only with a tick of 1/--fps = {dt:g} s: "
+                    f"pass --fps {1.0 / orig.fixed_delta_seconds:g} if that client's step allows, or stop it and "
+                    "use --sync" if orig.fixed_delta_seconds else
+                    "the world is in synchronous mode with a variable step (fixed_delta_seconds unset); LiDAR "
+                    "sweeps cannot be full: set a fixed step there or use --sync")
+            log.info("world already synchronous with a step of %.4f s (ticked by another client)", dt)
+            return
+        want_sync = bool(a.sync)
+        if bool(orig.synchronous_mode) == want_sync and same_step(orig.fixed_delta_seconds, dt):
+            log.info("world already %s with a step of %.4f s", "synchronous" if want_sync else "asynchronous", dt)
+            return
+        settings = world.get_settings()
+        settings.synchronous_mode = want_sync
+        settings.fixed_delta_seconds = dt
+        world.apply_settings(settings)
+        self._settings_changed = True
+        now = world.get_settings()
+        if bool(now.synchronous_mode) != want_sync or not same_step(now.fixed_delta_seconds, dt):
+            raise BridgeError(f"the server did not take synchronous_mode={want_sync}, fixed_delta_seconds={dt:g} "
+                              f"(it reports {now.synchronous_mode}, {now.fixed_delta_seconds})")
+        log.info("%s mode, fixed step %.4f s", "synchronous" if want_sync else "asynchronous", dt)
+
+    def _steering_geometry(self) -> LateralConfig:
+        """Pure pursuit's wheelbase and steer angle from the ego's physics control (defaults, with a
+        warning, when it gives none that is plausible)."""
+        try:
+            cfg = lateral_from_physics(self.ego.get_physics_control())
+        except (ValueError, RuntimeError) as exc:
+            d = LateralConfig()
+            log.warning("steering geometry of %s: %s; using a %.1f m wheelbase and %.0f deg", self.args.vehicle,
+                        exc, d.wheelbase, math.degrees(d.max_steer_rad))
+            return d
+        log.info("steering geometry of %s: wheelbase %.3f m, %.1f deg at steer 1, steering curve %s",
+                 self.args.vehicle, cfg.wheelbase, math.degrees(cfg.max_steer_rad), cfg.steering_curve)
+        return cfg
 
     def _spawn_sensors(self, library: Any) -> None:
-        attrs = cc.sensor_attributes(self.rig, self.args.fps, self.geo_origin[0] if self.geo_origin else 0.0,
+        attrs = cc.sensor_attributes(self.rig, self.args.fps, self.geo.latitude if self.geo else 0.0,
                                      self.args.seed)
         transforms = sensor_transforms(self.carla, self.rig, self.base_in_actor)
         for name, bp_id in SENSOR_BLUEPRINTS.items():
@@ -402,7 +496,7 @@ class CarlaBridge:
             log.info("spawned %s at %s", bp_id, transforms[name])
 
     def _callback(self, name: str) -> Any:
-        rig, geo = self.rig, self.geo_origin
+        rig, geo = self.rig, self.geo
 
         def on_data(data: Any) -> None:
             # Runs on CARLA's client thread: convert (copies out of CARLA's buffer) and hand over.
@@ -410,6 +504,8 @@ class CarlaBridge:
                 if name == "camera":
                     payload: Any = cc.bgra_to_rgb(data.raw_data, data.width, data.height)
                 elif name == "lidar":
+                    if not self._full_sweep(int(data.frame), float(data.timestamp)):
+                        return
                     payload = cc.lidar_to_points(data.raw_data)
                 else:
                     payload = cc.gnss_to_fix(data.latitude, data.longitude, data.altitude, rig, geo)
@@ -423,56 +519,180 @@ class CarlaBridge:
                 self.errors[f"{name}: queue full"] += 1
         return on_data
 
+    def _full_sweep(self, frame: int, stamp: float) -> bool:
+        """Whether the LiDAR measurement of ``frame`` (sim time ``stamp`` [s]) is one full turn.
+
+        The sensor turns ``--fps`` times a second, so a measurement covers 360 degrees when its tick
+        lasted ``1/--fps``. A tick's length is the stamp difference to the previous frame's
+        measurement (the LiDAR reports every tick); a measurement without its predecessor is taken as
+        full (the world's step was set and checked at setup). Others are counted in
+        :attr:`partial_sweeps` and dropped.
+        """
+        with self._lidar_lock:
+            previous, self._last_lidar = self._last_lidar, (frame, stamp)
+        if previous is None or frame != previous[0] + 1:
+            return True
+        dt, want = stamp - previous[1], 1.0 / self.args.fps
+        if abs(dt - want) <= SWEEP_TOLERANCE * want:
+            return True
+        self.partial_sweeps += 1
+        log.warning("dropped LiDAR frame %d: its tick lasted %.4f s, not %.4f s (%.0f deg sweep, not 360)", frame,
+                    dt, want, 360.0 * dt / want)
+        return False
+
     def _spawn_traffic(self, library: Any, spawn_points: list[Any]) -> None:
-        n = min(self.args.traffic, len(spawn_points))
-        if n < self.args.traffic:
-            log.warning("--traffic: only %d free spawn points for %d vehicles", n, self.args.traffic)
-        if n == 0:
+        """Spawn ``--traffic`` Traffic Manager vehicles at ``spawn_points`` (the ego's excluded).
+
+        Each batch is applied with ``apply_batch_sync`` and every response is read: a spawn CARLA
+        refuses (a collision at the spawn point, ...) is counted and the next free point is tried, until
+        enough vehicles run or the points are used up."""
+        wanted = self.args.traffic
+        self.traffic = {"requested": wanted, "spawned": 0, "failed": {}}
+        if wanted == 0:
             return
+        if len(spawn_points) < wanted:
+            log.warning("--traffic: only %d free spawn points for %d vehicles", len(spawn_points), wanted)
         cmd = self.carla.command
         rng = np.random.default_rng(self.args.seed + 1)
         bps = [bp for bp in library.filter("vehicle.*")
                if not bp.has_attribute("number_of_wheels") or int(bp.get_attribute("number_of_wheels")) == 4]
-        batch = []
-        for sp in spawn_points[:n]:
-            bp = bps[int(rng.integers(len(bps)))]
-            configure_blueprint(bp, {}, role_name="autopilot")
-            batch.append(cmd.SpawnActor(bp, sp).then(cmd.SetAutopilot(cmd.FutureActor, True, self.args.tm_port)))
-        for response in self.client.apply_batch_sync(batch, bool(self.args.sync)):
-            if response.error:
-                log.warning("traffic spawn failed: %s", response.error)
-            else:
-                self.spawned.append(response.actor_id)
-        log.info("spawned %d traffic vehicles", len(self.spawned) - 1 - len(self.sensors))
+        if not bps:
+            log.warning("--traffic: no 4-wheeled vehicle blueprints; no traffic spawned")
+            return
+        failed: Counter[str] = Counter()
+        spawned, pos = 0, 0
+        while spawned < wanted and pos < len(spawn_points):
+            chunk = spawn_points[pos:pos + wanted - spawned]
+            pos += len(chunk)
+            batch = []
+            for sp in chunk:
+                bp = bps[int(rng.integers(len(bps)))]
+                configure_blueprint(bp, {}, role_name="autopilot")
+                batch.append(cmd.SpawnActor(bp, sp).then(cmd.SetAutopilot(cmd.FutureActor, True, self.args.tm_port)))
+            for response in self.client.apply_batch_sync(batch, bool(self.args.sync)):
+                if response.actor_id:  # spawned, even if a later command of the chain failed: destroy it too
+                    self.spawned.append(response.actor_id)
+                if response.error:
+                    failed[str(response.error)] += 1
+                    log.debug("traffic spawn failed: %s", response.error)
+                else:
+                    spawned += 1
+        self.traffic = {"requested": wanted, "spawned": spawned, "failed": dict(failed)}
+        if failed:
+            log.warning("--traffic: %d of %d spawns failed (%s)", sum(failed.values()), spawned + sum(failed.values()),
+                        "; ".join(f"{n}x {e}" for e, n in failed.items()))
+        log.info("spawned %d of %d traffic vehicles", spawned, wanted)
+
+    # -------------------------------------------------------------------------- Traffic Manager
+    def tm_take_over(self) -> None:
+        """The Traffic Manager drives the ego from now on (after ``set_autopilot(True)``).
+
+        Its own lane changes are switched off for the ego: a path set with ``set_path`` lies in one
+        lane and would pull it back. The route is sent at the next tick (:meth:`route_tick`)."""
+        try:
+            self.tm.auto_lane_change(self.ego, False)
+        except RuntimeError as exc:
+            log.warning("Traffic Manager: cannot switch off lane changes for the ego: %s", exc)
+        self._tm_revision = None
+
+    def route_tick(self, tm_drives: bool) -> None:
+        """Once per tick, after the ego's pose was set: advance the route and, while the Traffic Manager
+        drives, keep its path and the route the same.
+
+        * In synchronous mode the Traffic Manager's next actions (``get_all_actions``) are compared with
+          the route one tick after its path was set (the Traffic Manager runs inside ``world.tick``);
+          where it heads for another exit the route follows it (:meth:`Route.follow_actions`). In
+          asynchronous mode it runs on its own thread and its action buffer is not read.
+        * Whenever a choice ahead changed, the route's path is set again (``set_path``).
+        """
+        lanes = self.lanes
+        assert lanes is not None  # made by setup()
+        lanes.advance_route()
+        if not tm_drives:
+            return
+        route = lanes.route
+        if self.args.sync and self._tm_revision is not None and self.ticks > self._tm_path_tick:
+            try:
+                actions = self.tm.get_all_actions(self.ego)
+            except (RuntimeError, IndexError) as exc:  # not registered with the TM yet
+                log.debug("Traffic Manager actions unavailable: %s", exc)
+                actions = []
+            route.follow_actions(actions or [], lanes._waypoint)
+        if route.revision != self._tm_revision:
+            path = [self.carla.Location(x=x, y=y, z=z) for x, y, z in route.tm_path()]
+            if path:
+                try:
+                    self.tm.set_path(self.ego, path)
+                    self.tm_paths += 1
+                except RuntimeError as exc:
+                    log.warning("Traffic Manager: set_path failed: %s", exc)
+            self._tm_revision = route.revision
+            self._tm_path_tick = self.ticks
 
     # ----------------------------------------------------------------------------- teardown
-    def teardown(self) -> None:
-        """Stop sensors, destroy every spawned actor (one batch), restore world and TM settings.
+    def teardown(self) -> dict[str, Any]:
+        """Stop sensors, destroy every spawned actor (one batch), restore what setup changed.
 
         Each step runs even when an earlier one fails, so a broken server never leaves the world in
-        synchronous mode with nobody ticking it (which freezes every other client).
+        synchronous mode with nobody ticking it (which freezes every other client). Only what setup
+        changed is restored: the world's ``synchronous_mode`` and ``fixed_delta_seconds`` (other
+        settings, which another client may have changed since, are left alone) when setup changed
+        them, and the Traffic Manager's synchronous mode when setup set it (back to the world's
+        original mode; a Traffic Manager shared with a client in asynchronous mode is not touched).
+        Returns (and keeps in :attr:`teardown_report`) what happened: actors destroyed, the ones CARLA
+        could not destroy with its reason, and what was restored.
         """
+        report: dict[str, Any] = {}
         for name, sensor in self.sensors.items():
             with contextlib.suppress(RuntimeError):
                 sensor.stop()
                 log.debug("stopped %s", name)
         if self.spawned:
             ids = list(reversed(self.spawned))  # sensors before the vehicle they are attached to
+            failed: dict[str, str] = {}
             try:
-                self.client.apply_batch([self.carla.command.DestroyActor(i) for i in ids])
+                responses = list(self.client.apply_batch_sync([self.carla.command.DestroyActor(i) for i in ids], False))
+                for i, response in zip(ids, responses, strict=False):
+                    if response.error:
+                        failed[str(i)] = str(response.error)
+                for i in ids[len(responses):]:
+                    failed[str(i)] = "no response from the server"
+            except RuntimeError as exc:
+                failed = {str(i): str(exc) for i in ids}
+            report["destroyed"] = len(ids) - len(failed)
+            if failed:
+                report["destroy_failed"] = failed
+                log.error("could not destroy %d of %d actors: %s", len(failed), len(ids),
+                          "; ".join(f"{i}: {e}" for i, e in failed.items()))
+            else:
                 log.info("destroyed %d actors", len(ids))
-            except RuntimeError as exc:
-                log.error("destroying actors failed: %s", exc)
             self.spawned.clear()
-        if self.tm is not None:
-            with contextlib.suppress(RuntimeError):
-                self.tm.set_synchronous_mode(False)
-        if self.world is not None and self.original_settings is not None:
+        if self._tm_sync_set and self.tm is not None:
+            restore = bool(self.original_settings.synchronous_mode) if self.original_settings is not None else False
             try:
-                self.world.apply_settings(self.original_settings)
-                log.info("world settings restored (synchronous_mode=%s)", self.original_settings.synchronous_mode)
+                self.tm.set_synchronous_mode(restore)
+                report["tm_synchronous_mode"] = restore
             except RuntimeError as exc:
+                report["tm_synchronous_mode"] = f"failed: {exc}"
+                log.error("restoring the Traffic Manager's synchronous mode failed: %s", exc)
+            self._tm_sync_set = False
+        if self._settings_changed and self.world is not None and self.original_settings is not None:
+            orig = self.original_settings
+            try:
+                settings = self.world.get_settings()
+                settings.synchronous_mode = orig.synchronous_mode
+                settings.fixed_delta_seconds = orig.fixed_delta_seconds
+                self.world.apply_settings(settings)
+                report["world_settings"] = {"synchronous_mode": bool(orig.synchronous_mode),
+                                            "fixed_delta_seconds": orig.fixed_delta_seconds}
+                log.info("world settings restored (synchronous_mode=%s, fixed_delta_seconds=%s)",
+                         orig.synchronous_mode, orig.fixed_delta_seconds)
+            except RuntimeError as exc:
+                report["world_settings"] = f"failed: {exc}"
                 log.error("restoring world settings failed: %s", exc)
+            self._settings_changed = False
+        self.teardown_report.update(report)
+        return report
 
     # --------------------------------------------------------------------------------- loop
     def loop(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -96,14 +96,68 @@ class LongitudinalPid:
 @dataclass(frozen=True)
 class LateralConfig:
     """Pure pursuit: lookahead ``clip(gain * speed, min, max)`` [m]; ``wheelbase`` [m];
-    ``max_steer_rad`` is the road-wheel angle that CARLA's ``steer = 1`` gives (vehicle dependent;
-    the bridge reads it from the vehicle's physics control when available)."""
+    ``max_steer_rad`` is the road-wheel angle that CARLA's ``steer = 1`` gives at standstill;
+    ``steering_curve`` holds (forward speed [km/h], factor) pairs scaling it with speed, as CARLA's
+    ``VehiclePhysicsControl.steering_curve`` does (empty: factor 1). The defaults are a generic car;
+    the bridge reads the ego's own values with :func:`lateral_from_physics`."""
 
     lookahead_gain: float = 0.8
     lookahead_min: float = 5.0
     lookahead_max: float = 25.0
     wheelbase: float = 2.9
     max_steer_rad: float = math.radians(70.0)
+    steering_curve: tuple[tuple[float, float], ...] = ()
+
+    def max_steer_at(self, speed: float) -> float:
+        """Road-wheel angle [rad] of ``steer = 1`` at forward ``speed`` [m/s]: ``max_steer_rad`` times the
+        steering curve at ``speed`` in km/h (linear between points, held beyond the ends)."""
+        if not self.steering_curve:
+            return self.max_steer_rad
+        xs, ys = zip(*self.steering_curve, strict=True)
+        return self.max_steer_rad * float(np.interp(abs(speed) * 3.6, xs, ys))
+
+
+#: Plausible ranges of what :func:`lateral_from_physics` reads [m], [deg].
+WHEELBASE_RANGE = (0.5, 10.0)
+MAX_STEER_RANGE_DEG = (1.0, 90.0)
+
+
+def lateral_from_physics(physics: Any, base: LateralConfig | None = None) -> LateralConfig:
+    """:class:`LateralConfig` with a vehicle's steering geometry from its ``carla.VehiclePhysicsControl``.
+
+    * ``wheels`` (``carla.WheelPhysicsControl``): the front wheels are the steered ones
+      (``max_steer_angle`` > 0) when some are and some are not, else the first half of the list (CARLA
+      orders them front-left, front-right, rear-left, rear-right). The wheelbase is the distance between
+      the front and rear axle centres; ``position`` is in centimetres in world coordinates, so only
+      differences are used. ``max_steer_rad`` is the largest front ``max_steer_angle`` [deg].
+    * ``steering_curve`` (``carla.Vector2D`` of speed [km/h], factor) is kept as is.
+
+    Raises ValueError naming the value when fewer than two wheels are given or the wheelbase or steer
+    angle is outside :data:`WHEELBASE_RANGE` / :data:`MAX_STEER_RANGE_DEG`.
+    """
+    c = base or LateralConfig()
+    wheels = list(physics.wheels)
+    if len(wheels) < 2:
+        raise ValueError(f"physics.wheels: expected at least 2 wheels, got {len(wheels)}")
+    steered = [w for w in wheels if float(w.max_steer_angle) > 0.0]
+    fixed = [w for w in wheels if float(w.max_steer_angle) <= 0.0]
+    front, rear = (steered, fixed) if steered and fixed else (wheels[:len(wheels) // 2], wheels[len(wheels) // 2:])
+
+    def axle(ws: list[Any]) -> np.ndarray:
+        return np.mean([(w.position.x, w.position.y, w.position.z) for w in ws], axis=0) / 100.0  # cm -> m
+
+    wheelbase = float(np.linalg.norm(axle(front) - axle(rear)))
+    max_steer = max(float(w.max_steer_angle) for w in front)
+    if not WHEELBASE_RANGE[0] <= wheelbase <= WHEELBASE_RANGE[1]:
+        raise ValueError(f"physics.wheels: wheelbase {wheelbase:.3f} m from the wheel positions is outside "
+                         f"{WHEELBASE_RANGE[0]:g}..{WHEELBASE_RANGE[1]:g} m")
+    if not MAX_STEER_RANGE_DEG[0] <= max_steer <= MAX_STEER_RANGE_DEG[1]:
+        raise ValueError(f"physics.wheels: front max_steer_angle {max_steer:g} deg is outside "
+                         f"{MAX_STEER_RANGE_DEG[0]:g}..{MAX_STEER_RANGE_DEG[1]:g} deg")
+    curve = tuple((float(p.x), float(p.y)) for p in getattr(physics, "steering_curve", ()))
+    if curve and any(b[0] <= a[0] for a, b in zip(curve, curve[1:], strict=False)):
+        raise ValueError(f"physics.steering_curve: speeds must increase, got {[p[0] for p in curve]}")
+    return replace(c, wheelbase=wheelbase, max_steer_rad=math.radians(max_steer), steering_curve=curve)
 
 
 def pure_pursuit_steer(path_xy: np.ndarray, speed: float, cfg: LateralConfig | None = None) -> float:
@@ -260,7 +314,7 @@ class ClosedLoopController:
         throttle, brake = self.pid.step(target, speed, dt)
         steer = 0.0
         if path is not None and len(path):
-            steer = steer_to_carla(pure_pursuit_steer(path, speed, c.lateral), c.lateral.max_steer_rad)
+            steer = steer_to_carla(pure_pursuit_steer(path, speed, c.lateral), c.lateral.max_steer_at(speed))
         return ControlCommand("pipeline", throttle=throttle, steer=steer, brake=brake, target_speed=target,
                               lane_change=self._change_side, reason=action.name)
 

@@ -25,7 +25,7 @@ the synthetic world (obstacle distances are measured from the bumper).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,30 +125,148 @@ def gnss_covariance(horizontal_std: float, vertical_std: float) -> np.ndarray:
     return cov
 
 
-def reanchor_geodetic(lat: float, lon: float, alt: float, src_origin: Sequence[float],
-                      dst_origin: Sequence[float]) -> tuple[float, float, float]:
-    """Move a fix from one geodetic anchor to another keeping its local ENU offset.
+#: CARLA's Earth radius (``EARTH_RADIUS_EQUA`` in LibCarla ``geom/GeoLocation.cpp``) [m].
+CARLA_EARTH_RADIUS = 6378137.0
+#: Scale factor ``k0`` of CARLA 0.9.16's spherical transverse Mercator (``GeoLocation.cpp``).
+CARLA_TM_SCALE = 0.9996
+#: CARLA's geolocation formulas, newest first (see :class:`CarlaGeoReference`).
+GEO_PROJECTIONS = ("tmerc", "mercator")
+#: Probe locations (CARLA x, y, z [m]) at which :func:`detect_geo_reference` compares the formulas.
+GEO_PROBES = ((1500.0, 0.0, 0.0), (0.0, 1500.0, 0.0), (-900.0, -2100.0, 12.0))
+#: Largest disagreement [m] between a formula and the map's own geolocations that still identifies it.
+GEO_MATCH_TOLERANCE = 1e-3
 
-    CARLA's GNSS reports positions around the map's geo-reference (often lat 0, lon 0); the node
-    estimates ego motion in ENU around the rig's origin. ``(lat, lon, alt)`` is ENU-projected around
-    ``src_origin`` (lat [deg], lon [deg], alt [m]) and that same east/north/up offset is placed around
-    ``dst_origin``. Returns (lat [deg], lon [deg], alt [m]).
+
+@dataclass(frozen=True)
+class CarlaGeoReference:
+    """A CARLA map's geo-reference and the projection CARLA computes its geolocations with.
+
+    ``latitude``, ``longitude`` [deg] and ``altitude`` [m] are what the map reports for the world
+    origin (``map.transform_to_geolocation(Location(0, 0, 0))``). ``projection`` names CARLA's formula
+    (LibCarla ``geom/GeoLocation.cpp``, ``GeoLocation::Transform``; the GNSS sensor and
+    ``transform_to_geolocation`` both call it), on a sphere of radius :data:`CARLA_EARTH_RADIUS`:
+
+    * ``"tmerc"`` (CARLA 0.9.16): the inverse of a spherical transverse Mercator with scale
+      :data:`CARLA_TM_SCALE` around the origin, fed with the location's ``(x, y)`` **as they are**.
+      Latitude therefore grows with CARLA ``+y``, which is south in the map (CARLA x = east,
+      -y = north): CARLA 0.9.16's geolocations are mirrored north-south against its own map;
+    * ``"mercator"`` (CARLA 0.9.15 and earlier): a Mercator projection scaled by ``cos(latitude)``
+      of the origin, fed with ``(x, -y)``, so latitude grows northward.
+
+    Altitude is ``altitude + z`` in both. :meth:`to_location` inverts :meth:`to_geolocation` exactly
+    (to rounding), which is what turns a CARLA fix back into the map position it was taken at.
     """
-    e, n, u = pymap3d.geodetic2enu(lat, lon, alt, *src_origin)
+
+    latitude: float
+    longitude: float
+    altitude: float = 0.0
+    projection: str = "tmerc"
+
+    def __post_init__(self) -> None:
+        if self.projection not in GEO_PROJECTIONS:
+            raise ValueError(f"projection: expected one of {GEO_PROJECTIONS}, got {self.projection!r}")
+        if not (math.isfinite(self.latitude) and abs(self.latitude) < 90.0 and math.isfinite(self.longitude)):
+            raise ValueError(f"geo-reference: expected a latitude in (-90, 90) and a finite longitude [deg], "
+                             f"got ({self.latitude!r}, {self.longitude!r})")
+
+    def to_geolocation(self, x: float, y: float, z: float) -> tuple[float, float, float]:
+        """CARLA location (x, y, z) [m] -> (latitude, longitude [deg], altitude [m]), as CARLA computes it."""
+        r, phi0 = CARLA_EARTH_RADIUS, math.radians(self.latitude)
+        if self.projection == "tmerc":
+            d = x / (CARLA_TM_SCALE * r)
+            e = y / (CARLA_TM_SCALE * r) + phi0
+            lat = math.degrees(math.asin(math.sin(e) / math.cosh(d)))
+            lon = self.longitude + math.degrees(math.atan2(math.sinh(d), math.cos(e)))
+        else:
+            s = math.cos(phi0)
+            my = s * r * math.log(math.tan((90.0 + self.latitude) * math.pi / 360.0)) - y
+            lon = self.longitude + math.degrees(x / (s * r))
+            lat = 360.0 * math.atan(math.exp(my / (r * s))) / math.pi - 90.0
+        return lat, lon, self.altitude + z
+
+    def to_location(self, lat: float, lon: float, alt: float) -> tuple[float, float, float]:
+        """Inverse of :meth:`to_geolocation`: (latitude, longitude [deg], altitude [m]) -> CARLA (x, y, z) [m]."""
+        r, phi0 = CARLA_EARTH_RADIUS, math.radians(self.latitude)
+        phi = math.radians(lat)
+        dlam = math.radians(math.remainder(lon - self.longitude, 360.0))
+        if self.projection == "tmerc":
+            k = CARLA_TM_SCALE * r
+            x = k * math.atanh(math.cos(phi) * math.sin(dlam))
+            # atan2(sin phi, cos phi cos dlam) == atan(tan phi / cos dlam) for |dlam| < 90 deg, and stays
+            # well conditioned near the poles.
+            y = k * (math.atan2(math.sin(phi), math.cos(phi) * math.cos(dlam)) - phi0)
+        else:
+            s = math.cos(phi0)
+            x = s * r * dlam
+            y = s * r * (math.log(math.tan((90.0 + self.latitude) * math.pi / 360.0))
+                         - math.log(math.tan((90.0 + lat) * math.pi / 360.0)))
+        return x, y, alt - self.altitude
+
+
+def geo_error_m(a: Sequence[float], b: Sequence[float]) -> float:
+    """Ground distance [m] between two (lat, lon, alt) close to each other (local flat approximation),
+    altitude difference included."""
+    north = math.radians(a[0] - b[0]) * CARLA_EARTH_RADIUS
+    east = math.radians(math.remainder(a[1] - b[1], 360.0)) * CARLA_EARTH_RADIUS * math.cos(math.radians(a[0]))
+    return math.sqrt(north * north + east * east + (a[2] - b[2]) ** 2)
+
+
+def detect_geo_reference(transform_to_geolocation: Callable[[float, float, float], Sequence[float]]
+                         ) -> CarlaGeoReference:
+    """The :class:`CarlaGeoReference` that reproduces a map's geolocations.
+
+    ``transform_to_geolocation(x, y, z)`` returns the map's (latitude, longitude, altitude) of a CARLA
+    location (the bridge passes ``map.transform_to_geolocation``). The origin comes from (0, 0, 0); each
+    formula of :data:`GEO_PROJECTIONS` is compared at :data:`GEO_PROBES` km away, and the first within
+    :data:`GEO_MATCH_TOLERANCE` everywhere is returned. Raises ValueError naming the errors when none
+    matches (another CARLA version with another formula: fixes could not be turned back into map positions).
+    """
+    lat0, lon0, alt0 = (float(v) for v in transform_to_geolocation(0.0, 0.0, 0.0))
+    errors = {}
+    for projection in GEO_PROJECTIONS:
+        ref = CarlaGeoReference(lat0, lon0, alt0, projection)
+        errors[projection] = max(geo_error_m(ref.to_geolocation(*p), transform_to_geolocation(*p)) for p in GEO_PROBES)
+        if errors[projection] <= GEO_MATCH_TOLERANCE:
+            return ref
+    found = ", ".join(f"{k}: {v:.3g} m" for k, v in errors.items())
+    raise ValueError(f"the map's geolocations match none of CARLA's known projections ({found} off at "
+                     f"{len(GEO_PROBES)} probe points); GNSS fixes cannot be turned back into map positions")
+
+
+def carla_fix_to_enu(lat: float, lon: float, alt: float, geo: CarlaGeoReference) -> tuple[float, float, float]:
+    """A CARLA GNSS fix -> where it was taken in the ENU ``map`` frame (east, north, up [m]).
+
+    CARLA's projection is inverted exactly (:meth:`CarlaGeoReference.to_location`) to the CARLA location,
+    which is then mirrored into ENU: ``(x, -y, z)``.
+    """
+    x, y, z = geo.to_location(lat, lon, alt)
+    return x, -y, z
+
+
+def reanchor_fix(lat: float, lon: float, alt: float, geo: CarlaGeoReference, dst_origin: Sequence[float]
+                 ) -> tuple[float, float, float]:
+    """Move a CARLA fix to the rig's geodetic origin, keeping where it was taken in the ``map`` frame.
+
+    The fix's ENU position in ``map`` (:func:`carla_fix_to_enu`) is placed around ``dst_origin``
+    (lat [deg], lon [deg], alt [m]) with the WGS-84 conversion the node's ego-motion estimator inverts
+    (``pymap3d``, :class:`lmm_fusion.io.gnss.EgoMotionEstimator`), so the node recovers the map position.
+    Returns (lat [deg], lon [deg], alt [m]).
+    """
+    e, n, u = carla_fix_to_enu(lat, lon, alt, geo)
     out = pymap3d.enu2geodetic(e, n, u, *dst_origin)
     return float(out[0]), float(out[1]), float(out[2])
 
 
 def gnss_to_fix(lat: float, lon: float, alt: float, rig: SensorRig,
-                src_origin: Sequence[float] | None = None, stamp: float = math.nan) -> GnssFix:
+                geo: CarlaGeoReference | None = None, stamp: float = math.nan) -> GnssFix:
     """CARLA ``GnssMeasurement`` (latitude, longitude [deg], altitude [m]) -> :class:`GnssFix`.
 
-    With ``src_origin`` (the map's geo-reference) the fix is re-anchored to the rig's origin
-    (:func:`reanchor_geodetic`) so the node's configured origin applies unchanged. The covariance is
-    the rig's GNSS noise model (the same std the CARLA sensor's noise is configured with), status
-    STATUS_FIX. ``stamp`` [s]: the measurement's sim time; NaN when not given (the bridge stamps the
-    NavSatFix header from its tick, and :class:`~lmm_fusion.io.gnss.EgoMotionEstimator` refuses an
-    unstamped fix rather than taking it at time 0).
+    With ``geo`` (the map's geo-reference, :func:`detect_geo_reference`) the fix is re-anchored to the
+    rig's origin (:func:`reanchor_fix`) so the node's configured origin applies unchanged and its ENU
+    positions are the map frame's. The covariance is the rig's GNSS noise model (the same std the
+    CARLA sensor's noise is configured with), status STATUS_FIX. ``stamp`` [s]: the measurement's sim
+    time; NaN when not given (the bridge stamps the NavSatFix header from its tick, and
+    :class:`~lmm_fusion.io.gnss.EgoMotionEstimator` refuses an unstamped fix rather than taking it at time 0).
     """
     for name, v, lim in (("latitude", lat, 90.0), ("longitude", lon, 180.0)):
         if not (math.isfinite(v) and abs(v) <= lim):
@@ -156,9 +274,8 @@ def gnss_to_fix(lat: float, lon: float, alt: float, rig: SensorRig,
     if not math.isfinite(alt):
         raise MessageError(f"gnss.altitude: expected a finite value [m], got {alt!r}")
     g = rig.gnss
-    if src_origin is not None:
-        dst = (g.origin_lat, g.origin_lon, g.origin_alt)
-        lat, lon, alt = reanchor_geodetic(lat, lon, alt, src_origin, dst)
+    if geo is not None:
+        lat, lon, alt = reanchor_fix(lat, lon, alt, geo, (g.origin_lat, g.origin_lon, g.origin_alt))
     return GnssFix(float(stamp), float(lat), float(lon), float(alt), STATUS_FIX,
                    gnss_covariance(g.horizontal_std, g.vertical_std), COVARIANCE_TYPE_DIAGONAL_KNOWN)
 

@@ -4,7 +4,8 @@ Inputs (batch 1, float32 numpy): ``image (1,3,Hi,Wi)``, ``bev (1,C,ny,nx)``, ``e
 ``modality_mask (1,3)``. Outputs: ``lmm_fusion.model.OUTPUT_NAMES`` as float32 numpy arrays.
 
 ``make_backend("auto", ...)`` prefers TensorRT, then ONNX Runtime on a GPU, then torch on CUDA, then
-ONNX Runtime on the CPU, then torch on the CPU, and logs what it chose and why the others were not.
+ONNX Runtime on the CPU, then torch on the CPU, runs one inference on a candidate before choosing it,
+and logs what it chose and why the others were not (also kept as ``backend.fallback_reason``).
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from lmm_fusion.model import INPUT_NAMES, load_model
-from lmm_fusion.runtime.base import BACKENDS, Backend, BackendUnavailable
-from lmm_fusion.runtime.export import ensure_onnx
-from lmm_fusion.runtime.tensorrt import TensorRTBackend
+from lmm_fusion.model import INPUT_NAMES, OUTPUT_NAMES, load_model
+from lmm_fusion.model.checkpoint import load_config
+from lmm_fusion.runtime.base import BACKENDS, Backend, BackendUnavailable, EngineError
+from lmm_fusion.runtime.export import ensure_onnx, example_inputs
+from lmm_fusion.runtime.tensorrt import PRECISIONS, TensorRTBackend, check_dla
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
     "INPUT_NAMES",
+    "PRECISIONS",
     "Backend",
     "BackendUnavailable",
     "OnnxRuntimeBackend",
@@ -173,6 +176,27 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(self.output_names, b.copy_outputs_to_cpu()))
 
 
+def probe_inputs(model_dir: Path) -> dict[str, np.ndarray]:
+    """Deterministic inputs with the model's static shapes, for the one inference ``auto`` runs on a
+    candidate before choosing it."""
+    return example_inputs(load_config(model_dir))
+
+
+def probe(backend: Backend, inputs: dict[str, np.ndarray]) -> None:
+    """Run one inference; raise :class:`EngineError` unless every output is there and finite.
+
+    The first inference is where an engine that built fine can still fail (execution context,
+    CUDA-graph capture, ``execute_async_v3``) or give NaN (an fp16 overflow): ``auto`` must see that
+    before it commits to the backend, not in the first cycle on the road."""
+    out = backend.infer(inputs)
+    missing = [n for n in OUTPUT_NAMES if n not in out]
+    if missing:
+        raise EngineError(f"first inference: outputs {missing} missing")
+    bad = [n for n in OUTPUT_NAMES if not np.all(np.isfinite(out[n]))]
+    if bad:
+        raise EngineError(f"first inference: non-finite values in {bad}")
+
+
 def make_backend(
     kind: str,
     model_dir: str | Path,
@@ -180,15 +204,25 @@ def make_backend(
     precision: str = "fp32",
     threads: int | None = None,
     cuda_graph: bool = False,
+    dla_core: int | None = None,
+    engine_cache_dir: str | Path | None = None,
 ) -> Backend:
     """Create a backend for the model in ``model_dir``.
 
     ``kind``: ``torch`` | ``onnxruntime`` | ``tensorrt`` | ``auto``. ``auto`` tries, in order, TensorRT,
-    ONNX Runtime on a GPU, torch CUDA, ONNX Runtime CPU, torch CPU; each refusal is logged with its
-    reason. ONNX files are exported on demand when missing (``model.onnx`` next to the weights).
+    ONNX Runtime on a GPU, torch CUDA, ONNX Runtime CPU, torch CPU, runs one inference on each it could
+    create (:func:`probe`) and takes the first that passes; it never fails on an engine error: each
+    refusal or failure is logged with its reason and the reasons are kept on the chosen backend as
+    :attr:`~lmm_fusion.runtime.base.Backend.fallback_reason`. ONNX files are exported on demand when
+    missing (``model.onnx`` next to the weights, or the user cache for a read-only model folder).
+
+    ``dla_core`` and ``engine_cache_dir`` are TensorRT's (a Jetson DLA core, fp16/int8 only; where
+    engines and timing caches go); the other backends ignore them.
     """
     if kind not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {kind!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     model_dir = Path(model_dir)
     if kind == "torch":
         dev = device or ("cuda" if _cuda_available() else "cpu")
@@ -199,26 +233,53 @@ def make_backend(
         onnx_path = ensure_onnx(model_dir, precision)
         return OnnxRuntimeBackend(onnx_path, threads=threads, prefer_gpu=device != "cpu")
     if kind == "tensorrt":
-        return TensorRTBackend(ensure_onnx(model_dir, precision), precision=precision)
+        check_dla(precision, dla_core)  # refused with its reason before an ONNX export or a build
+        return TensorRTBackend(
+            ensure_onnx(model_dir, precision),
+            precision=precision,
+            dla_core=dla_core,
+            engine_cache_dir=engine_cache_dir,
+        )
+    return _auto(model_dir, precision, threads, dla_core, engine_cache_dir)
 
+
+def _auto(
+    model_dir: Path, precision: str, threads: int | None, dla_core: int | None, engine_cache_dir: str | Path | None
+) -> Backend:
+    """``make_backend("auto", ...)``: the first candidate that can be created and passes :func:`probe`."""
     reasons: list[str] = []
+    trt_precision = "fp16" if precision == "fp32" else precision  # fp32 is what TensorRT is not for
     candidates: list[tuple[str, dict[str, Any]]] = [
-        ("tensorrt", {"precision": "fp16" if precision == "fp32" else precision}),
+        ("tensorrt", {"precision": trt_precision, "dla_core": dla_core, "engine_cache_dir": engine_cache_dir}),
         ("onnxruntime", {"device": "cuda"}),
         ("torch", {"device": "cuda", "precision": "fp16", "cuda_graph": True}),
         ("onnxruntime", {"device": "cpu"}),
         ("torch", {"device": "cpu"}),
     ]
+    inputs: dict[str, np.ndarray] | None = None
     for cand, kw in candidates:
+        label = f"{cand}/{kw.get('device', 'gpu')}"
         try:
             if cand == "onnxruntime" and kw["device"] == "cuda" and not _ort_has_gpu():
                 raise BackendUnavailable("onnxruntime: no GPU execution provider installed")
             if cand == "torch" and kw["device"] == "cuda" and not _cuda_available():
                 raise BackendUnavailable("torch: no CUDA device")
             backend = make_backend(cand, model_dir, threads=threads, **kw)
-        except (BackendUnavailable, ImportError, OSError) as exc:
-            reasons.append(f"{cand}/{kw.get('device', 'gpu')}: {exc}")
+            if inputs is None:
+                inputs = probe_inputs(model_dir)
+            probe(backend, inputs)
+        except (BackendUnavailable, ImportError) as exc:
+            reasons.append(f"{label}: {exc}")  # not installed / no device here: expected, no warning
             continue
-        log.info("backend auto: chose %s; not chosen: %s", backend.describe(), "; ".join(reasons) or "none")
+        except Exception as exc:
+            # Anything else is a failure of a backend that should have run (a TensorRT parse, build,
+            # deserialization or first inference; an API difference of another TensorRT release):
+            # loud in the log, kept for /diagnostics, and the next candidate is tried.
+            reason = f"{label}: {type(exc).__name__}: {exc}"
+            log.warning("backend auto: %s failed, falling back: %s", cand, reason)
+            reasons.append(reason)
+            continue
+        backend.fallback_reason = "; ".join(reasons) or None
+        log.info("backend auto: chose %s; not chosen: %s", backend.describe(), backend.fallback_reason or "none")
         return backend
     raise BackendUnavailable("no backend could be created: " + "; ".join(reasons))

@@ -34,6 +34,9 @@ class Backend(ABC):
     name: str = "backend"
     device: str = "cpu"
     precision: str = "fp32"
+    #: Set by ``make_backend("auto")``: why the backends it prefers were not used (``"; "``-joined, one
+    #: ``kind/device: reason`` each), None when its first choice runs. For logs and ``/diagnostics``.
+    fallback_reason: str | None = None
 
     @abstractmethod
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

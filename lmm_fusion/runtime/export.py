@@ -176,6 +176,77 @@ def unsupported_ops(model_proto: Any) -> set[str]:
     return ops - TENSORRT_OPS
 
 
+#: Layers with weights: the ones explicit quantization puts Q/DQ in front of (TensorRT fuses the
+#: DequantizeLinear of their inputs and weights into an int8 kernel).
+WEIGHTED_OPS: frozenset[str] = frozenset(["Conv", "ConvTranspose", "Gemm", "MatMul"])
+QDQ_OPS: frozenset[str] = frozenset(["QuantizeLinear", "DequantizeLinear"])
+
+
+def qdq_problems(model_proto: Any) -> list[str]:
+    """Why a Q/DQ graph is not what TensorRT 10's explicit quantization expects; empty when it is.
+
+    Checked, in the main graph:
+
+    - every ``DequantizeLinear`` dequantizes an int8 tensor: an int8 initializer (a weight) or the
+      output of a ``QuantizeLinear`` with an int8 zero point. TensorRT's ONNX parser dequantizes
+      only INT8/FP8/INT4; an int32 bias behind a DequantizeLinear fails the parse. Biases stay float;
+    - scales are positive finite initializers and zero points int8 zeros (symmetric: TensorRT
+      supports no other zero point);
+    - no Q/DQ between the last weighted layer (:data:`WEIGHTED_OPS`) of any output and the output
+      itself: logits and regressions leave the graph in float, not rounded to 256 levels.
+    """
+    g = model_proto.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    int8 = onnx.TensorProto.INT8
+    problems: list[str] = []
+
+    def int8_source(name: str) -> bool:
+        if name in inits:
+            return inits[name].data_type == int8
+        src = producer.get(name)
+        if src is None or src.op_type != "QuantizeLinear":
+            return False
+        return len(src.input) > 2 and src.input[2] in inits and inits[src.input[2]].data_type == int8
+
+    for node in g.node:
+        if node.op_type not in QDQ_OPS:
+            continue
+        label = f"{node.op_type} {node.name or node.output[0]}"
+        scale = inits.get(node.input[1])
+        if scale is None:
+            problems.append(f"{label}: scale {node.input[1]!r} is not an initializer")
+        else:
+            s = onnx.numpy_helper.to_array(scale)
+            if not (np.all(np.isfinite(s)) and np.all(s > 0)):
+                problems.append(f"{label}: scale {node.input[1]!r} not positive and finite")
+        if node.op_type == "DequantizeLinear" and not int8_source(node.input[0]):
+            x = node.input[0]
+            kind = onnx.TensorProto.DataType.Name(inits[x].data_type) if x in inits else "not int8"
+            problems.append(f"{label}: dequantizes {x!r} ({kind}); TensorRT dequantizes int8 only")
+            continue  # its zero point has the same (wrong) type: one report per node
+        zp = inits.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zp is None:
+            # Without a zero point ONNX quantizes to uint8.
+            problems.append(f"{label}: no int8 zero point (uint8 by default)")
+        elif zp.data_type != int8 or onnx.numpy_helper.to_array(zp).any():
+            problems.append(f"{label}: zero point {node.input[2]!r} is not an int8 zero")
+
+    for out in g.output:
+        stack, seen = [out.name], set()
+        while stack:
+            name = stack.pop()
+            node = producer.get(name)
+            if node is None or name in seen:
+                continue
+            seen.add(name)
+            if node.op_type in QDQ_OPS:
+                problems.append(f"{out.name}: {node.op_type} {node.name or name} after its last weighted layer")
+            elif node.op_type not in WEIGHTED_OPS:
+                stack.extend(i for i in node.input if i)
+    return problems
+
+
 def export_model(model: Any, cfg: Any, out: Path) -> Path:
     """Write ``model`` (eval mode, CPU, fp32) to ``out`` as static-shape ONNX; returns ``out``."""
     model = model.cpu().eval()

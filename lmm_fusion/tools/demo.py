@@ -31,6 +31,7 @@ from lmm_fusion.base import topics
 from lmm_fusion.base.paths import find_shared
 from lmm_fusion.groundtruth.scoring import NO_LABEL, Columns, group_indices, score_arrays
 from lmm_fusion.io.bags import bag_counts, read_bag
+from lmm_fusion.runtime.base import BACKENDS
 from lmm_fusion.synth.drive import rig_from_args, synthesize
 from lmm_fusion.tools.harness import NodeHarness, wait_until
 
@@ -161,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=float, default=1.0, help="playback speed factor (default 1.0)")
     parser.add_argument("--bag", type=Path, default=None, help="use this bag instead of synthesising one")
     parser.add_argument("--model-dir", default="", help="model folder (default: the shipped model)")
-    parser.add_argument("--backend", default="auto", help="auto | torch | onnxruntime | tensorrt")
+    parser.add_argument("--backend", default="auto", choices=BACKENDS, help="inference backend (default auto)")
     parser.add_argument("--rate-hz", type=float, default=10.0, help="node cycle rate [Hz]")
     # Defaults match the shipped model's training data (640x360 JPEG camera, 64x2048 LiDAR): a sparser LiDAR
     # changes the BEV density channel the model learned, and its accuracy with it.

@@ -4,8 +4,15 @@ TensorRT 10 deprecated its implicit INT8 calibrators; the supported path is an O
 QuantizeLinear/DequantizeLinear nodes carry the scales. We calibrate with ONNX Runtime's static QDQ
 quantizer on frames preprocessed from a bag through the project's own pipeline (bag -> SensorIngest ->
 SensorSync -> Preprocessor), with symmetric int8 activations and weights (zero point 0, as TensorRT
-requires) and per-channel weight scales. The result runs on ONNX Runtime's CPU provider here, so its
-accuracy against fp32 is measured, not assumed (``lmm-fusion eval --backend onnxruntime --precision int8``).
+requires) and per-channel weight scales.
+
+The Q/DQ placement is the one TensorRT's explicit quantization recommends: Q/DQ on the inputs (activation
+and weight) of the weighted layers (Conv, MatMul, Gemm), float biases (TensorRT's ONNX parser dequantizes
+int8 only and rejects ONNX Runtime's default int32 bias DequantizeLinear; it folds the bias into the int8
+kernel itself), and no Q/DQ on a weighted layer's output, so no head's logits or regressions are rounded
+to int8 on their way out. :func:`lmm_fusion.runtime.export.qdq_problems` checks all of it on every graph
+written. The result runs on ONNX Runtime's CPU provider here, so its accuracy against fp32 is measured,
+not assumed (``lmm-fusion quantize ... --eval HELDOUT_BAG``, :func:`precision_deltas`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -36,11 +44,14 @@ from lmm_fusion.cycle.preprocess import Preprocessor
 from lmm_fusion.cycle.sync import SensorSync
 from lmm_fusion.model import INPUT_NAMES, ModelConfig, load_model
 from lmm_fusion.runtime.backends import Backend, OnnxRuntimeBackend
-from lmm_fusion.runtime.export import ensure_onnx
+from lmm_fusion.runtime.export import ExportError, ensure_onnx, qdq_problems, unsupported_ops
 from lmm_fusion.training.dataset import FusionDataset, expand_bags
 from lmm_fusion.training.evaluate import compute_metrics, predict
 
 log = logging.getLogger(__name__)
+
+#: The layers whose inputs are quantized (activations and weights, int8, symmetric).
+QUANTIZED_OPS = ("Conv", "MatMul", "Gemm")
 
 
 def calibration_inputs(
@@ -68,7 +79,10 @@ def calibration_inputs(
 
 
 def quantize(model_dir: Path, calib_bags: Sequence[Path | str], out: Path, max_frames: int = 200) -> Path:
-    """Write a symmetric-int8 Q/DQ ONNX of the model in ``model_dir`` calibrated on ``calib_bags``."""
+    """Write a symmetric-int8 Q/DQ ONNX of the model in ``model_dir`` calibrated on ``calib_bags``.
+
+    The graph is checked (:func:`check_qdq_graph`) before it replaces ``out``; a graph TensorRT would
+    reject raises :class:`~lmm_fusion.runtime.export.ExportError` and leaves ``out`` as it was."""
     fp32 = ensure_onnx(model_dir, "fp32")
     frames = list(calibration_inputs(calib_bags, model_dir, max_frames))
     if not frames:
@@ -83,11 +97,12 @@ def quantize(model_dir: Path, calib_bags: Sequence[Path | str], out: Path, max_f
             return next(self._it, None)
 
     pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+    tmp = out.with_suffix(".tmp.onnx")  # checked before it replaces ``out``: no half-right graph is left
     try:
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         quantize_static(
             str(pre),
-            str(out),
+            str(tmp),
             Reader(),
             quant_format=QuantFormat.QDQ,
             activation_type=QuantType.QInt8,
@@ -96,13 +111,55 @@ def quantize(model_dir: Path, calib_bags: Sequence[Path | str], out: Path, max_f
             calibrate_method=CalibrationMethod.MinMax,
             # Only the compute-heavy ops: TensorRT fuses Q/DQ around these; leaving softmax, norms and
             # the heads' small layers in float keeps the attention shares and regressions accurate.
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+            op_types_to_quantize=list(QUANTIZED_OPS),
+            extra_options={
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
+                # Float biases: an int32 bias behind a DequantizeLinear does not parse in TensorRT 10.
+                "QuantizeBias": False,
+                # Q/DQ on the inputs of weighted layers only, not on their outputs: TensorRT fuses the
+                # following activation and the next layer's Q itself, and the last layer of each head
+                # hands float logits/regressions to the graph output.
+                "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+            },
         )
+        drop_unused_opsets(tmp)
+        check_qdq_graph(tmp)
+        tmp.replace(out)
     finally:
         pre.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     log.info("wrote %s (inputs %s)", out, INPUT_NAMES)
     return out
+
+
+def drop_unused_opsets(path: Path) -> None:
+    """Remove the operator-set imports of domains no node uses (ONNX Runtime's optimizer adds its own
+    ``com.microsoft*`` and training domains), so a parser sees only the default domain it needs."""
+    proto = onnx.load(str(path))
+    used = {n.domain or "" for n in proto.graph.node} | {""}
+    keep = [o for o in proto.opset_import if (o.domain or "") in used or o.domain == "ai.onnx"]
+    if len(keep) != len(proto.opset_import):
+        del proto.opset_import[:]
+        proto.opset_import.extend(keep)
+        onnx.save(proto, str(path))
+
+
+def check_qdq_graph(path: Path) -> None:
+    """Raise :class:`~lmm_fusion.runtime.export.ExportError` naming ``path`` unless the graph passes the
+    ONNX checker, uses only operators TensorRT 10 parses and has the Q/DQ form its explicit
+    quantization expects (:func:`~lmm_fusion.runtime.export.qdq_problems`)."""
+    proto = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path}: ONNX checker: {exc}") from exc
+    bad_ops = unsupported_ops(proto)
+    problems = [f"operators TensorRT 10 does not parse: {sorted(bad_ops)}"] if bad_ops else []
+    problems += qdq_problems(proto)
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; ... ({len(problems)} in all)" if len(problems) > 10 else "")
+        raise ExportError(f"{path}: not a TensorRT explicit-quantization graph: {shown}")
 
 
 class BackendModule:
