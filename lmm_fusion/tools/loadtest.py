@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import numpy as np
 import psutil
 from matplotlib.figure import Figure
 
+from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.ros.dds import PROFILE_VARS
 from lmm_fusion.tools.harness import NodeHarness, SensorPublisher, loopback_env, wait_until
 from lmm_fusion.tools.payloads import padded_cloud_array, synthetic_image, synthetic_points
@@ -49,6 +51,95 @@ def _percentiles(values: list[float]) -> dict[str, float | None]:
         "p50": round(float(np.percentile(arr, 50)), 3),
         "p99": round(float(np.percentile(arr, 99)), 3),
         "max": round(float(arr.max()), 3),
+    }
+
+
+def _transport_env(transport: str) -> dict[str, str]:
+    """DDS environment of the node and publisher for ``transport`` (see :func:`run_load`)."""
+    env = loopback_env()  # with the shipped shared-memory profile
+    if transport != "shm":
+        for var in PROFILE_VARS:
+            env.pop(var, None)
+    if transport == "large_data":
+        env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    return env
+
+
+@dataclass
+class _Measured:
+    """What one load run observed: outputs and diagnostics received, the node's RSS [MiB] over time
+    [s] and CPU [%] once a second, the seconds measured and the publisher's own report."""
+
+    scenes: list[dict[str, Any]]
+    diags: list[dict[str, Any]]
+    rss: list[tuple[float, float]]
+    cpu: list[float]
+    elapsed: float
+    publisher: dict[str, Any]
+
+
+def _measure(harness: NodeHarness, env: dict[str, str], seconds: float, warmup_s: float,
+             payload: tuple[int, int, int, float, float], out_dir: Path) -> _Measured:
+    """Start the publisher once the node publishes, then sample the node for ``seconds``.
+    ``payload``: camera width, height [px], LiDAR points, camera and LiDAR rates [Hz]."""
+    node, collector, procs = harness.node, harness.outputs, harness.procs
+    if not wait_until(lambda: collector.count("scene") > 0 or node.poll() is not None, 120.0):
+        raise RuntimeError("the node published nothing within 120 s; see " + str(out_dir / "logs/node.log"))
+    if node.poll() is not None:
+        raise RuntimeError(f"the node exited with {node.returncode}; see {out_dir / 'logs/node.log'}")
+    # The publisher is its own process: sharing this one with the collector's executor (and its GIL)
+    # made it the bottleneck, and a vehicle's drivers are separate processes too.
+    procs.start("publisher", [sys.executable, "-m", "lmm_fusion.tools.loadtest", str(harness.domain),
+                              *(str(v) for v in payload)], env)
+    wait_until(lambda: False, min(5.0, warmup_s))  # let discovery settle before counting
+    collector.clear()
+    proc = psutil.Process(node.pid)
+    proc.cpu_percent(None)
+    rss: list[tuple[float, float]] = []
+    cpu: list[float] = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        time.sleep(1.0)
+        if node.poll() is not None:
+            raise RuntimeError(f"the node died under load (exit {node.returncode}); see logs/node.log")
+        rss.append((round(time.monotonic() - t0, 1), proc.memory_info().rss / 2**20))
+        cpu.append(proc.cpu_percent(None))
+    elapsed = time.monotonic() - t0
+    scenes, diags = collector.get("scene"), collector.get("diagnostics")
+    procs.stop("publisher")
+    publisher = json.loads(procs.log_text("publisher").strip().splitlines()[-1])
+    return _Measured(scenes, diags, rss, cpu, elapsed, publisher)
+
+
+def _from_diagnostics(diags: list[dict[str, Any]]) -> tuple[dict[str, str], dict[str, list[float]], list[float]]:
+    """The node's last cycle status, each sensor's received rates [Hz] (after the first 3 s) and the
+    pipeline's total latencies [ms], from the ``/diagnostics`` records."""
+    cycle: dict[str, str] = {}
+    sensor_rates: dict[str, list[float]] = {s: [] for s in MODALITIES}
+    totals: list[float] = []
+    for d in diags:
+        for name, st in d["status"].items():
+            key = name.rsplit(": ", 1)[-1]
+            if key == "cycle":
+                cycle = st["values"]
+            elif key in sensor_rates and d["recv"] - diags[0]["recv"] > 3.0:
+                sensor_rates[key].append(float(st["values"]["rate_hz"]))
+            elif key == "assessment" and "total_ms" in st["values"]:
+                totals.append(float(st["values"]["total_ms"]))
+    return cycle, sensor_rates, totals
+
+
+def _node_process(m: _Measured, warmup_s: float) -> dict[str, Any]:
+    after = [mib for t, mib in m.rss if t >= warmup_s] or [mib for _, mib in m.rss]
+    base = float(np.median(after[: max(1, len(after) // 10)]))
+    end = float(np.median(after[-max(1, len(after) // 10) :]))
+    return {
+        "cpu_percent_mean": round(float(np.mean(m.cpu)), 1) if m.cpu else None,
+        "rss_mib_start": round(m.rss[0][1], 1) if m.rss else None,
+        "rss_mib_after_warmup": round(base, 1),
+        "rss_mib_end": round(end, 1),
+        "rss_growth_after_warmup_pct": round(100.0 * (end - base) / base, 2) if base else None,
+        "rss_mib_series": [(t, round(mib, 1)) for t, mib in m.rss],
     }
 
 
@@ -72,80 +163,19 @@ def run_load(
     ``default`` = Fast DDS defaults (UDP fragments: multi-MB best-effort samples are mostly lost).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = loopback_env()  # with the shipped shared-memory profile
-    if transport != "shm":
-        for var in PROFILE_VARS:
-            env.pop(var, None)
-    if transport == "large_data":
-        env["FASTDDS_BUILTIN_TRANSPORTS"] = "LARGE_DATA"
+    env = _transport_env(transport)
     # The harness applies the same DDS variables to this process (the collector) while it runs.
     harness = NodeHarness(out_dir / "logs", (f"rate_hz:={rate_hz}", f"backend:={backend}", "use_camera_info:=false"),
                           env=env)
-    node, collector, procs, domain = harness.node, harness.outputs, harness.procs, harness.domain
     try:
-        if not wait_until(lambda: collector.count("scene") > 0 or node.poll() is not None, 120.0):
-            raise RuntimeError("the node published nothing within 120 s; see " + str(out_dir / "logs/node.log"))
-        if node.poll() is not None:
-            raise RuntimeError(f"the node exited with {node.returncode}; see {out_dir / 'logs/node.log'}")
-        # The publisher is its own process: sharing this one with the collector's executor (and its GIL)
-        # made it the bottleneck, and a vehicle's drivers are separate processes too.
-        procs.start(
-            "publisher",
-            [
-                sys.executable,
-                "-m",
-                "lmm_fusion.tools.loadtest",
-                str(domain),
-                str(width),
-                str(height),
-                str(points),
-                str(camera_hz),
-                str(lidar_hz),
-            ],
-            env,
-        )
-        wait_until(lambda: False, min(5.0, warmup_s))  # let discovery settle before counting
-        collector.clear()
-        proc = psutil.Process(node.pid)
-        proc.cpu_percent(None)
-        rss: list[tuple[float, float]] = []
-        cpu: list[float] = []
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
-            time.sleep(1.0)
-            if node.poll() is not None:
-                raise RuntimeError(f"the node died under load (exit {node.returncode}); see logs/node.log")
-            rss.append((round(time.monotonic() - t0, 1), proc.memory_info().rss / 2**20))
-            cpu.append(proc.cpu_percent(None))
-        elapsed = time.monotonic() - t0
-        scenes = collector.get("scene")
-        diags = collector.get("diagnostics")
-        procs.stop("publisher")
-        pub_report = json.loads(procs.log_text("publisher").strip().splitlines()[-1])
+        m = _measure(harness, env, seconds, warmup_s, (width, height, points, camera_hz, lidar_hz), out_dir)
     finally:
         harness.close()
-    sent = pub_report["sent"]
-    publish_ms = pub_report["publish_ms"]
-    pub_seconds = pub_report["seconds"]
-
-    cycle: dict[str, str] = {}
-    sensor_rates: dict[str, list[float]] = {s: [] for s in ("camera", "lidar", "gnss")}
-    totals: list[float] = []
-    for d in diags:
-        for name, st in d["status"].items():
-            key = name.rsplit(": ", 1)[-1]
-            if key == "cycle":
-                cycle = st["values"]
-            elif key in sensor_rates and d["recv"] - diags[0]["recv"] > 3.0:
-                sensor_rates[key].append(float(st["values"]["rate_hz"]))
-            elif key == "assessment" and "total_ms" in st["values"]:
-                totals.append(float(st["values"]["total_ms"]))
-    recv = [r["recv"] for r in scenes]
+    sent, publish_ms, pub_seconds = m.publisher["sent"], m.publisher["publish_ms"], m.publisher["seconds"]
+    cycle, sensor_rates, totals = _from_diagnostics(m.diags)
+    recv = [r["recv"] for r in m.scenes]
     achieved = (len(recv) - 1) / (recv[-1] - recv[0]) if len(recv) > 1 else 0.0
     gaps_ms = list(np.diff(recv) * 1e3) if len(recv) > 1 else []
-    after = [m for t, m in rss if t >= warmup_s] or [m for _, m in rss]
-    base = float(np.median(after[: max(1, len(after) // 10)]))
-    end = float(np.median(after[-max(1, len(after) // 10) :]))
     report = {
         "config": {
             "seconds": seconds,
@@ -158,12 +188,12 @@ def run_load(
             "transport": transport,
         },
         "outputs": {
-            "assessments": len(scenes),
+            "assessments": len(m.scenes),
             "achieved_hz": round(achieved, 3),
-            "expected": int(elapsed * rate_hz),
+            "expected": int(m.elapsed * rate_hz),
             "interval_ms": _percentiles(gaps_ms),
-            "valid": sum(r["valid"] for r in scenes),
-            "degraded": sum(r["degraded"] for r in scenes),
+            "valid": sum(r["valid"] for r in m.scenes),
+            "degraded": sum(r["degraded"] for r in m.scenes),
         },
         "cycle_latency_ms": {
             "node_p50": float(cycle.get("latency_p50_ms", "nan")),
@@ -182,14 +212,7 @@ def run_load(
             }
             for s, v in sensor_rates.items()
         },
-        "node_process": {
-            "cpu_percent_mean": round(float(np.mean(cpu)), 1) if cpu else None,
-            "rss_mib_start": round(rss[0][1], 1) if rss else None,
-            "rss_mib_after_warmup": round(base, 1),
-            "rss_mib_end": round(end, 1),
-            "rss_growth_after_warmup_pct": round(100.0 * (end - base) / base, 2) if base else None,
-            "rss_mib_series": [(t, round(m, 1)) for t, m in rss],
-        },
+        "node_process": _node_process(m, warmup_s),
     }
     (out_dir / "load.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
