@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -11,9 +12,11 @@ import pytest
 from lmm_fusion.base.vocabulary import Action
 from lmm_fusion.carla.control import (
     ClosedLoopController,
+    ControlConfig,
     LateralConfig,
     LongitudinalPid,
     PidConfig,
+    lateral_from_physics,
     lateral_offset,
     pure_pursuit_steer,
     steer_to_carla,
@@ -208,3 +211,92 @@ def test_closed_loop_follows_suggested_speed_and_stops() -> None:
         if v == 0.0 and stopped_after is None:
             stopped_after = i * DT
     assert stopped_after is not None and stopped_after < 1.5  # 8 m/s at ~8 m/s^2
+
+
+# ------------------------------------------------------------------------- steering from the vehicle
+@dataclass
+class V3:
+    x: float
+    y: float
+    z: float = 0.0
+
+
+@dataclass
+class Wheel:
+    """Duck-typed ``carla.WheelPhysicsControl``: position in cm, world coordinates."""
+
+    max_steer_angle: float
+    position: V3
+
+
+@dataclass
+class Physics:
+    wheels: list[Wheel]
+    steering_curve: tuple[V3, ...] = ()
+
+
+def _wheels(front_x: float, rear_x: float, steer: float, rear_steer: float = 0.0, yaw_deg: float = 0.0) -> list[Wheel]:
+    """Four wheels in CARLA's order (FL, FR, RL, RR), 80 cm either side, the car yawed by ``yaw_deg``
+    at world position (1000 m, -200 m) [cm below]."""
+    c, s = math.cos(math.radians(yaw_deg)), math.sin(math.radians(yaw_deg))
+    out = []
+    corners = ((front_x, -80.0, steer), (front_x, 80.0, steer), (rear_x, -80.0, rear_steer), (rear_x, 80.0, rear_steer))
+    for x, y, a in corners:
+        out.append(Wheel(a, V3(100_000.0 + c * x - s * y, -20_000.0 + s * x + c * y, 35.0)))
+    return out
+
+
+def test_lateral_from_physics_reads_wheelbase_and_steer_angle() -> None:
+    cfg = lateral_from_physics(Physics(_wheels(150.0, -135.0, 48.0, yaw_deg=37.0)))
+    assert cfg.wheelbase == pytest.approx(2.85, abs=1e-9)
+    assert cfg.max_steer_rad == pytest.approx(math.radians(48.0))
+    assert cfg.lookahead_min == LateralConfig().lookahead_min  # the rest of the config is kept
+    # all wheels steered (or none): CARLA's order, front first
+    cfg = lateral_from_physics(Physics(_wheels(140.0, -130.0, 40.0, rear_steer=10.0)))
+    assert cfg.wheelbase == pytest.approx(2.7) and cfg.max_steer_rad == pytest.approx(math.radians(40.0))
+    # the steering curve scales the angle with speed (km/h), held beyond its ends
+    cfg = lateral_from_physics(Physics(_wheels(150.0, -135.0, 60.0),
+                                       (V3(0.0, 1.0), V3(20.0, 0.9), V3(60.0, 0.8), V3(120.0, 0.7))))
+    assert cfg.max_steer_at(0.0) == pytest.approx(math.radians(60.0))
+    assert cfg.max_steer_at(40.0 / 3.6) == pytest.approx(math.radians(60.0) * 0.85)
+    assert cfg.max_steer_at(200.0 / 3.6) == pytest.approx(math.radians(60.0) * 0.7)
+
+
+@pytest.mark.parametrize(("physics", "needle"), [
+    (Physics(_wheels(150.0, -135.0, 48.0)[:1]), "at least 2"),
+    (Physics(_wheels(0.0, 0.0, 48.0)), "wheelbase"),  # positions not filled in (all at one point)
+    (Physics(_wheels(150.0, -135.0, 0.0)), "max_steer_angle"),
+    (Physics(_wheels(150.0, -135.0, 40.0), (V3(20.0, 1.0), V3(10.0, 0.9))), "increase"),
+])
+def test_lateral_from_physics_rejects_implausible(physics: Physics, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        lateral_from_physics(physics)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("carla") is None, reason="carla client (carla==0.9.16) not installed")
+def test_lateral_from_real_physics_control() -> None:
+    import carla
+
+    # a physics control as the server returns it: positions in cm, world frame (car at x=-3000 m, yawed 90 deg)
+    wheels = [carla.WheelPhysicsControl(max_steer_angle=a, position=carla.Vector3D(x=-300_000.0 + y, y=x, z=40.0))
+              for a, x, y in ((55.0, 160.0, -85.0), (55.0, 160.0, 85.0), (0.0, -120.0, -85.0), (0.0, -120.0, 85.0))]
+    physics = carla.VehiclePhysicsControl(wheels=wheels, steering_curve=[carla.Vector2D(0.0, 1.0),
+                                                                          carla.Vector2D(100.0, 0.5)])
+    cfg = lateral_from_physics(physics)
+    assert cfg.wheelbase == pytest.approx(2.8, abs=1e-6)
+    assert cfg.max_steer_rad == pytest.approx(math.radians(55.0))
+    assert cfg.steering_curve == ((0.0, 1.0), (100.0, 0.5))
+    # the controller steers with it: the same lane, the vehicle's geometry, a proportionally larger command
+    ctl_default = ClosedLoopController()
+    ctl_vehicle = ClosedLoopController(ControlConfig(lateral=cfg))
+    lanes = FakeLanes()
+    bend = np.stack([np.arange(-2.0, 40.0, 2.0), 0.004 * np.arange(-2.0, 40.0, 2.0) ** 2], axis=1)
+    lanes.path = lambda side: bend if side == 0 else None  # type: ignore[method-assign]
+    a = Assess(stamp=0.0, action=Action.KEEP_LANE)
+    d = ctl_default.step(a, 0.0, 10.0, DT, lanes).steer
+    v = ctl_vehicle.step(a, 0.0, 10.0, DT, lanes).steer
+    delta_default = pure_pursuit_steer(bend, 10.0, LateralConfig())
+    delta_vehicle = pure_pursuit_steer(bend, 10.0, cfg)
+    assert d == pytest.approx(-delta_default / math.radians(70.0))
+    assert v == pytest.approx(-delta_vehicle / (math.radians(55.0) * (1.0 - 0.5 * 36.0 / 100.0)))
+    assert v < d < 0.0  # a left bend: negative CARLA steer, larger for the smaller angle and wheelbase

@@ -23,6 +23,7 @@ def test_module_imports_without_carla() -> None:
     # A fresh interpreter with 'carla' made unimportable: the pure modules must not need it.
     code = ("import sys; sys.modules['carla'] = None\n"
             "import lmm_fusion.carla.convert, lmm_fusion.carla.control, lmm_fusion.carla.record\n"
+            "import lmm_fusion.carla.route\n"
             "import lmm_fusion.carla.bridge\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -119,16 +120,97 @@ def test_gnss_fix_fields_and_covariance() -> None:
         cc.gnss_to_fix(0.0, 0.0, math.nan, rig)
 
 
-def test_gnss_reanchor_keeps_local_offset() -> None:
+#: Geo-references: mid-latitude, high latitude (north and south), southern hemisphere, the equator,
+#: east and west of Greenwich.
+ORIGINS = [(49.0, 8.0), (78.22, 15.65), (-33.92, 18.42), (-54.8, -68.3), (0.0, 0.0), (35.68, 139.77),
+           (64.1, -21.9), (-77.85, 166.67)]
+#: CARLA locations [m] (float32-exact: carla.Location stores float32), up to 5 km from the origin.
+POINTS = [(x, y, z) for x in (-5000.0, -400.0, 0.0, 123.5, 2500.0) for y in (-4000.0, -400.0, 0.0, 400.0, 3000.25)
+          for z in (0.0, 7.5)]
+
+
+@pytest.mark.parametrize("projection", cc.GEO_PROJECTIONS)
+@pytest.mark.parametrize(("lat0", "lon0"), ORIGINS)
+def test_geo_reference_round_trip(projection: str, lat0: float, lon0: float) -> None:
+    ref = cc.CarlaGeoReference(lat0, lon0, 3.0, projection)
+    assert ref.to_geolocation(0.0, 0.0, 0.0) == pytest.approx((lat0, lon0, 3.0), abs=1e-12)
+    for p in POINTS:
+        back = ref.to_location(*ref.to_geolocation(*p))
+        assert math.dist(back, p) < 1e-3, (p, back)
+
+
+def test_geo_projection_hand_values() -> None:
+    r = cc.CARLA_EARTH_RADIUS
+    # 0.9.16's transverse Mercator: along the central meridian, latitude moves by y / (k0 R) ...
+    tm = cc.CarlaGeoReference(49.0, 8.0)
+    lat, lon, alt = tm.to_geolocation(0.0, 400.0, 2.0)
+    assert lat - 49.0 == pytest.approx(math.degrees(400.0 / (cc.CARLA_TM_SCALE * r)), rel=1e-12)
+    assert lon == 8.0 and alt == 2.0
+    # ... with CARLA +y (south in the map) to higher latitude: mirrored north-south
+    assert tm.to_geolocation(0.0, -400.0, 0.0)[0] < 49.0
+    # 0.9.15's Mercator: (x, -y) metres at the origin's scale, so -y is north
+    merc = cc.CarlaGeoReference(49.0, 8.0, 0.0, "mercator")
+    lat, lon, _ = merc.to_geolocation(400.0, -400.0, 0.0)
+    assert lon - 8.0 == pytest.approx(math.degrees(400.0 / (r * math.cos(math.radians(49.0)))), rel=1e-12)
+    assert lat - 49.0 == pytest.approx(math.degrees(400.0 / r), rel=1e-3)
+    with pytest.raises(ValueError, match="projection"):
+        cc.CarlaGeoReference(0.0, 0.0, 0.0, "utm")
+    with pytest.raises(ValueError, match="latitude"):
+        cc.CarlaGeoReference(90.0, 0.0)
+
+
+def test_detect_geo_reference_picks_the_formula_and_refuses_others() -> None:
     import pymap3d
 
+    for projection in cc.GEO_PROJECTIONS:
+        truth = cc.CarlaGeoReference(-33.92, 18.42, 5.0, projection)
+        found = cc.detect_geo_reference(truth.to_geolocation)
+        assert found.projection == projection
+        assert (found.latitude, found.longitude, found.altitude) == pytest.approx((-33.92, 18.42, 5.0), abs=1e-12)
+    # a WGS-84 tangent plane is no CARLA formula: refused, naming the errors
+    with pytest.raises(ValueError, match=r"tmerc: .* m, mercator: .* m"):
+        cc.detect_geo_reference(lambda x, y, z: pymap3d.enu2geodetic(x, -y, z, 49.0, 8.0, 0.0))
+
+
+def test_gnss_fix_without_geo_reference_is_unchanged() -> None:
+    f = cc.gnss_to_fix(48.1, 11.5, 520.0, SensorRig())
+    assert (f.lat, f.lon, f.alt) == (48.1, 11.5, 520.0)
+
+
+@pytest.mark.skipif(not HAVE_CARLA, reason="carla client (carla==0.9.16) not installed")
+@pytest.mark.parametrize(("lat0", "lon0"), ORIGINS)
+def test_geo_reference_inverts_the_carla_client(lat0: float, lon0: float) -> None:
+    import carla
+    import pymap3d
+    from carla_xodr import straight_xodr
+
+    m = carla.Map("geo", straight_xodr(lat0, lon0))
+
+    def carla_geo(x: float, y: float, z: float) -> tuple[float, float, float]:
+        g = m.transform_to_geolocation(carla.Location(x=x, y=y, z=z))
+        return g.latitude, g.longitude, g.altitude
+
+    ref = cc.detect_geo_reference(carla_geo)
+    assert ref.projection == "tmerc" and (ref.latitude, ref.longitude) == pytest.approx((lat0, lon0), abs=1e-9)
     rig = SensorRig()
     g = rig.gnss
-    src = (0.0, 0.0, 0.0)  # CARLA maps are often geo-referenced at (0, 0)
-    lat, lon, alt = pymap3d.enu2geodetic(120.0, -45.0, 2.0, *src)  # 120 m east, 45 m south
-    f = cc.gnss_to_fix(float(lat), float(lon), float(alt), rig, src_origin=src)
-    e, n, u = pymap3d.geodetic2enu(f.lat, f.lon, f.alt, g.origin_lat, g.origin_lon, g.origin_alt)
-    assert (e, n, u) == pytest.approx((120.0, -45.0, 2.0), abs=1e-3)
+    worst = 0.0
+    for p in POINTS:
+        fix = carla_geo(*p)
+        # CARLA's own formula, reproduced ...
+        assert cc.geo_error_m(ref.to_geolocation(*p), fix) < 1e-6
+        # ... and inverted: the fix's map position to well under a millimetre
+        worst = max(worst, math.dist(ref.to_location(*fix), p))
+        # through the bridge's conversion the node (WGS-84 ENU around its origin) gets the map frame (x, -y, z)
+        f = cc.gnss_to_fix(*fix, rig, ref)
+        e, n, u = pymap3d.geodetic2enu(f.lat, f.lon, f.alt, g.origin_lat, g.origin_lon, g.origin_alt)
+        assert math.dist((e, n, u), (p[0], -p[1], p[2])) < 1e-3, p
+    assert worst < 1e-3
+    # A WGS-84 tangent plane around the map's geo-reference (not CARLA's formula) would put a fix taken
+    # 400 m south of the origin (CARLA +y) 400 m north.
+    fix = carla_geo(0.0, 400.0, 0.0)
+    _, n_old, _ = pymap3d.geodetic2enu(*fix, lat0, lon0, 0.0)
+    assert n_old == pytest.approx(400.0, rel=0.01)
 
 
 # -------------------------------------------------------------------------------------- transforms

@@ -1,10 +1,12 @@
 """``lmm-fusion carla``: drive the fusion pipeline in a CARLA 0.9.16 server.
 
 The bridge connects (bounded by ``--timeout``; an unreachable server is a clear error naming
-host:port), optionally switches the world to synchronous mode with a fixed step, spawns the ego
-vehicle with the rig's camera, LiDAR and GNSS (mounts, resolution, FOV, beams and rates from
-:class:`lmm_fusion.base.rig.SensorRig`, converted with :mod:`lmm_fusion.carla.convert`), spawns
-traffic through the Traffic Manager and then, every tick:
+host:port), gives the world a fixed step of ``1/--fps`` (in synchronous mode with ``--sync``,
+asynchronous otherwise; full LiDAR sweeps need it), spawns the ego vehicle with the rig's camera,
+LiDAR and GNSS (mounts, resolution, FOV, beams and rates from :class:`lmm_fusion.base.rig.SensorRig`,
+converted with :mod:`lmm_fusion.carla.convert`), spawns traffic through the Traffic Manager, plans
+the ego's route (:mod:`lmm_fusion.carla.route`, the one the Traffic Manager is given) and then,
+every tick:
 
 * converts the sensor frames to project arrays and messages (frames matched by frame number with
   :class:`~lmm_fusion.carla.record.TickAssembler`; incomplete ticks are dropped and counted);
@@ -17,7 +19,8 @@ traffic through the Traffic Manager and then, every tick:
 * ``--record BAG``: writes the drive with ground truth (:mod:`lmm_fusion.carla.record`).
 
 On exit (end of ``--duration``, Ctrl-C, SIGTERM or an error) every spawned actor is destroyed with
-one ``DestroyActor`` batch and the world's and Traffic Manager's settings are restored.
+one ``DestroyActor`` batch whose responses are checked, and what setup changed on the world and the
+Traffic Manager (only that) is restored.
 
 ``carla`` is imported only inside :func:`run`'s path; the rest of the package never needs it.
 """
@@ -35,7 +38,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import FrameType, ModuleType
 from typing import Any
 
@@ -82,6 +85,37 @@ class BridgeError(RuntimeError):
     """A setup problem the user can fix (server unreachable, unknown town or blueprint, ...)."""
 
 
+#: A LiDAR measurement is a full sweep when its tick lasted 1/--fps within this fraction.
+SWEEP_TOLERANCE = 1e-3
+#: Traffic is not spawned at points closer than this to the ego's spawn point [m].
+SPAWN_CLEARANCE = 8.0
+
+
+def same_step(step: float | None, want: float) -> bool:
+    """Whether a ``WorldSettings.fixed_delta_seconds`` (None or 0: variable step) is ``want`` [s]
+    (within float32 rounding)."""
+    return step is not None and step > 0 and abs(float(step) - want) <= 1e-5 * want
+
+
+def _geo_tuple(geo: Any) -> tuple[float, float, float]:
+    return float(geo.latitude), float(geo.longitude), float(geo.altitude)
+
+
+def traffic_spawn_points(spawn_points: list[Any], order: list[int], ego_index: int,
+                         clearance: float = SPAWN_CLEARANCE) -> list[Any]:
+    """Spawn points for traffic in the shuffled ``order``: every one but the ego's (``ego_index``) and
+    those within ``clearance`` [m] of it."""
+    if not 0 <= ego_index < len(spawn_points):
+        raise ValueError(f"ego_index: {ego_index} is not a spawn point index (0..{len(spawn_points) - 1})")
+    e = spawn_points[ego_index].location
+    out = []
+    for j in order:
+        loc = spawn_points[j].location
+        if j != ego_index and math.dist((loc.x, loc.y, loc.z), (e.x, e.y, e.z)) >= clearance:
+            out.append(spawn_points[j])
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def _positive(kind: type) -> Any:
     def parse(text: str) -> Any:
@@ -123,9 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the server on connect and for each tick")
     parser.add_argument("--town", default=None, help="load this map first (e.g. Town04); default: keep the current")
     parser.add_argument("--sync", action="store_true",
-                        help="synchronous mode with a fixed step of 1/--fps (restored on exit)")
+                        help="synchronous mode (the bridge ticks the world; restored on exit)")
     parser.add_argument("--fps", type=_positive(float), default=20.0,
-                        help="simulation ticks per second in --sync mode (a multiple of every sensor rate)")
+                        help="simulation ticks per second, a fixed step of 1/--fps in both modes (a multiple of "
+                             "every sensor rate)")
     parser.add_argument("--closed-loop", action="store_true",
                         help="drive the ego from the pipeline's suggestions (implies --pipeline)")
     parser.add_argument("--pipeline", action="store_true", help="run the fusion pipeline in-process")
@@ -149,11 +184,12 @@ def validate(args: argparse.Namespace, rig: SensorRig) -> None:
     """Cross-argument checks; raises :class:`BridgeError` naming the option."""
     if args.record and not args.sync:
         raise BridgeError("--record needs --sync: ground truth is matched to sensor frames by frame number")
-    if args.sync:
-        try:
-            cc.sensor_periods(rig, args.fps)
-        except ValueError as exc:
-            raise BridgeError(f"--fps: {exc}") from None
+    # Both modes tick with a fixed step of 1/--fps (full LiDAR sweeps), and frames are kept at the rig
+    # rates, so --fps must be a multiple of every sensor rate in asynchronous mode too.
+    try:
+        cc.sensor_periods(rig, args.fps)
+    except ValueError as exc:
+        raise BridgeError(f"--fps: {exc}") from None
 
 
 def check_reachable(host: str, port: int, timeout: float) -> None:
@@ -275,22 +311,23 @@ class CarlaLanes:
         if self._routed:
             return False
         self._routed = True
-        return self.route.update(self._location.x, self._location.y, self._yaw, self._waypoint)
+        return self.route.update(self._location.x, self._location.y, self._yaw, self.waypoint)
 
-    def _waypoint(self) -> Any:
+    def waypoint(self) -> Any:
+        """The ego's waypoint: its location projected onto the nearest driving lane."""
         return self.map.get_waypoint(self._location, project_to_road=True, lane_type=self.carla.LaneType.Driving)
 
     def current_key(self) -> tuple[int, int, int]:
-        wp = self._waypoint()
+        wp = self.waypoint()
         return (wp.road_id, wp.section_id, wp.lane_id)
 
     def lane_width(self) -> float:
-        return float(self._waypoint().lane_width)
+        return float(self.waypoint().lane_width)
 
     def neighbour(self, side: int) -> Any | None:
         """Waypoint of the same-direction driving lane on ``side`` (+1 left, -1 right) that the lane
         markings allow changing into, or None."""
-        wp = self._waypoint()
+        wp = self.waypoint()
         lc = self.carla.LaneChange
         allowed = (lc.Left, lc.Both) if side > 0 else (lc.Right, lc.Both)
         if wp.lane_change not in allowed:
@@ -347,6 +384,7 @@ class CarlaBridge:
         self.base_in_actor = (0.0, 0.0, 0.0)
         self.geo: cc.CarlaGeoReference | None = None
         self.lateral = LateralConfig()
+        self._lateral_read = False
         self.ticks = 0
         self.assessments = 0
         self.partial_sweeps = 0
@@ -421,7 +459,8 @@ class CarlaBridge:
         self.base_in_actor = cc.base_link_in_actor((bbox.location.x, bbox.location.y, bbox.location.z),
                                                    (bbox.extent.x, bbox.extent.y, bbox.extent.z))
         if a.closed_loop:
-            self.lateral = self._steering_geometry()
+            got = self._steering_geometry(final=False)
+            self.lateral, self._lateral_read = got or LateralConfig(), got is not None
         self.lanes = CarlaLanes(carla, world_map, self.base_in_actor, route=Route(seed=a.seed))
         # Traffic before the sensors, so a batch's tick (synchronous mode) queues no sensor frames.
         self._spawn_traffic(library, traffic_spawn_points(spawn_points, order, ego_index))
@@ -443,14 +482,16 @@ class CarlaBridge:
         a, orig = self.args, self.original_settings
         dt = 1.0 / a.fps
         if not a.sync and orig.synchronous_mode:
-            if not same_step(orig.fixed_delta_seconds, dt):
-                raise BridgeError(
-                    f"the world is in synchronous mode (another client ticks it) with fixed_delta_seconds="
-                    f"{orig.fixed_delta_seconds}; LiDAR sweeps are full only with a tick of 1/--fps = {dt:g} s: "
-                    f"pass --fps {1.0 / orig.fixed_delta_seconds:g} if that client's step allows, or stop it and "
-                    "use --sync" if orig.fixed_delta_seconds else
-                    "the world is in synchronous mode with a variable step (fixed_delta_seconds unset); LiDAR "
-                    "sweeps cannot be full: set a fixed step there or use --sync")
+            theirs = orig.fixed_delta_seconds
+            if not theirs:
+                raise BridgeError("the world is in synchronous mode (another client ticks it) with a variable step "
+                                  "(fixed_delta_seconds unset): LiDAR sweeps cannot be full; give it a fixed step "
+                                  "or stop that client and use --sync")
+            if not same_step(theirs, dt):
+                raise BridgeError(f"the world is in synchronous mode (another client ticks it) with "
+                                  f"fixed_delta_seconds={theirs:g}; LiDAR sweeps are full only with a tick of "
+                                  f"1/--fps = {dt:g} s: pass --fps {1.0 / theirs:g} if that is a multiple of every "
+                                  "sensor rate, or stop that client and use --sync")
             log.info("world already synchronous with a step of %.4f s (ticked by another client)", dt)
             return
         want_sync = bool(a.sync)
@@ -468,19 +509,34 @@ class CarlaBridge:
                               f"(it reports {now.synchronous_mode}, {now.fixed_delta_seconds})")
         log.info("%s mode, fixed step %.4f s", "synchronous" if want_sync else "asynchronous", dt)
 
-    def _steering_geometry(self) -> LateralConfig:
-        """Pure pursuit's wheelbase and steer angle from the ego's physics control (defaults, with a
-        warning, when it gives none that is plausible)."""
+    def _steering_geometry(self, final: bool) -> LateralConfig | None:
+        """Pure pursuit's wheelbase, steer angle and steering curve from the ego's physics control, or
+        None when it gives none that is plausible. The server fills the wheel positions in once the
+        vehicle has been simulated, so a read right after spawning may find them all at one point: the
+        loop reads again after the first tick (``final``: then the defaults are used, with a warning)."""
         try:
             cfg = lateral_from_physics(self.ego.get_physics_control())
         except (ValueError, RuntimeError) as exc:
-            d = LateralConfig()
-            log.warning("steering geometry of %s: %s; using a %.1f m wheelbase and %.0f deg", self.args.vehicle,
-                        exc, d.wheelbase, math.degrees(d.max_steer_rad))
-            return d
+            if final:
+                d = LateralConfig()
+                log.warning("steering geometry of %s: %s; using a %.1f m wheelbase and %.0f deg", self.args.vehicle,
+                            exc, d.wheelbase, math.degrees(d.max_steer_rad))
+            else:
+                log.info("steering geometry of %s not readable yet (%s); reading it after the first tick",
+                         self.args.vehicle, exc)
+            return None
         log.info("steering geometry of %s: wheelbase %.3f m, %.1f deg at steer 1, steering curve %s",
                  self.args.vehicle, cfg.wheelbase, math.degrees(cfg.max_steer_rad), cfg.steering_curve)
         return cfg
+
+    def _after_first_tick(self, out: Outputs) -> None:
+        """Once the world has ticked: read the steering geometry again if setup could not."""
+        if self.args.closed_loop and not self._lateral_read:
+            self._lateral_read = True
+            got = self._steering_geometry(final=True)
+            if got is not None:
+                self.lateral = got
+                out.use_lateral(got)
 
     def _spawn_sensors(self, library: Any) -> None:
         attrs = cc.sensor_attributes(self.rig, self.args.fps, self.geo.latitude if self.geo else 0.0,
@@ -504,9 +560,9 @@ class CarlaBridge:
                 if name == "camera":
                     payload: Any = cc.bgra_to_rgb(data.raw_data, data.width, data.height)
                 elif name == "lidar":
-                    if not self._full_sweep(int(data.frame), float(data.timestamp)):
-                        return
-                    payload = cc.lidar_to_points(data.raw_data)
+                    # A partial sweep is handed over without points, so its tick does not wait for it.
+                    full = self._full_sweep(int(data.frame), float(data.timestamp))
+                    payload = cc.lidar_to_points(data.raw_data) if full else None
                 else:
                     payload = cc.gnss_to_fix(data.latitude, data.longitude, data.altitude, rig, geo)
             except MessageError as exc:
@@ -526,17 +582,17 @@ class CarlaBridge:
         lasted ``1/--fps``. A tick's length is the stamp difference to the previous frame's
         measurement (the LiDAR reports every tick); a measurement without its predecessor is taken as
         full (the world's step was set and checked at setup). Others are counted in
-        :attr:`partial_sweeps` and dropped.
+        :attr:`partial_sweeps`; the loop drops them (:func:`usable`).
         """
-        with self._lidar_lock:
+        with self._lidar_lock:  # callbacks run on CARLA's threads
             previous, self._last_lidar = self._last_lidar, (frame, stamp)
-        if previous is None or frame != previous[0] + 1:
-            return True
-        dt, want = stamp - previous[1], 1.0 / self.args.fps
-        if abs(dt - want) <= SWEEP_TOLERANCE * want:
-            return True
-        self.partial_sweeps += 1
-        log.warning("dropped LiDAR frame %d: its tick lasted %.4f s, not %.4f s (%.0f deg sweep, not 360)", frame,
+            if previous is None or frame != previous[0] + 1:
+                return True
+            dt, want = stamp - previous[1], 1.0 / self.args.fps
+            if abs(dt - want) <= SWEEP_TOLERANCE * want:
+                return True
+            self.partial_sweeps += 1
+        log.warning("dropping LiDAR frame %d: its tick lasted %.4f s, not %.4f s (%.0f deg sweep, not 360)", frame,
                     dt, want, 360.0 * dt / want)
         return False
 
@@ -617,7 +673,7 @@ class CarlaBridge:
             except (RuntimeError, IndexError) as exc:  # not registered with the TM yet
                 log.debug("Traffic Manager actions unavailable: %s", exc)
                 actions = []
-            route.follow_actions(actions or [], lanes._waypoint)
+            route.follow_actions(actions or [], lanes.waypoint)
         if route.revision != self._tm_revision:
             path = [self.carla.Location(x=x, y=y, z=z) for x, y, z in route.tm_path()]
             if path:
@@ -667,15 +723,17 @@ class CarlaBridge:
             else:
                 log.info("destroyed %d actors", len(ids))
             self.spawned.clear()
-        if self._tm_sync_set and self.tm is not None:
-            restore = bool(self.original_settings.synchronous_mode) if self.original_settings is not None else False
+        # Setup switched the TM to synchronous mode; it goes back to the mode of the world it serves.
+        # For a world that was synchronous already (another client ticks it) that is what setup set.
+        restore_tm = self.original_settings is not None and bool(self.original_settings.synchronous_mode)
+        if self._tm_sync_set and self.tm is not None and not restore_tm:
             try:
-                self.tm.set_synchronous_mode(restore)
-                report["tm_synchronous_mode"] = restore
+                self.tm.set_synchronous_mode(False)
+                report["tm_synchronous_mode"] = False
             except RuntimeError as exc:
                 report["tm_synchronous_mode"] = f"failed: {exc}"
-                log.error("restoring the Traffic Manager's synchronous mode failed: %s", exc)
-            self._tm_sync_set = False
+                log.error("restoring the Traffic Manager's asynchronous mode failed: %s", exc)
+        self._tm_sync_set = False
         if self._settings_changed and self.world is not None and self.original_settings is not None:
             orig = self.original_settings
             try:
@@ -703,6 +761,7 @@ class CarlaBridge:
             if a.sync:
                 periods = cc.sensor_periods(self.rig, a.fps)
                 start = self.world.tick(a.timeout)
+                self._after_first_tick(out)
                 assembler = TickAssembler(periods, start_frame=start + 1)
                 t0 = None
                 while not self.stop_event.is_set():
@@ -712,7 +771,7 @@ class CarlaBridge:
                     t0 = now if t0 is None else t0
                     self.ticks += 1
                     tick = self._collect(assembler, frame)
-                    out.on_tick(now, frame, tick.data if tick else {}, 1.0 / a.fps)
+                    out.on_tick(now, frame, usable(tick.data) if tick else {}, 1.0 / a.fps)
                     if now - t0 >= a.duration:
                         break
                 summary_ticks = assembler.counters.as_dict()
@@ -721,7 +780,9 @@ class CarlaBridge:
                 while not self.stop_event.is_set():
                     snapshot = self.world.wait_for_tick(a.timeout)
                     now = snapshot.timestamp.elapsed_seconds
-                    t0 = now if t0 is None else t0
+                    if t0 is None:
+                        t0 = now
+                        self._after_first_tick(out)
                     self.ticks += 1
                     latest: dict[str, Any] = {}
                     while True:
@@ -729,7 +790,7 @@ class CarlaBridge:
                             item = self.queue.get_nowait()
                         except queue.Empty:
                             break
-                        if self._due_async(item):
+                        if item.data is not None and self._due_async(item):
                             latest[item.sensor] = item
                     out.on_tick(now, snapshot.frame, latest, snapshot.timestamp.delta_seconds)
                     if now - t0 >= a.duration:
@@ -737,7 +798,11 @@ class CarlaBridge:
                 summary_ticks = {"skipped": dict(self.skipped)}
         finally:
             out.close()
+        route = self.lanes.route if self.lanes is not None else None
         return {"ticks": self.ticks, "assembly": summary_ticks, "conversion_errors": dict(self.errors),
+                "partial_sweeps": self.partial_sweeps, "traffic": self.traffic,
+                "route": {"replans": route.replans if route else 0,
+                          "tm_divergences": route.tm_divergences if route else 0, "tm_paths": self.tm_paths},
                 **out.summary()}
 
     def _due_async(self, item: SensorItem) -> bool:
@@ -773,6 +838,11 @@ class CarlaBridge:
             assembler.add(item.sensor, item.frame, item)
 
 
+def usable(items: dict[str, SensorItem]) -> dict[str, SensorItem]:
+    """The frames of a tick that carry data (a partial LiDAR sweep arrives without points)."""
+    return {name: item for name, item in items.items() if item.data is not None}
+
+
 class Outputs:
     """Per-tick consumers of the sensor frames: ROS publishing, in-process pipeline, control, recording."""
 
@@ -792,9 +862,14 @@ class Outputs:
             self.pipeline = FusionPipeline(a.model, a.backend, rig)
             self.ingest = SensorIngest(SensorSync(), rig)
         if a.closed_loop:
-            self.controller = ClosedLoopController()
+            self.controller = ClosedLoopController(ControlConfig(lateral=bridge.lateral))
         if a.record:
             self.recorder = CarlaRecorder(a.record, rig, a.storage).__enter__()
+
+    def use_lateral(self, lateral: LateralConfig) -> None:
+        """Steer with this vehicle geometry from now on."""
+        if self.controller is not None:
+            self.controller.cfg = replace(self.controller.cfg, lateral=lateral)
 
     def messages(self, types: Any, item: SensorItem) -> list[tuple[str, Any]]:
         """(topic, message) pairs of one sensor frame built with ``types`` (rosbags or rclpy)."""
@@ -839,6 +914,7 @@ class Outputs:
         pose = b.lanes.update(b.ego.get_transform())
         if self.controller is not None:
             self._control(now, dt)
+        b.route_tick(tm_drives=self.controller is None or self.controller.mode == "autopilot")
         if self.recorder is not None:
             self.recorder.write_static(now)
             for topic, stamp, msg in bag_msgs:
@@ -855,6 +931,7 @@ class Outputs:
         if cmd.mode == "autopilot":
             if previous != "autopilot":
                 b.ego.set_autopilot(True, b.args.tm_port)
+                b.tm_take_over()
             return
         if previous == "autopilot":
             b.ego.set_autopilot(False, b.args.tm_port)
@@ -1029,5 +1106,6 @@ def run(args: argparse.Namespace) -> int:
             return 130
         finally:
             bridge.teardown()
+    summary["teardown"] = bridge.teardown_report
     print(json.dumps(summary, indent=2, default=str))
     return 0

@@ -21,6 +21,7 @@ positive ``steer`` turns *right* (left-handed frame), so :func:`steer_to_carla` 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Hashable
@@ -155,7 +156,7 @@ def lateral_from_physics(physics: Any, base: LateralConfig | None = None) -> Lat
         raise ValueError(f"physics.wheels: front max_steer_angle {max_steer:g} deg is outside "
                          f"{MAX_STEER_RANGE_DEG[0]:g}..{MAX_STEER_RANGE_DEG[1]:g} deg")
     curve = tuple((float(p.x), float(p.y)) for p in getattr(physics, "steering_curve", ()))
-    if curve and any(b[0] <= a[0] for a, b in zip(curve, curve[1:], strict=False)):
+    if curve and any(b[0] <= a[0] for a, b in itertools.pairwise(curve)):
         raise ValueError(f"physics.steering_curve: speeds must increase, got {[p[0] for p in curve]}")
     return replace(c, wheelbase=wheelbase, max_steer_rad=math.radians(max_steer), steering_curve=curve)
 

@@ -16,6 +16,9 @@ project follows REP-103: x forward, y *left*, z up, radians. The two differ by t
 The CARLA world frame maps to the ENU ``map`` frame the same way: CARLA x = east, CARLA y = south
 (so ``-y`` = north), z = up.
 
+GNSS. CARLA computes geolocations with its own spherical formula (:class:`CarlaGeoReference`);
+:func:`gnss_to_fix` inverts it exactly, so a fix lands where it was taken in the ``map`` frame.
+
 ``base_link`` of the rig is the rear-axle centre on the ground; a CARLA vehicle's actor origin is
 its own (model dependent) origin. :func:`base_link_in_actor` places ``base_link`` from the vehicle's
 bounding box so that the front bumper is :data:`lmm_fusion.base.rig.EGO_FRONT_OFFSET` ahead of it, as in
@@ -402,9 +405,11 @@ def sensor_attributes(rig: SensorRig, fps: float, geo_lat_deg: float = 0.0, seed
     (``sensor.other.gnss``). Every sensor fires on every tick (``sensor_tick`` 0) and the bridge
     keeps the frames due at the rig rates by frame number (:func:`sensor_periods`): CARLA's
     ``sensor_tick`` is time-based and its phase against the frame counter is not specified. The LiDAR
-    turns once per tick (``rotation_frequency`` = fps) so every kept cloud is one full sweep taken at
-    one instant, like the synthetic world's; ``points_per_second`` is sized for ``beams * columns``
-    detections per sweep. GNSS noise std [m] becomes degrees at latitude ``geo_lat_deg``.
+    turns once per tick (``rotation_frequency`` = fps), so every kept cloud is one full sweep taken at
+    one instant, like the synthetic world's, as long as every tick lasts ``1/fps``: the bridge sets
+    that fixed step in both modes and drops a measurement of a tick of another length.
+    ``points_per_second`` is sized for ``beams * columns`` detections per sweep. GNSS noise std [m]
+    becomes degrees at latitude ``geo_lat_deg``.
     """
     cam, lid, gnss = rig.camera, rig.lidar, rig.gnss
     lat_m = METRES_PER_DEG_LAT

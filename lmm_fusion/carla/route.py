@@ -142,7 +142,7 @@ class Route:
 
     def ahead(self, distance: float) -> list[Node]:
         """Plan nodes from its start (at or just behind the car) to ``distance`` [m] along it."""
-        return self.nodes[:max(int(math.ceil(distance / self.step)) + 1, 1)]
+        return self.nodes[:max(math.ceil(distance / self.step) + 1, 1)]
 
     def locate(self, x: float, y: float, yaw: float, search: float | None = ON_PLAN_SEARCH) -> int | None:
         """Index of the plan segment the point (x, y) [m] heading ``yaw`` [deg] lies on, or None.
@@ -177,7 +177,7 @@ class Route:
             j = i
             while j < n - 1 and self.nodes[j].wp.is_junction:  # to the junction's end
                 j += 1
-            j = min(j + int(round(TM_EXIT_OFFSET / self.step)), n - 1)
+            j = min(j + round(TM_EXIT_OFFSET / self.step), n - 1)
             while j > i and self.nodes[j].wp.is_junction:  # the exit road itself, not the next junction
                 j -= 1
             out.append(self._location(self.nodes[j]))
@@ -286,7 +286,7 @@ class Route:
     def _extend(self) -> None:
         if not self.nodes:
             return
-        need = int(math.ceil(self.horizon / self.step)) + 1
+        need = math.ceil(self.horizon / self.step) + 1
         while len(self.nodes) < need:
             last = self.nodes[-1]
             nxt = list(last.wp.next(self.step))
