@@ -20,8 +20,12 @@ setup(
     ],
     install_requires=["setuptools"],
     extras_require={
-        # Heavy GPU runtimes; never needed for the CPU path.
-        "gpu": ["onnxruntime-gpu==1.32.0", "tensorrt-cu12==10.13.3.9"],
+        # TensorRT for x86-64 NVIDIA GPUs; never needed for the CPU path. On a Jetson TensorRT comes with
+        # JetPack: use requirements-jetson.txt (docs/jetson.md), never these wheels. ONNX Runtime's CUDA
+        # build is not an extra: onnxruntime-gpu installs the same `onnxruntime` package as the CPU build
+        # in requirements.txt and the two overwrite each other. To switch, replace it:
+        #   pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.31.1  (no 1.32 GPU build)
+        "gpu": ["tensorrt-cu12==10.13.3.9"],
         "carla": ["carla==0.9.16"],
     },
     zip_safe=True,

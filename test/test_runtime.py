@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -13,7 +14,9 @@ import onnx
 import pytest
 import torch
 
+from lmm_fusion.base.paths import default_model_dir
 from lmm_fusion.model import INPUT_NAMES, OUTPUT_NAMES, FusionModel, ModelConfig, load_model, save_model
+from lmm_fusion.model.checkpoint import load_config
 from lmm_fusion.runtime.backends import OnnxRuntimeBackend, TorchBackend, make_backend, ort_providers
 from lmm_fusion.runtime.base import BACKENDS, BackendUnavailable, EngineError
 from lmm_fusion.runtime.export import (
@@ -24,11 +27,13 @@ from lmm_fusion.runtime.export import (
     input_shapes,
     unsupported_ops,
 )
-from lmm_fusion.runtime.tensorrt import EngineCache, EngineKey, TensorRTBackend, TensorSpec, onnx_io
+from lmm_fusion.runtime.tensorrt import BuildResult, EngineCache, EngineKey, TensorRTBackend, TensorSpec, onnx_io
 
 #: Tolerances per precision against torch fp32 (max abs error on logits/regressions).
 FP32_TOL = 1e-4
 FP16_TOL = 5e-2
+#: TensorRT int8 engine against ONNX Runtime's emulation of the same Q/DQ graph (logits, shares).
+INT8_TOL = 0.5
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -86,6 +91,15 @@ def test_auto_backend_logs_its_choice_and_reasons(model_dir: Path, caplog: pytes
     if not HAS_CUDA:
         assert isinstance(backend, OnnxRuntimeBackend) and backend.device == "cpu"
         assert "tensorrt" in text and "no CUDA device" in text
+        # Why the preferred backends were not used, for /diagnostics.
+        assert backend.fallback_reason is not None and backend.fallback_reason.startswith("tensorrt/gpu: ")
+        assert "torch/cuda: torch: no CUDA device" in backend.fallback_reason
+
+
+def test_explicit_backends_have_no_fallback_reason_and_precision_is_checked(model_dir: Path) -> None:
+    assert make_backend("onnxruntime", model_dir, device="cpu").fallback_reason is None
+    with pytest.raises(ValueError, match="precision: expected one of"):
+        make_backend("auto", model_dir, precision="int4")
 
 
 def test_unknown_backend_and_missing_onnx_are_clear_errors(tmp_path: Path) -> None:
@@ -131,16 +145,32 @@ def test_tensorrt_backend_matches_torch(model_dir: Path) -> None:
         np.testing.assert_allclose(got[name], ref[name], atol=FP16_TOL, err_msg=name)
 
 
+def test_tensorrt_builds_the_shipped_int8_graph_close_to_onnxruntime(tmp_path: Path) -> None:
+    """On a GPU: the shipped Q/DQ graph parses and builds (strongly typed), and its engine's outputs are
+    near ONNX Runtime's emulation of the same graph (TensorRT's int8 kernels round differently)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (needs an NVIDIA GPU: pip install '.[gpu]')")
+    if not HAS_CUDA:
+        pytest.skip("TensorRT needs a CUDA GPU")
+    shipped = default_model_dir()
+    inputs = example_inputs(load_config(shipped), seed=5)
+    ref = OnnxRuntimeBackend(shipped / "model.int8.onnx", prefer_gpu=False).infer(inputs)
+    got = TensorRTBackend(shipped / "model.int8.onnx", precision="int8", engine_cache_dir=tmp_path).infer(inputs)
+    for name in ("risk_logits", "action_logits", "light_logits", "modality_attention"):
+        assert np.all(np.isfinite(got[name])), name
+        np.testing.assert_allclose(got[name], ref[name], atol=INT8_TOL, err_msg=name)
+
+
 # ----------------------------------------------------------------------------- engine cache (no GPU)
 class RecordingEngineApi:
-    """Implements the EngineApi protocol without TensorRT: an "engine" is the ONNX hash + precision,
+    """Implements the EngineApi protocol without TensorRT: an "engine" is the ONNX name + precision,
     and its I/O is read back from the ONNX file, so cache decisions can be observed on any machine."""
 
     def __init__(self, onnx_path: Path) -> None:
         self.trt_version = "10.3.0"
         self.gpu_info = ("Orin", "8.7")
         self.builds = 0
-        self.io = onnx_io(onnx_path)
+        self.deserialized = 0
+        self.io_specs = onnx_io(onnx_path)
 
     def version(self) -> str:
         return self.trt_version
@@ -149,14 +179,18 @@ class RecordingEngineApi:
         return self.gpu_info
 
     def build(self, onnx_path: Path, precision: str, workspace_mib: int, dla_core: int | None,
-              timing_cache: Path | None) -> bytes:
+              timing_cache: bytes) -> BuildResult:
         self.builds += 1
-        return f"ENGINE {onnx_path.name} {precision} {self.trt_version} {self.builds}".encode()
+        return BuildResult(f"ENGINE {onnx_path.name} {precision} {self.trt_version} {self.builds}".encode())
 
-    def inspect(self, engine_bytes: bytes) -> list[TensorSpec]:
+    def deserialize(self, engine_bytes: bytes, dla_core: int | None) -> bytes:
+        self.deserialized += 1
         if not engine_bytes.startswith(b"ENGINE"):
             raise ValueError("not an engine")
-        return list(self.io)
+        return engine_bytes
+
+    def io(self, engine: bytes) -> list[TensorSpec]:
+        return list(self.io_specs)
 
 
 def test_engine_key_changes_with_each_part() -> None:
@@ -177,57 +211,66 @@ def test_engine_key_changes_with_each_part() -> None:
 def test_engine_cache_builds_once_then_loads(model_dir: Path, tmp_path: Path) -> None:
     api = RecordingEngineApi(model_dir / "model.onnx")
     cache = EngineCache(api, cache_dir=tmp_path)
-    p1, d1 = cache.get(model_dir / "model.onnx", "fp16")
-    p2, d2 = cache.get(model_dir / "model.onnx", "fp16")
-    assert api.builds == 1 and p1 == p2 and d1 == d2
-    meta = json.loads(p1.with_suffix(".engine.json").read_text())
+    first = cache.get(model_dir / "model.onnx", "fp16")
+    second = cache.get(model_dir / "model.onnx", "fp16")
+    assert api.builds == 1 and first.built and not second.built
+    assert first.path == second.path and first.engine == second.engine
+    assert api.deserialized == 2  # once per get(): the checked engine object is the one returned
+    meta = json.loads(first.path.with_suffix(".engine.json").read_text())
     assert meta["key"]["precision"] == "fp16" and meta["key"]["trt_version"] == "10.3.0"
 
 
 def test_engine_rebuilt_when_tensorrt_gpu_or_precision_change(model_dir: Path, tmp_path: Path) -> None:
     api = RecordingEngineApi(model_dir / "model.onnx")
     cache = EngineCache(api, cache_dir=tmp_path)
-    first, _ = cache.get(model_dir / "model.onnx", "fp16")
+    first = cache.get(model_dir / "model.onnx", "fp16").path
     api.trt_version = "10.4.0"
-    second, _ = cache.get(model_dir / "model.onnx", "fp16")
+    second = cache.get(model_dir / "model.onnx", "fp16").path
     api.gpu_info = ("NVIDIA H200", "9.0")
-    third, _ = cache.get(model_dir / "model.onnx", "fp16")
-    fourth, _ = cache.get(model_dir / "model.onnx", "fp32")
+    third = cache.get(model_dir / "model.onnx", "fp16").path
+    fourth = cache.get(model_dir / "model.onnx", "fp32").path
     assert api.builds == 4 and len({first, second, third, fourth}) == 4
 
 
 def test_engine_with_mismatched_metadata_is_rebuilt_not_loaded(model_dir: Path, tmp_path: Path) -> None:
     api = RecordingEngineApi(model_dir / "model.onnx")
     cache = EngineCache(api, cache_dir=tmp_path)
-    path, _ = cache.get(model_dir / "model.onnx", "fp16")
+    path = cache.get(model_dir / "model.onnx", "fp16").path
     meta_path = path.with_suffix(".engine.json")
     meta = json.loads(meta_path.read_text())
     meta["key"]["trt_version"] = "8.6.1"  # e.g. an engine copied over from another JetPack
     meta_path.write_text(json.dumps(meta))
-    _, data = cache.get(model_dir / "model.onnx", "fp16")
-    assert api.builds == 2 and data.endswith(b" 2")
+    engine = cache.get(model_dir / "model.onnx", "fp16").engine
+    assert api.builds == 2 and engine.endswith(b" 2")
 
 
 def test_engine_with_wrong_io_is_rebuilt(model_dir: Path, tmp_path: Path) -> None:
     api = RecordingEngineApi(model_dir / "model.onnx")
     cache = EngineCache(api, cache_dir=tmp_path)
-    cache.get(model_dir / "model.onnx", "fp16")
-    api.io = [*api.io[:-1], TensorSpec("renamed_output", (1, 3), False)]
-    cache.get(model_dir / "model.onnx", "fp16")
+    path = cache.get(model_dir / "model.onnx", "fp16").path
+    good = api.io_specs
+    api.io_specs = [*good[:-1], TensorSpec("renamed_output", (1, 3), False)]
+    # The cached engine is not loaded (rebuilt), and the rebuilt one, still wrong, is refused, not cached.
+    with pytest.raises(EngineError, match="does not match the ONNX graph"):
+        cache.get(model_dir / "model.onnx", "fp16")
     assert api.builds == 2
+    assert json.loads(path.with_suffix(".engine.json").read_text())["engine_sha256"] == hashlib.sha256(
+        path.read_bytes()).hexdigest() and path.read_bytes().endswith(b" 1")
+    api.io_specs = good
+    assert not cache.get(model_dir / "model.onnx", "fp16").built and api.builds == 2
 
 
 def test_corrupt_engine_is_an_error_naming_the_file(model_dir: Path, tmp_path: Path) -> None:
     api = RecordingEngineApi(model_dir / "model.onnx")
     cache = EngineCache(api, cache_dir=tmp_path)
-    path, _ = cache.get(model_dir / "model.onnx", "fp16")
+    path = cache.get(model_dir / "model.onnx", "fp16").path
     path.write_bytes(path.read_bytes()[:5])  # truncated copy
     key = cache.key(model_dir / "model.onnx", "fp16")
     with pytest.raises(EngineError, match=path.name):
-        cache.validate(path, key, model_dir / "model.onnx")
+        cache.load(path, key, model_dir / "model.onnx")
     # get() never loads it: it rebuilds and the file is whole again.
-    _, data = cache.get(model_dir / "model.onnx", "fp16")
-    assert data.startswith(b"ENGINE") and api.builds == 2
+    engine = cache.get(model_dir / "model.onnx", "fp16").engine
+    assert engine.startswith(b"ENGINE") and api.builds == 2
 
 
 def test_engine_cache_rejects_unknown_precision_and_missing_onnx(model_dir: Path, tmp_path: Path) -> None:

@@ -257,6 +257,7 @@ def _auto(
         ("torch", {"device": "cpu"}),
     ]
     inputs: dict[str, np.ndarray] | None = None
+    failed = False
     for cand, kw in candidates:
         label = f"{cand}/{kw.get('device', 'gpu')}"
         try:
@@ -278,8 +279,10 @@ def _auto(
             reason = f"{label}: {type(exc).__name__}: {exc}"
             log.warning("backend auto: %s failed, falling back: %s", cand, reason)
             reasons.append(reason)
+            failed = True
             continue
         backend.fallback_reason = "; ".join(reasons) or None
+        backend.fallback_failed = failed
         log.info("backend auto: chose %s; not chosen: %s", backend.describe(), backend.fallback_reason or "none")
         return backend
     raise BackendUnavailable("no backend could be created: " + "; ".join(reasons))

@@ -37,6 +37,9 @@ class Backend(ABC):
     #: Set by ``make_backend("auto")``: why the backends it prefers were not used (``"; "``-joined, one
     #: ``kind/device: reason`` each), None when its first choice runs. For logs and ``/diagnostics``.
     fallback_reason: str | None = None
+    #: True when one of those backends failed (an engine that did not parse, build, load or run) rather
+    #: than being unavailable here (not installed, no GPU): worth a warning on a vehicle.
+    fallback_failed: bool = False
 
     @abstractmethod
     def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

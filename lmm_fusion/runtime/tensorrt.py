@@ -534,7 +534,7 @@ class TensorRTBackend(Backend):
         for spec in loaded.io:
             # I/O stays at the ONNX graph's types (float32) at the boundary; TensorRT casts inside.
             self.buffers[spec.name] = self.cuda.empty(spec.shape, spec.dtype)
-            if not self.context.set_tensor_address(spec.name, self.buffers[spec.name].data_ptr()):
+            if self.context.set_tensor_address(spec.name, self.buffers[spec.name].data_ptr()) is False:
                 raise EngineError(f"{self.engine_path}: set_tensor_address({spec.name}) refused")
         missing = [n for n in INPUT_NAMES if n not in self.buffers]
         if missing:
