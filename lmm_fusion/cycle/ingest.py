@@ -48,8 +48,9 @@ class SensorIngest:
     def __init__(self, sync: SensorSync, rig: SensorRig | None = None) -> None:
         self.sync = sync
         self.rig = rig or SensorRig()
-        g = self.rig.gnss
-        self._ego = EgoMotionEstimator(g.origin_lat, g.origin_lon, g.origin_alt)
+        # No fixed geodetic origin: the estimator anchors its ENU frame at the first fix and moves it
+        # with the vehicle, so speeds are right wherever the drive is.
+        self._ego = EgoMotionEstimator()
         self._lock = threading.Lock()  # the GNSS estimator is stateful; callbacks may run in parallel
         self.stats = IngestStats()
 
@@ -68,10 +69,22 @@ class SensorIngest:
         if sensor == "lidar":
             return stamp, read_points(msg, ("x", "y", "z", "intensity"))
         if sensor == "gnss":
-            fix = read_fix(msg)
+            try:
+                fix = read_fix(msg)
+            except MessageError as exc:
+                with self._lock:
+                    self._ego.note_no_fix(str(exc))
+                raise
             with self._lock:
                 return stamp, self._ego.update(fix)
         raise MessageError(f"sensor: unknown sensor name {sensor!r}")
+
+    @property
+    def ego_reason(self) -> str:
+        """Why there is no valid ego-motion estimate now ("" when there is): e.g. "no fix yet",
+        "waiting for fixes (1 of 3)", "implausible jump rejected: ..." (``EgoMotionEstimator.reason``)."""
+        with self._lock:
+            return self._ego.reason
 
     def on_message(self, sensor: str, msg: Any, now: float | None = None) -> bool:
         """Feed one message; True when it reached the sync buffer, False when rejected (counted)."""

@@ -11,6 +11,20 @@ Why a quadratic over 1.5 s: with 5 cm position noise at 10 Hz, differencing succ
 braking without the lag of a straight line. Measured at 12 m/s with 5 cm noise at 10 Hz (window
 0.5 / 1.0 / 1.5 / 2.0 s): speed RMS error 0.42 / 0.19 / 0.11 / 0.07 m/s, acceleration std
 1.6 / 0.36 / 0.14 / 0.06 m/s^2. Constants are in :class:`EgoMotionConfig`.
+
+The ENU frame is anchored near the vehicle, never at a fixed place: at the first fix, and again at
+the newest fix once the vehicle is more than 1 km from the anchor (the window is carried over into
+the new frame). A fixed origin far away tilts the local horizontal: a 10 m move north reads as
+4.9 m in San Francisco against a Munich origin. Within 1 km the frame's curvature error is below
+1e-4 of a distance and its convergence angle below 0.03 deg at 70 deg latitude.
+
+Slower receivers: the window stretches to hold ~5 fixes at the observed rate (bounded) and 3 fixes
+suffice for a first estimate when 4 would take longer than the nominal window, so a 1 Hz receiver
+gives an estimate after 2 s; ``EgoState.speed_std`` says how much less certain it is.
+
+Implausible fixes (a jump above a physical speed, or far outside the stated covariance around the
+predicted position) raise :class:`MessageError` and leave the history untouched, so the next good
+fixes continue the estimate; a few consistent fixes at a new place are a real relocation.
 """
 
 from __future__ import annotations
@@ -140,11 +154,16 @@ def create_fix(
 
 @dataclass(frozen=True)
 class EgoState:
-    """Ego motion at ``stamp`` [s]: position in the local ENU frame [m], ``speed`` [m/s] (>= 0),
-    ``accel`` [m/s^2] (along the direction of travel, negative = braking), ``heading`` [rad, ENU,
-    0 = east, counter-clockwise], ``yaw_rate`` [rad/s], GNSS ``status``, ``horizontal_std`` [m] (NaN if
-    unknown). ``valid`` is False until the window holds enough fixes for a motion estimate; speed,
-    accel and yaw rate are then 0 and heading is the last known one (0 at start)."""
+    """Ego motion at ``stamp`` [s]: position in the estimator's local ENU frame [m] (anchored near the
+    vehicle, see :class:`EgoMotionEstimator`), ``speed`` [m/s] (>= 0), ``accel`` [m/s^2] (along the
+    direction of travel, negative = braking), ``heading`` [rad, ENU, 0 = east, counter-clockwise],
+    ``yaw_rate`` [rad/s], GNSS ``status``, ``horizontal_std`` [m] (the fix's stated std; without a
+    stated covariance the scatter of the window's fixes about the fit, NaN until it can be measured).
+    ``valid`` is False until the window holds enough fixes for a motion estimate; speed, accel and yaw
+    rate are then 0, heading is the last known one (0 at start) and ``reason`` says why (e.g.
+    ``"waiting for fixes (1 of 3)"``; empty when valid). ``speed_std`` [m/s]: the standard deviation of
+    the fitted velocity per axis propagated from ``horizontal_std`` (NaN when invalid or unknown), so a
+    slow receiver's estimate says it is less certain."""
 
     stamp: float
     east: float
@@ -157,27 +176,70 @@ class EgoState:
     status: int
     horizontal_std: float
     valid: bool
+    speed_std: float = math.nan
+    reason: str = ""
 
 
 @dataclass(frozen=True)
 class EgoMotionConfig:
-    """Filter constants. ``window`` [s] of fixes in the fit; ``min_fixes`` for a valid estimate;
-    ``max_gap`` [s] between fixes before the history restarts; ``min_speed_heading`` [m/s] below which
-    heading is held and yaw rate is 0 (the direction of a near-zero velocity is noise)."""
+    """Filter constants.
+
+    Window (adapts to the receiver's rate, observed as the median interval of recent fixes):
+    ``window`` [s] is the shortest fit window; it stretches to hold ``window_fixes`` fixes at the
+    observed rate, at most ``max_window`` [s] (1 Hz: 4.5 s, 5 fixes; 5 Hz and faster: 1.5 s).
+    ``min_fixes`` fixes make a valid estimate, ``min_fixes_slow`` when ``min_fixes`` fixes at the
+    observed rate would span more than ``window`` (a 1 Hz receiver: 3 fixes, 2 s, not 4 fixes, 3 s).
+    ``max_gap`` [s] between fixes before the history restarts (at least ``gap_periods`` receiver periods).
+    ``min_speed_heading`` [m/s] below which heading is held and yaw rate is 0 (the direction of a
+    near-zero velocity is noise).
+
+    ENU anchor: the first fix; a fix more than ``reanchor_distance`` [m] from the anchor moves it there.
+
+    Jump rejection (a fix is checked against the last accepted one up to ``jump_horizon`` [s] back):
+    rejected when it implies more than ``max_speed`` [m/s] over a distance beyond the noise
+    (``gate_sigma`` combined stds, at least ``jump_floor`` [m]), or, with a motion estimate and known
+    covariances, when it lies more than ``gate_sigma`` combined stds plus ``0.5 * max_accel * dt^2``
+    (an unmodelled change of acceleration) from the predicted position. ``relocate_fixes`` consecutive
+    rejected fixes consistent with each other are a real relocation: the history restarts there.
+    """
 
     window: float = 1.5
+    window_fixes: int = 5
+    max_window: float = 5.0
     min_fixes: int = 4
+    min_fixes_slow: int = 3
     max_gap: float = 2.0
+    gap_periods: float = 2.5
     min_speed_heading: float = 0.5
+    reanchor_distance: float = 1000.0
+    max_speed: float = 90.0
+    max_accel: float = 10.0
+    gate_sigma: float = 8.0
+    jump_floor: float = 1.0
+    jump_horizon: float = 10.0
+    relocate_fixes: int = 3
+
+
+#: Recent fix intervals the receiver's period is the median of.
+_RATE_INTERVALS = 9
 
 
 @dataclass
 class EgoMotionEstimator:
     """Successive :class:`GnssFix` -> :class:`EgoState` (see the module docstring for the filter).
 
-    The ENU origin is ``(origin_lat, origin_lon, origin_alt)``; if any is None, the first fix becomes
-    the origin. Time going backwards (a bag loop) or a gap over ``config.max_gap`` restarts the
-    history; a repeated stamp returns the previous state unchanged. Not thread-safe (callers lock).
+    The ENU anchor ``(origin_lat, origin_lon, origin_alt)`` follows the vehicle: None until the first
+    fix, which becomes it (a given anchor is kept only while the vehicle is within
+    ``config.reanchor_distance`` of it), and moved to the newest fix when the vehicle is farther than
+    that from it. At a re-anchor the window's fixes are converted to the new frame from their geodetic
+    positions and the held headings are turned by the frames' convergence angle, so speed, acceleration
+    and heading carry on without a step (``reanchors`` counts them).
+
+    Time going backwards (a bag loop) or a gap over the effective ``max_gap`` restarts the history
+    (``resets``); a repeated stamp returns the previous state unchanged. An implausible fix (see
+    :class:`EgoMotionConfig`) raises :class:`MessageError` and leaves the history as it was
+    (``rejected`` counts them); ``relocations`` counts restarts at a persistent new position.
+    ``reason`` says why the latest estimate is not valid, or "" when it is. Not thread-safe (callers lock).
     """
 
     origin_lat: float | None = None
@@ -185,65 +247,230 @@ class EgoMotionEstimator:
     origin_alt: float | None = None
     config: EgoMotionConfig = field(default_factory=EgoMotionConfig)
     resets: int = 0
-    _hist: deque = field(default_factory=deque, repr=False)
-    _headings: deque = field(default_factory=deque, repr=False)
+    reanchors: int = 0
+    rejected: int = 0
+    relocations: int = 0
+    reason: str = "no fix yet"
+    _hist: deque = field(default_factory=deque, repr=False)  # (stamp, e, n, u, lat, lon, alt, std)
+    _headings: deque = field(default_factory=deque, repr=False)  # (stamp, heading in the anchor frame)
+    _intervals: deque = field(default_factory=lambda: deque(maxlen=_RATE_INTERVALS), repr=False)
+    _candidates: list = field(default_factory=list, repr=False)  # rejected fixes, oldest first
+    _last_fix: GnssFix | None = field(default=None, repr=False)  # the last accepted fix
     _last: EgoState | None = field(default=None, repr=False)
     _heading: float = field(default=0.0, repr=False)
+    _fit: tuple[np.ndarray, np.ndarray, float] | None = field(default=None, repr=False)  # vel, acc, speed_std
 
+    # ------------------------------------------------------------------ rate-adapted constants
+    @property
+    def period(self) -> float:
+        """The receiver's observed period [s] (median of recent intervals); NaN before two fixes."""
+        return float(np.median(self._intervals)) if self._intervals else math.nan
+
+    @property
+    def window(self) -> float:
+        """Effective fit window [s] at the observed rate."""
+        c, p = self.config, self.period
+        if not math.isfinite(p):
+            return c.window
+        return min(max(c.window, (c.window_fixes - 0.5) * p), c.max_window)
+
+    @property
+    def required_fixes(self) -> int:
+        """Fixes a valid estimate needs at the observed rate."""
+        c, p = self.config, self.period
+        if math.isfinite(p) and (c.min_fixes - 1) * p > c.window + 1e-9:
+            return min(c.min_fixes_slow, c.min_fixes)
+        return c.min_fixes
+
+    @property
+    def max_gap(self) -> float:
+        """Effective gap [s] between fixes that restarts the history."""
+        c, p = self.config, self.period
+        return max(c.max_gap, c.gap_periods * p) if math.isfinite(p) else c.max_gap
+
+    @property
+    def state(self) -> EgoState | None:
+        """The latest state returned (None before the first fix)."""
+        return self._last
+
+    # ------------------------------------------------------------------ history
     def reset(self) -> None:
-        """Forget the history (the origin is kept)."""
+        """Forget the history (the anchor is kept)."""
         self._hist.clear()
         self._headings.clear()
+        self._intervals.clear()
+        self._candidates.clear()
         self._last = None
+        self._last_fix = None
+        self._fit = None
         self.resets += 1
 
+    def note_no_fix(self, detail: str = "") -> None:
+        """Record that the receiver reported no usable fix (``read_fix`` refused it), for :attr:`reason`."""
+        self.reason = "no fix" + (f": {detail}" if detail else "")
+
+    def _enu(self, lat: float, lon: float, alt: float) -> tuple[float, float, float]:
+        assert self.origin_lat is not None and self.origin_lon is not None and self.origin_alt is not None
+        e, n, u = pymap3d.geodetic2enu(lat, lon, alt, self.origin_lat, self.origin_lon, self.origin_alt)
+        return float(e), float(n), float(u)
+
+    def _anchor(self, lat: float, lon: float, alt: float) -> None:
+        """Move the ENU anchor to (lat, lon, alt): window fixes re-expressed, headings turned."""
+        old = (self.origin_lat, self.origin_lon, self.origin_alt)
+        if old[0] is not None and old[1] is not None and old[2] is not None:
+            # Convergence angle: the new frame's north axis seen in the old frame. A heading (ENU,
+            # counter-clockwise from east) in the old frame is that much larger than in the new one.
+            step = pymap3d.enu2geodetic(0.0, 100.0, 0.0, lat, lon, alt)
+            e0, n0, _ = pymap3d.geodetic2enu(lat, lon, alt, *old)
+            e1, n1, _ = pymap3d.geodetic2enu(float(step[0]), float(step[1]), float(step[2]), *old)
+            turn = math.atan2(-(float(e1) - float(e0)), float(n1) - float(n0))
+            self._heading = _wrap(self._heading - turn)
+            self._headings = deque((t, h - turn) for t, h in self._headings)
+            self.reanchors += 1
+        self.origin_lat, self.origin_lon, self.origin_alt = lat, lon, alt
+        self._hist = deque((h[0], *self._enu(h[4], h[5], h[6]), h[4], h[5], h[6], h[7]) for h in self._hist)
+
+    # ------------------------------------------------------------------ plausibility
+    def _implausible(self, fix: GnssFix, ref: GnssFix, predict: bool) -> str | None:
+        """Why ``fix`` cannot follow ``ref`` (an earlier fix), or None when it can."""
+        c = self.config
+        dt = fix.stamp - ref.stamp
+        if not 0.0 < dt <= c.jump_horizon:
+            return None
+        e0, n0, _ = self._enu(ref.lat, ref.lon, ref.alt)
+        e1, n1, _ = self._enu(fix.lat, fix.lon, fix.alt)
+        dist = math.hypot(e1 - e0, n1 - n0)
+        s_new, s_ref = fix.horizontal_std, ref.horizontal_std
+        known = math.isfinite(s_new) and math.isfinite(s_ref)
+        noise = c.gate_sigma * math.hypot(s_new, s_ref) if known else 0.0
+        where = f"latitude/longitude: ({fix.lat:.7f}, {fix.lon:.7f})"
+        if dist > max(c.jump_floor, noise) and dist / dt > c.max_speed:
+            return (f"{where} is {dist:.1f} m from the last fix {dt:.3f} s earlier: implied speed "
+                    f"{dist / dt:.0f} m/s > {c.max_speed:g} m/s")
+        if predict and known and self._fit is not None and self._last is not None:
+            vel, acc, speed_std = self._fit
+            pe, pn = self._last.east + vel[0] * dt + 0.5 * acc[0] * dt * dt, \
+                self._last.north + vel[1] * dt + 0.5 * acc[1] * dt * dt
+            miss = math.hypot(e1 - pe, n1 - pn)
+            sd = math.sqrt(s_new ** 2 + s_ref ** 2 + (speed_std * dt if math.isfinite(speed_std) else 0.0) ** 2)
+            gate = c.gate_sigma * sd + 0.5 * c.max_accel * dt * dt
+            if miss > gate:
+                return (f"{where} is {miss:.2f} m from the position predicted {dt:.3f} s ahead, over the "
+                        f"gate {gate:.2f} m ({c.gate_sigma:g} x combined std {sd:.3f} m + manoeuvre allowance)")
+        return None
+
+    def _reject(self, fix: GnssFix, why: str) -> EgoState:
+        """Count ``fix`` as rejected (raise) unless it completes a persistent relocation (restart there)."""
+        c = self.config
+        if self._candidates and (self._implausible(fix, self._candidates[-1], predict=False) is not None
+                                 or not 0.0 < fix.stamp - self._candidates[-1].stamp <= self.max_gap):
+            self._candidates.clear()
+        self._candidates.append(fix)
+        if len(self._candidates) >= c.relocate_fixes:
+            fixes = list(self._candidates)
+            self.reset()
+            self.relocations += 1
+            for f in fixes[:-1]:
+                self._accept(f)
+            return self._accept(fixes[-1])
+        self.rejected += 1
+        self.reason = f"implausible jump rejected: {why}"
+        raise MessageError(f"{why} (implausible jump rejected; {len(self._candidates)} of {c.relocate_fixes} "
+                           "consistent fixes would accept a relocation)")
+
+    # ------------------------------------------------------------------ update
     def update(self, fix: GnssFix) -> EgoState:
         """Add ``fix`` and return the ego state at its stamp.
 
         Raises :class:`MessageError` for a NO_FIX status or a non-finite stamp or position (fixes made
-        by :func:`read_fix` never have them; hand-built ones might).
+        by :func:`read_fix` never have them; hand-built ones might), and for an implausible jump (the
+        message names the position, the distance and the bound it broke).
         """
         if fix.status == STATUS_NO_FIX:
+            self.note_no_fix("status NO_FIX")
             raise MessageError(f"status: {fix.status} (NO_FIX) cannot update the ego motion")
         if not all(math.isfinite(v) for v in (fix.stamp, fix.lat, fix.lon, fix.alt)):
             raise MessageError(f"fix: non-finite stamp/lat/lon/alt {(fix.stamp, fix.lat, fix.lon, fix.alt)}")
+        if self._last is not None and fix.stamp == self._last.stamp:
+            return self._last
+        if self.origin_lat is not None and self.origin_lon is not None and self.origin_alt is not None \
+                and self._last_fix is None:
+            e, n, _ = self._enu(fix.lat, fix.lon, fix.alt)
+            if math.hypot(e, n) > self.config.reanchor_distance:
+                self._anchor(fix.lat, fix.lon, fix.alt)
         if self.origin_lat is None or self.origin_lon is None or self.origin_alt is None:
-            self.origin_lat, self.origin_lon, self.origin_alt = fix.lat, fix.lon, fix.alt
-        if self._last is not None:
-            dt = fix.stamp - self._last.stamp
-            if dt == 0.0:
-                return self._last
-            if dt < 0.0 or dt > self.config.max_gap:
+            self._anchor(fix.lat, fix.lon, fix.alt)
+        ref = self._last_fix
+        if ref is not None and fix.stamp < ref.stamp:
+            self.reset()  # a bag loop: a new start, not a jump
+            ref = None
+        if ref is not None:
+            intact = fix.stamp - ref.stamp <= self.max_gap
+            why = self._implausible(fix, ref, predict=intact)
+            if why is not None:
+                return self._reject(fix, why)  # raises unless a relocation completes
+            if not intact:
                 self.reset()
-        e, n, u = pymap3d.geodetic2enu(fix.lat, fix.lon, fix.alt, self.origin_lat, self.origin_lon, self.origin_alt)
-        e, n, u = float(e), float(n), float(u)
-        self._hist.append((fix.stamp, e, n))
-        while self._hist and fix.stamp - self._hist[0][0] > self.config.window + 1e-9:
+        self._candidates.clear()
+        return self._accept(fix)
+
+    def _accept(self, fix: GnssFix) -> EgoState:
+        """Add a plausible fix to the history and fit the window."""
+        c = self.config
+        e, n, u = self._enu(fix.lat, fix.lon, fix.alt)
+        if math.hypot(e, n) > c.reanchor_distance:
+            self._anchor(fix.lat, fix.lon, fix.alt)
+            e, n, u = self._enu(fix.lat, fix.lon, fix.alt)
+        if self._last_fix is not None:
+            self._intervals.append(fix.stamp - self._last_fix.stamp)
+        self._last_fix = fix
+        self._hist.append((fix.stamp, e, n, u, fix.lat, fix.lon, fix.alt, fix.horizontal_std))
+        window = self.window
+        while self._hist and fix.stamp - self._hist[0][0] > window + 1e-9:
             self._hist.popleft()
-        while self._headings and fix.stamp - self._headings[0][0] > self.config.window + 1e-9:
+        while self._headings and fix.stamp - self._headings[0][0] > window + 1e-9:
             self._headings.popleft()
 
         speed = accel = yaw_rate = 0.0
-        valid = len(self._hist) >= self.config.min_fixes
+        speed_std = math.nan
+        h_std = fix.horizontal_std
+        required = self.required_fixes
+        valid = len(self._hist) >= required
+        self._fit = None
         if valid:
-            h = np.asarray(self._hist, dtype=np.float64)
+            h = np.asarray([row[:3] for row in self._hist], dtype=np.float64)
             t = h[:, 0] - fix.stamp  # newest fix at t = 0: the derivatives there are the coefficients
             deg = 2 if len(h) >= 5 else 1
             coef = np.polynomial.polynomial.polyfit(t, h[:, 1:3], deg)  # (deg+1, 2)
             vel = coef[1]
             acc = 2.0 * coef[2] if deg == 2 else np.zeros(2)
+            # Per-axis position std of the window: the stated stds, else the scatter about the fit.
+            stds = np.array([row[7] for row in self._hist], dtype=np.float64)
+            dof = 2 * (len(h) - deg - 1)
+            if np.isfinite(stds).all():
+                sigma = float(np.sqrt(np.mean(stds ** 2)))
+            elif dof > 0:
+                resid = h[:, 1:3] - np.polynomial.polynomial.polyval(t, coef).T
+                sigma = float(np.sqrt(np.sum(resid ** 2) / dof))
+                h_std = sigma if not math.isfinite(h_std) else h_std
+            else:
+                sigma = math.nan
+            design = np.vander(t, deg + 1, increasing=True)
+            speed_std = sigma * math.sqrt(float(np.linalg.inv(design.T @ design)[1, 1]))
+            self._fit = (vel, acc, speed_std)
             speed = float(np.hypot(vel[0], vel[1]))
-            if speed >= self.config.min_speed_heading:
+            if speed >= c.min_speed_heading:
                 self._heading = math.atan2(float(vel[1]), float(vel[0]))
                 direction = vel / speed
                 accel = float(direction @ acc)
                 self._headings.append((fix.stamp, self._heading))
-                if len(self._headings) >= self.config.min_fixes:
+                if len(self._headings) >= required:
                     hh = np.asarray(self._headings, dtype=np.float64)
                     yaw_rate = float(np.polyfit(hh[:, 0] - fix.stamp, np.unwrap(hh[:, 1]), 1)[0])
             else:
                 self._headings.clear()
                 accel = float(np.hypot(acc[0], acc[1])) * (1.0 if coef[1] @ acc >= 0 else -1.0)
+        self.reason = "" if valid else f"waiting for fixes ({len(self._hist)} of {required})"
         state = EgoState(
             stamp=fix.stamp,
             east=e,
@@ -254,8 +481,15 @@ class EgoMotionEstimator:
             heading=self._heading,
             yaw_rate=yaw_rate,
             status=fix.status,
-            horizontal_std=fix.horizontal_std,
+            horizontal_std=h_std,
             valid=valid,
+            speed_std=speed_std,
+            reason=self.reason,
         )
         self._last = state
         return state
+
+
+def _wrap(angle: float) -> float:
+    """Angle [rad] -> (-pi, pi]."""
+    return math.atan2(math.sin(angle), math.cos(angle))

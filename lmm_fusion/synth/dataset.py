@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import Scenario
 from lmm_fusion.synth.drive import add_sensor_arguments, add_world_arguments, rig_from_args, synthesize
+from lmm_fusion.synth.gnss import rig_at_origin
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rig = rig_from_args(args.camera or DATASET_CAMERA, args.lidar_beams, args.lidar_columns)
+    rig = rig_at_origin(rig_from_args(args.camera or DATASET_CAMERA, args.lidar_beams, args.lidar_columns),
+                        args.origin)
     specs = make_dataset(args.out, args.drives, args.seconds, args.seed, rig, args.compressed, args.storage,
                          args.workers, progress=not args.no_progress, start_max=args.start_max,
                          lamp_cues=args.lamp_cues)

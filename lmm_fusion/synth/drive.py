@@ -38,7 +38,7 @@ from lmm_fusion.io.msgtypes import MsgTypes, rosbags_types
 from lmm_fusion.io.pointcloud import create_cloud
 from lmm_fusion.io.tf import tf_static_msg
 from lmm_fusion.synth.camera import CameraRenderer, camera_info_arrays
-from lmm_fusion.synth.gnss import GnssSimulator
+from lmm_fusion.synth.gnss import GnssSimulator, parse_origin, rig_at_origin
 from lmm_fusion.synth.lidar import LidarSimulator
 from lmm_fusion.synth.world import World
 
@@ -292,6 +292,10 @@ def add_sensor_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lidar-columns", type=_int_in(8, 8192), default=None, metavar="N",
                         help="LiDAR columns per revolution (default 2048)")
     parser.add_argument("--compressed", action="store_true", help="write JPEG CompressedImage instead of Image")
+    parser.add_argument("--origin", type=parse_origin, default=None, metavar="LAT,LON[,ALT]",
+                        help="geodetic position [deg, deg, m] of the map origin the drive is placed at "
+                             "(default: the rig's, 48.137 N 11.576 E); write --origin=-33.87,151.21 for a "
+                             "southern latitude")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -312,7 +316,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rig = rig_from_args(args.camera, args.lidar_beams, args.lidar_columns)
+    rig = rig_at_origin(rig_from_args(args.camera, args.lidar_beams, args.lidar_columns), args.origin)
     path, stats = synthesize_with_stats(args.out, args.seconds, args.seed, args.scenario, rig,
                                         args.compressed, args.storage, progress=not args.no_progress,
                                         start=args.start, warmup=args.warmup, lamp_cues=args.lamp_cues)
