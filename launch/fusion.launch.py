@@ -3,9 +3,20 @@
     ros2 launch lmm_fusion fusion.launch.py
     ros2 launch lmm_fusion fusion.launch.py rviz:=true bag:=/path/to/drive use_sim_time:=true
     ros2 launch lmm_fusion fusion.launch.py namespace:=car1 params_file:=/path/to/my.yaml
+    ros2 launch lmm_fusion fusion.launch.py lidar_points:=/velodyne_points gnss_fix:=/fix
+    ros2 launch lmm_fusion fusion.launch.py namespace:=car1 camera_image:=sensors/camera/image_raw \
+        camera_compressed:=sensors/camera/image_raw/compressed camera_info:=sensors/camera/camera_info \
+        lidar_points:=sensors/lidar/points gnss_fix:=sensors/gnss/fix rviz:=true
 
 The node is a managed (lifecycle) node; with ``autostart:=true`` (default) it configures and
 activates itself, with ``autostart:=false`` it waits for lifecycle ChangeState requests.
+The node subscribes to relative input names (``~/input/camera/image``, ``~/input/camera/compressed``,
+``~/input/camera/camera_info``, ``~/input/lidar/points``, ``~/input/gnss/fix``); the ``camera_image``,
+``camera_compressed``, ``camera_info``, ``lidar_points`` and ``gnss_fix`` arguments remap them, by default
+to the absolute ``/sensors/...`` topics the recorders and bags use. A relative value (no leading ``/``)
+resolves in ``namespace``, so one launch per vehicle (``namespace:=car1``) keeps the vehicles apart; the
+outputs (``~/scene_assessment``, ...) are always under ``/<namespace>/fusion_node``. RViz starts in the same
+namespace and its config names relative topics: ``fusion_node/...`` and ``sensors/...``.
 ``bag:=PATH`` plays a rosbag2 with ``lmm-fusion play --clock`` (use it with ``use_sim_time:=true``).
 ``dds_profile:=PATH`` is the Fast DDS profile for every process started here; the default
 (config/fastdds_large_data.xml) gives shared memory large enough for whole full-size point clouds and
@@ -23,6 +34,14 @@ from launch_ros.actions import LifecycleNode, Node
 from launch_ros.substitutions import FindPackageShare
 
 PACKAGE = "lmm_fusion"
+#: Launch argument, the node's relative input name (lmm_fusion.ros.params.INPUTS), default topic.
+INPUTS = (
+    ("camera_image", "~/input/camera/image", "/sensors/camera/image_raw"),
+    ("camera_compressed", "~/input/camera/compressed", "/sensors/camera/image_raw/compressed"),
+    ("camera_info", "~/input/camera/camera_info", "/sensors/camera/camera_info"),
+    ("lidar_points", "~/input/lidar/points", "/sensors/lidar/points"),
+    ("gnss_fix", "~/input/gnss/fix", "/sensors/gnss/fix"),
+)
 
 
 def generate_launch_description() -> LaunchDescription:
@@ -34,6 +53,7 @@ def generate_launch_description() -> LaunchDescription:
     bag = LaunchConfiguration("bag")
     bag_rate = LaunchConfiguration("bag_rate")
     dds_profile = LaunchConfiguration("dds_profile")
+    inputs = {name: LaunchConfiguration(name) for name, _, _ in INPUTS}
 
     arguments = [
         DeclareLaunchArgument("params_file", default_value=PathJoinSubstitution(
@@ -48,6 +68,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("dds_profile", default_value=PathJoinSubstitution(
             [FindPackageShare(PACKAGE), "config", "fastdds_large_data.xml"]),
             description="Fast DDS profile XML for the processes started here ('' = keep the environment's)"),
+        *(DeclareLaunchArgument(name, default_value=default, description=f"topic remapped to {source}")
+          for name, source, default in INPUTS),
     ]
     has_profile = IfCondition(PythonExpression(["'", dds_profile, "' != ''"]))
     dds_env = [
@@ -63,12 +85,14 @@ def generate_launch_description() -> LaunchDescription:
         output="screen",
         emulate_tty=True,
         parameters=[params_file, {"use_sim_time": use_sim_time, "autostart": autostart}],
+        remappings=[(source, inputs[name]) for name, source, _ in INPUTS],
     )
 
     rviz_node = Node(
         package="rviz2",
         executable="rviz2",
         name="rviz2",
+        namespace=namespace,  # the config's relative topics resolve in the vehicle's namespace
         arguments=["-d", PathJoinSubstitution([FindPackageShare(PACKAGE), "config", "lmm_fusion.rviz"])],
         parameters=[{"use_sim_time": use_sim_time}],
         condition=IfCondition(rviz),

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from lmm_fusion.cli import COMMANDS
-from lmm_fusion.ros.params import PARAMS
+from lmm_fusion.ros.params import DEFAULT_REMAPS, INPUTS, PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "fusion.launch.py"
@@ -116,6 +116,15 @@ def test_launch_description_with_stand_ins(monkeypatch: pytest.MonkeyPatch) -> N
             passed |= set(item)
     assert passed and passed <= declared_params, f"not declared by the node: {passed - declared_params}"
 
+    # Every input is remapped from a launch argument whose default is the topic lmm-fusion node uses.
+    remaps = dict(node.kwargs["remappings"])
+    assert set(remaps) == set(INPUTS.values())
+    defaults = {e.args[0]: e.kwargs.get("default_value") for e in entities
+                if type(e).__name__ == "DeclareLaunchArgument"}
+    for source, sub in remaps.items():
+        assert type(sub).__name__ == "LaunchConfiguration"
+        assert defaults[sub.args[0]] == DEFAULT_REMAPS[source], source
+
     files = _share_files(entities)
     assert "config/fusion.yaml" in files and "config/lmm_fusion.rviz" in files
     for rel in files:
@@ -123,6 +132,9 @@ def test_launch_description_with_stand_ins(monkeypatch: pytest.MonkeyPatch) -> N
 
     rviz = next(e for e in entities if e.kwargs.get("executable") == "rviz2")
     assert type(rviz.kwargs["condition"]).__name__ == "IfCondition"
+    # RViz runs in the node's namespace, where the config's relative topics resolve.
+    assert type(rviz.kwargs["namespace"]).__name__ == "LaunchConfiguration"
+    assert rviz.kwargs["namespace"].args == ("namespace",) and node.kwargs["namespace"].args == ("namespace",)
     player = next(e for e in entities if type(e).__name__ == "ExecuteProcess")
     cmd = [c for c in player.kwargs["cmd"] if isinstance(c, str)]
     assert cmd[:3] == ["-m", "lmm_fusion.cli", "play"] and "--clock" in cmd
@@ -168,8 +180,17 @@ def test_rviz_config_displays() -> None:
     for cls in ("rviz_default_plugins/Image", "rviz_default_plugins/PointCloud2", "rviz_default_plugins/Map",
                 "rviz_default_plugins/MarkerArray"):
         assert cls in displays, cls
-    assert displays["rviz_default_plugins/Map"]["Topic"]["Value"] == "/fusion_node/occupancy"
-    assert displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/fusion_node/markers"
+    # Relative names: RViz resolves them in its namespace (the launch file's `namespace`), so the same
+    # config shows /fusion_node/... at the root and /car1/fusion_node/... for namespace:=car1.
+    assert displays["rviz_default_plugins/Map"]["Topic"]["Value"] == "fusion_node/occupancy"
+    assert displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "fusion_node/markers"
+    topics_named = [d[key]["Value"] for d in vm["Displays"] for key in ("Topic", "Update Topic") if key in d]
+    assert len(topics_named) >= 5 and not [t for t in topics_named if t.startswith("/")], topics_named
+    # The sensor displays show what the default remaps feed the node (relative to the namespace).
+    assert displays["rviz_default_plugins/PointCloud2"]["Topic"]["Value"] == DEFAULT_REMAPS[
+        INPUTS["lidar_points"]].lstrip("/")
+    assert displays["rviz_default_plugins/Image"]["Topic"]["Value"] == DEFAULT_REMAPS[
+        INPUTS["camera_image"]].lstrip("/")
 
 
 def test_launch_with_real_launch_ros() -> None:

@@ -18,6 +18,7 @@ from lmm_fusion.io import (
     create_fix,
     create_image,
     make_header,
+    make_time,
     rclpy_types,
     read_fix,
     read_image,
@@ -109,8 +110,9 @@ def test_rclpy_serialised_bytes_deserialise_with_rosbags(built: dict[str, dict[s
 
 
 def _scene(types: MsgTypes) -> Any:
-    mods = [types.ModalityStatus(name=n, used=u, age=a, attention_share=s)
-            for n, u, a, s in (("camera", True, 0.05, 0.5), ("lidar", True, 0.02, 0.4), ("gnss", False, 3.0, 0.0))]
+    mods = [types.ModalityStatus(name=n, used=u, age=a, attention_share=s, stamp=make_time(types, t))
+            for n, u, a, s, t in (("camera", True, 0.05, 0.5, 42.45), ("lidar", True, 0.02, 0.4, 42.5),
+                                  ("gnss", False, 3.0, 0.0, 0.0))]
     return types.SceneAssessment(
         header=make_header(types, 42.5, "base_link"),
         risk_level=int(Risk.HIGH),
@@ -131,6 +133,8 @@ def test_scene_assessment_cdr_round_trip() -> None:
     back = store.deserialize_cdr(store.serialize_cdr(msg, "lmm_fusion/msg/SceneAssessment"),
                                  "lmm_fusion/msg/SceneAssessment")
     assert back.risk_level == Risk.HIGH and [m.name for m in back.modalities] == ["camera", "lidar", "gnss"]
+    # Each modality's source stamp survives (zero for the unused one).
+    assert [(m.stamp.sec, m.stamp.nanosec) for m in back.modalities] == [(42, 450_000_000), (42, 500_000_000), (0, 0)]
     np.testing.assert_array_equal(back.risk_probabilities, msg.risk_probabilities)
 
 
@@ -179,3 +183,4 @@ def test_scene_assessment_over_dds_in_one_process(monkeypatch: pytest.MonkeyPatc
     assert [m.name for m in got.modalities] == ["camera", "lidar", "gnss"] and got.modalities[2].used is False
     np.testing.assert_allclose(got.risk_probabilities, [0.1, 0.2, 0.7], rtol=1e-6)
     assert got.header.stamp.sec == 42 and got.header.stamp.nanosec == 500_000_000
+    assert (got.modalities[0].stamp.sec, got.modalities[0].stamp.nanosec) == (42, 450_000_000)

@@ -1,13 +1,15 @@
-"""The fusion node process: lifecycle over DDS, a bad parameter, ``lmm-fusion node --build-only``.
+"""The fusion node process: lifecycle over DDS, a bad parameter, ``lmm-fusion node --build-only``, two
+nodes in namespaces.
 
-Each of these needs a node of its own (unconfigured at start, failing, building only), unlike the
-outputs and faults of ``test_reliability_dds.py``, which share running nodes. The two short-lived runs
-start with the module, so they overlap the lifecycle test. Every wait is a bounded poll; every
+Each of these needs a node of its own (unconfigured at start, failing, building only, namespaced), unlike
+the outputs and faults of ``test_reliability_dds.py``, which share running nodes. The two short-lived
+runs start with the module, so they overlap the lifecycle test. Every wait is a bounded poll; every
 subprocess is stopped in teardown.
 """
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
@@ -16,11 +18,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
 
 from lmm_fusion.base import topics
+from lmm_fusion.ros.outputs import ERROR, OK, WARN
 from lmm_fusion.tools.harness import NodeHarness, loopback_env, node_command, run_parallel, wait_until
 
 pytestmark = [pytest.mark.dds, pytest.mark.slow]
@@ -57,6 +63,27 @@ def _change_state(node: Any, service: str, transition_id: int, timeout: float = 
     return bool(fut.result().success)
 
 
+def _lifecycle(rig: NodeHarness, after: float = -float("inf")) -> list[tuple[str, int]]:
+    """(state, level) of each ``fusion_node: lifecycle`` status on /diagnostics stamped after ``after``."""
+    out = []
+    for d in rig.diagnostics(after):
+        st = d["status"].get(f"{topics.NODE_NAME}: lifecycle")
+        if st is not None:
+            out.append((st["values"]["state"], st["level"]))
+    return out
+
+
+def _set_double(node: Any, name: str, value: float, timeout: float = 10.0) -> bool:
+    """Set one double parameter of the node through its SetParameters service; whether it was accepted."""
+    client = node.create_client(SetParameters, f"/{topics.NODE_NAME}/set_parameters")
+    assert client.wait_for_service(timeout_sec=timeout)
+    req = SetParameters.Request(parameters=[Parameter(
+        name=name, value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=value))])
+    fut = client.call_async(req)
+    assert wait_until(fut.done, timeout)
+    return bool(fut.result().results[0].successful)
+
+
 def _get_state(node: Any, timeout: float = 10.0) -> str:
     client = node.create_client(GetState, f"/{topics.NODE_NAME}/get_state")
     assert client.wait_for_service(timeout_sec=timeout)
@@ -71,10 +98,29 @@ def test_lifecycle_transitions(tmp_path: Path) -> None:
         node, outputs = rig.outputs.node, rig.outputs
         srv = f"/{topics.NODE_NAME}/change_state"
         assert _get_state(node, START_TIMEOUT) == "unconfigured"
+        # /diagnostics reports before configure, at diagnostic_updater's 1 Hz (the default period).
+        assert wait_until(lambda: len(_lifecycle(rig)) >= 2, 5.0), rig.log()
+        assert set(_lifecycle(rig)) == {("unconfigured", WARN)}
+        stamps = [d["stamp"] for d in rig.diagnostics()]
+        assert 0.7 <= stamps[1] - stamps[0] <= 1.5, stamps
+        # A live parameter, taken in any state: 4 Hz from now on.
+        assert _set_double(node, "diagnostics.period", 0.25)
+        t_fast = time.time()
+        assert wait_until(lambda: len(rig.diagnostics(t_fast)) >= 5, 5.0), rig.diagnostics(t_fast)
+        fast = [d["stamp"] for d in rig.diagnostics(t_fast)][1:]
+        assert max(b - a for a, b in itertools.pairwise(fast)) < 0.5, fast
         assert outputs.count("scene") == 0
-        assert _change_state(node, srv, Transition.TRANSITION_CONFIGURE)
+        assert _change_state(node, srv, Transition.TRANSITION_CONFIGURE, timeout=START_TIMEOUT)
         assert _get_state(node) == "inactive"
-        assert _change_state(node, srv, Transition.TRANSITION_ACTIVATE, timeout=START_TIMEOUT)
+        # The model is loaded (and warmed up) by configure, not by activate.
+        assert "pipeline: torch" in rig.log(20000) and "activated" not in rig.log(20000)
+        t_conf = time.time()
+        assert wait_until(lambda: ("inactive", WARN) in _lifecycle(rig, t_conf), 5.0), rig.log()
+        assert outputs.count("scene") == 0
+        t0 = time.monotonic()
+        assert _change_state(node, srv, Transition.TRANSITION_ACTIVATE)
+        activate_s = time.monotonic() - t0
+        assert activate_s < 2.0, f"activation took {activate_s:.2f} s"
         assert _get_state(node) == "active"
         assert wait_until(lambda: outputs.count("scene") >= 3, 10.0)
         assert wait_until(lambda: node.count_subscribers(topics.LIDAR_POINTS) == 1, 5.0)
@@ -84,15 +130,22 @@ def test_lifecycle_transitions(tmp_path: Path) -> None:
         t_off = time.time()
         assert _get_state(node) == "inactive"
         assert wait_until(lambda: node.count_subscribers(topics.LIDAR_POINTS) == 0, 5.0)
+        # Still reporting while inactive: the state, not the sensors or the cycle.
+        assert wait_until(lambda: ("inactive", WARN) in _lifecycle(rig, t_off), 5.0), rig.log()
+        assert all(len(d["status"]) == 1 for d in rig.diagnostics(t_off + 0.1))
         time.sleep(0.3 + 5 * PERIOD)
         late = [r["stamp"] for r in rig.scenes(t_off)]
         assert not late, f"inactive node kept publishing: stamps {late} after {t_off}"
         n = outputs.count("scene")
         assert _change_state(node, srv, Transition.TRANSITION_CLEANUP)
         assert _get_state(node) == "unconfigured"
-        assert _change_state(node, srv, Transition.TRANSITION_CONFIGURE)
-        assert _change_state(node, srv, Transition.TRANSITION_ACTIVATE, timeout=START_TIMEOUT)
+        assert _change_state(node, srv, Transition.TRANSITION_CONFIGURE, timeout=START_TIMEOUT)
+        assert _change_state(node, srv, Transition.TRANSITION_ACTIVATE)
         assert wait_until(lambda: outputs.count("scene") > n + 2, 10.0)
+        t_on = time.time()
+        assert wait_until(lambda: ("active", OK) in _lifecycle(rig, t_on), 5.0), rig.log()
+        active = next(d for d in rig.diagnostics(t_on) if f"{topics.NODE_NAME}: cycle" in d["status"])
+        assert {f"{topics.NODE_NAME}: {k}" for k in ("lidar", "cycle", "assessment")} <= set(active["status"])
         assert rig.alive()
     finally:
         rig.close()
@@ -108,3 +161,46 @@ def test_cli_build_only_builds_and_exits(one_shot: Future[Runs]) -> None:
     out = one_shot.result()["build_only"]
     assert out.returncode == 0, out.stdout[-4000:]
     assert "build-only: engine ready: torch" in out.stdout
+
+
+_rng = np.random.default_rng(1)
+RGB = _rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+POINTS = _rng.uniform([5, -8, -1.5, 0], [40, 8, 1.0, 1], (300, 4)).astype(np.float32)
+
+
+def test_two_namespaced_nodes_on_one_domain_do_not_cross(tmp_path: Path) -> None:
+    """``car1`` and ``car2`` on one domain, each fed on its own ``/carN/sensors/...`` (remapped from
+    ``~/input/...``): car1 with every sensor, car2 without LiDAR. Neither sees the other's data, outputs are
+    under ``/carN/fusion_node``, and their statuses on the shared /diagnostics stay apart."""
+    cars: dict[str, NodeHarness] = {}
+    try:
+        cars["car1"] = NodeHarness(tmp_path / "car1", PARAMS, namespace="car1")
+        cars["car2"] = NodeHarness(tmp_path / "car2", PARAMS, namespace="car2", env=cars["car1"].env)
+        for name, rig in cars.items():
+            assert rig.wait_subscribed(START_TIMEOUT), f"{name} did not subscribe:\n{rig.log()}"
+        probe = cars["car1"].outputs.node
+        assert probe.count_publishers(f"/car1/{topics.NODE_NAME}/scene_assessment") == 1
+        assert probe.count_publishers(f"/{topics.NODE_NAME}/scene_assessment") == 0
+        assert probe.count_subscribers(topics.LIDAR_POINTS) == 0  # nobody listens on the root namespace
+        cars["car1"].start_sensors(RGB, POINTS)
+        cars["car2"].start_sensors(RGB, POINTS, modes={"lidar": "off"})
+        fused = {"car1": [True, True, True], "car2": [True, False, True]}
+
+        def used(name: str) -> list[list[bool]]:
+            return [[m["used"] for m in r["modalities"]] for r in cars[name].scenes() if r["valid"]]
+
+        for name, expect in fused.items():
+            assert wait_until(lambda n=name, e=expect: used(n).count(e) >= 5, 30.0), (name, cars[name].log())
+        assert not [u for u in used("car2") if u[1]], "car2 used LiDAR: it received car1's clouds"
+        assert [True, True, True] in used("car1")
+        # Both publish on the one /diagnostics; each status name carries the namespace.
+        diags = cars["car1"].diagnostics()
+        names = set().union(*(d["status"] for d in diags))
+        assert {"car1/fusion_node: lifecycle", "car2/fusion_node: lifecycle", "car2/fusion_node: lidar"} <= names
+        car2_lidar = [d["status"]["car2/fusion_node: lidar"] for d in diags if "car2/fusion_node: lidar" in d["status"]]
+        assert car2_lidar[-1]["level"] == ERROR and car2_lidar[-1]["values"]["rate_hz"] == "0.00"
+        assert all(r["frame_id"] == "base_link" for r in cars["car2"].scenes())
+        assert all(rig.alive() for rig in cars.values())
+    finally:
+        for rig in reversed(cars.values()):
+            rig.close()

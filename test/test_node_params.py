@@ -14,7 +14,17 @@ import yaml
 from lmm_fusion.base import topics
 from lmm_fusion.cycle.safety import SafetyConfig
 from lmm_fusion.ros.node import add_arguments, ros_argv
-from lmm_fusion.ros.params import PARAMS, choice_problem, defaults, descriptor, safety_config, validate
+from lmm_fusion.ros.params import (
+    DEFAULT_REMAPS,
+    INPUTS,
+    LIVE_PARAMS,
+    PARAMS,
+    choice_problem,
+    defaults,
+    descriptor,
+    safety_config,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,9 +52,24 @@ def test_yaml_holds_exactly_the_declared_parameters_with_defaults() -> None:
 
 def test_defaults_match_topics_and_safety_config() -> None:
     d = defaults()
-    assert d["topics.lidar_points"] == topics.LIDAR_POINTS and d["topics.gnss_fix"] == topics.GNSS_FIX
+    # Inputs are relative names remapped to the /sensors/... topics, not parameters.
+    assert not [k for k in d if k.startswith("topics.")] and "build_only" not in d
+    assert all(name.startswith("~/input/") for name in INPUTS.values())
+    expected = {INPUTS["camera_image"]: topics.CAMERA_IMAGE, INPUTS["camera_compressed"]: topics.CAMERA_COMPRESSED,
+                INPUTS["camera_info"]: topics.CAMERA_INFO, INPUTS["lidar_points"]: topics.LIDAR_POINTS,
+                INPUTS["gnss_fix"]: topics.GNSS_FIX}
+    assert expected == DEFAULT_REMAPS
     assert safety_config(d) == SafetyConfig()
     assert d["rate_hz"] == 10.0 and d["autostart"] is True and d["backend"] == "auto"
+
+
+def test_live_parameters_are_settable_and_the_rest_read_only() -> None:
+    live = {p.name for p in PARAMS if not descriptor(p).read_only}
+    assert live == set(LIVE_PARAMS)
+    assert live == {p.name for p in PARAMS if p.name.split(".")[0] in ("sync", "safety", "diagnostics")}
+    assert {"safety.max_speed", "sync.lidar_timeout", "diagnostics.period"} <= live
+    assert not {"rate_hz", "backend", "model_dir", "autostart", "camera_transport"} & live
+    assert defaults()["diagnostics.period"] == 1.0  # diagnostic_updater's default period
 
 
 def test_every_parameter_has_a_description_and_numbers_a_range() -> None:
@@ -96,14 +121,18 @@ def test_cli_builds_ros_args() -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["-p", "rate_hz:=20.0", "--use-sim-time", "--namespace", "car1", "--build-only",
-                              "-r", "/sensors/lidar/points:=/velodyne_points", "--", "--log-level", "debug"])
+                              "-r", "~/input/lidar/points:=/velodyne_points", "--", "--log-level", "debug"])
+    assert args.build_only  # a CLI flag (run_node(build_only=True)), not a parameter
     argv = ros_argv(args)
     assert argv[1] == "--ros-args"
     assert argv[argv.index("--params-file") + 1].endswith("config/fusion.yaml")
     joined = " ".join(argv)
-    for part in ("-p rate_hz:=20.0", "-p use_sim_time:=true", "-r __ns:=car1", "-p build_only:=true",
-                 "-r /sensors/lidar/points:=/velodyne_points", "--log-level debug"):
+    for part in ("-p rate_hz:=20.0", "-p use_sim_time:=true", "-r __ns:=/car1",
+                 "-r ~/input/lidar/points:=/velodyne_points", "-r ~/input/gnss/fix:=/sensors/gnss/fix",
+                 "-r ~/input/camera/image:=/sensors/camera/image_raw", "--log-level debug"):
         assert part in joined
+    # A remap given replaces the default one for that input (rcl would apply the first rule only).
+    assert "~/input/lidar/points:=/sensors/lidar/points" not in joined and "build_only" not in joined
 
 
 def test_ros_free_modules_import_no_rclpy() -> None:

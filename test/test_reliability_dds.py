@@ -31,12 +31,17 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+from rcl_interfaces.srv import SetParameters
 
 from lmm_fusion.base import topics
 from lmm_fusion.base.vocabulary import MODALITIES, Action, Light, Risk
 from lmm_fusion.io import create_cloud, create_fix, create_image, make_header, rosbags_types
 from lmm_fusion.io.bags import BagWriter
 from lmm_fusion.ros.outputs import ERROR, OK, WARN
+from lmm_fusion.synth.camera import CameraRenderer
+from lmm_fusion.synth.lidar import LidarSimulator
+from lmm_fusion.synth.world import static_scene
 from lmm_fusion.tools.harness import SENSOR_HZ, NodeHarness, SensorPublisher, wait_until
 
 pytestmark = [pytest.mark.dds, pytest.mark.slow]
@@ -49,8 +54,10 @@ SLACK = 0.3  # transport and timer jitter on a loaded 2-core machine [s]
 STALE = 0.8  # stale stamps: older than every timeout, newer than loop_reset (1 s) [s]
 JUMP = 5.0  # stamps jumped forward: beyond future_tolerance (0.5 s) [s]
 SIM_START = 1000.0  # the simulated clock's start [s]
+# /diagnostics at 10 Hz (default 1 Hz), so each 1 s window of a fault phase holds several reports.
 PARAMS = (f"rate_hz:={RATE_HZ}", "backend:=torch", "threads:=1", "use_camera_info:=false",
           *(f"sync.{s}_timeout:={TIMEOUT[s]}" for s in MODALITIES), "diagnostics.window:=1.0",
+          "diagnostics.period:=0.1",
           *(f"diagnostics.{s}_hz:={SENSOR_HZ[s]}" for s in MODALITIES))
 _rng = np.random.default_rng(0)
 #: The small sensor payloads: a 64x48 RGB image and 300 LiDAR points (x, y, z, intensity).
@@ -136,9 +143,19 @@ def test_outputs_at_rate_with_valid_headers_and_enums(wall: NodeHarness) -> None
     time.sleep(3.0)  # measuring window for the rate
     scenes = received_since(wall, "scene", t0)
     assert RATE_HZ * 3.0 * 0.5 <= len(scenes) <= RATE_HZ * 3.0 * 1.5, len(scenes)
+    cycles = [r["cycle"] for r in scenes]
+    assert all(b > a for a, b in itertools.pairwise(cycles))
+    assert abs(cycles[-1] - time.time()) < 2.0  # node clock = wall clock here
+    # header.stamp: the newest frame used (sensor stamps are wall time here), never after the cycle;
+    # each used modality carries its frame's stamp, an unused one zero.
     stamps = [r["stamp"] for r in scenes]
-    assert all(b > a for a, b in itertools.pairwise(stamps))
-    assert abs(stamps[-1] - time.time()) < 2.0  # node clock = wall clock here
+    assert all(b >= a for a, b in itertools.pairwise(stamps))
+    for r in scenes:
+        src = [m["stamp"] for m in r["modalities"] if m["used"]]
+        if src:
+            assert r["stamp"] == pytest.approx(max(src), abs=1e-6)
+            assert 0.0 <= r["cycle"] - r["stamp"] < 0.5, r
+        assert all(m["stamp"] == 0.0 for m in r["modalities"] if not m["used"])
     for r in scenes:
         assert r["frame_id"] == "base_link"
         assert r["risk"] in {int(x) for x in Risk} and r["light"] in {int(x) for x in Light}
@@ -254,6 +271,53 @@ def _fault_phase(wall: NodeHarness, sensor: str, fault: str) -> None:
 def test_sensor_faults_keep_rate_mask_diagnostics_and_recover(wall: NodeHarness, sensor: str) -> None:
     for fault in FAULTS:
         _fault_phase(wall, sensor, fault)
+    assert wall.alive()
+
+
+def _set(node: NodeHarness, values: dict[str, float]) -> list[Any]:
+    """Set node parameters through its rcl_interfaces SetParameters service; one result per value."""
+    client = node.outputs.node.create_client(SetParameters, f"/{topics.NODE_NAME}/set_parameters")
+    assert client.wait_for_service(timeout_sec=10.0)
+    req = SetParameters.Request(parameters=[
+        Parameter(name=k, value=ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=float(v)))
+        for k, v in values.items()])
+    fut = client.call_async(req)
+    assert wait_until(fut.done, 10.0), "set_parameters: no answer"
+    return list(fut.result().results)
+
+
+def test_live_speed_cap_and_read_only_refused(wall: NodeHarness) -> None:
+    """``safety.max_speed`` set over the SetParameters service caps the very next ActionSuggestions'
+    target_speed; a read-only parameter and a wrong value are refused with reasons naming them."""
+    assert wait_until(lambda: any(fused(r) for r in wall.scenes()[-3:]), 10.0)
+    # For the random payloads the model stops; on a rendered free road it drives, so the cap has a
+    # speed to cap.
+    feeder = sensors(wall)
+    free = static_scene(ego_speed=10.0)
+    feeder.set_payload(CameraRenderer(feeder.rig).render(free, rng=None),
+                       LidarSimulator(feeder.rig).scan(free, np.random.default_rng(0)))
+    t_free = time.time()
+    assert wait_until(lambda: len([a for a in wall.outputs.get("action") if a["stamp"] > t_free + 0.5]) >= 10, 5.0)
+    before = [a["target_speed"] for a in wall.outputs.get("action") if a["stamp"] > t_free + 0.5]
+    cap = 1.5
+    assert max(before) > cap, before  # the cap below must change something
+    (res,) = _set(wall, {"safety.max_speed": cap})
+    assert res.successful, res.reason
+    t_set = time.time()  # outputs stamped (newest data used) after the answer come from later cycles
+    assert wait_until(lambda: len([a for a in wall.outputs.get("action") if a["stamp"] > t_set]) >= 10, 5.0)
+    after = [a for a in wall.outputs.get("action") if a["stamp"] > t_set]
+    assert all(a["target_speed"] <= cap + 1e-6 for a in after), [a["target_speed"] for a in after]
+    rate, wrong, cross = _set(wall, {"rate_hz": 5.0}), _set(wall, {"safety.max_speed": -1.0}), \
+        _set(wall, {"diagnostics.error_age": 0.01})
+    assert not rate[0].successful and "read-only" in rate[0].reason and "rate_hz" in rate[0].reason
+    assert not wrong[0].successful and "safety.max_speed" in wrong[0].reason
+    assert not cross[0].successful and "diagnostics.error_age" in cross[0].reason
+    (res,) = _set(wall, {"safety.max_speed": 30.0})  # back to the default cap
+    assert res.successful
+    t_back = time.time()
+    assert wait_until(lambda: any(a["target_speed"] > cap for a in wall.outputs.get("action")
+                                  if a["stamp"] > t_back), 5.0)
+    feeder.set_payload(RGB, POINTS)
     assert wall.alive()
 
 

@@ -386,7 +386,7 @@ class InProcessNode:
         assert self.node.trigger_activate() == TransitionCallbackReturn.SUCCESS
         self.types = rclpy_types()
         self.diagnostics: list[Any] = []
-        pub = self.node.pubs["diagnostics"]
+        pub = self.node.diag_pub
         node = self
 
         class Recorder:
@@ -394,7 +394,7 @@ class InProcessNode:
                 node.diagnostics.append(msg)
                 pub.publish(msg)
 
-        self.node.pubs["diagnostics"] = Recorder()
+        self.node.diag_pub = Recorder()  # type: ignore[assignment]
         self.rng = np.random.default_rng(0)
 
     def feed(self, spec: Spec) -> None:
@@ -415,6 +415,7 @@ class InProcessNode:
             for _ in range(EgoMotionConfig().min_fixes if s == "gnss" else 1):
                 self.feed(good_spec(s, self.rng))
         self.node._cycle()
+        self.node._publish_diagnostics()  # the node's diagnostics timer, called directly
         msg = self.diagnostics[-1]
         return self.node.last_assessment, {s.name: s for s in msg.status}
 

@@ -111,7 +111,7 @@ def test_model_dir_parameter_is_checked(tmp_path: Path, kind: str) -> None:
 @pytest.mark.slow
 def test_node_refuses_bad_model_dir_and_corrupt_models_without_traceback(model_dir: Path, tmp_path: Path) -> None:
     """The real node process: a wrong ``model_dir`` fails configure naming the parameter; a corrupt model
-    fails activate naming the file; both exit 1 with no Python traceback."""
+    fails configure naming the file; both exit 1 with no Python traceback."""
     missing = tmp_path / "does-not-exist"
     truncated = _corrupt(model_dir, tmp_path, "weights-truncated-tail")
     bad_config = _corrupt(model_dir, tmp_path, "config-string-for-int")

@@ -44,12 +44,41 @@ def sample(mask: tuple[bool, bool, bool] = (True, True, True)) -> Assessment:
     return apply_guard(a, 18.0, 10.0)
 
 
+def _sec(t: Any) -> float:
+    return t.sec + t.nanosec * 1e-9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_carry_the_stamps_of_the_data_they_used(kind: str) -> None:
+    """header.stamp = the newest frame used, on every output; ModalityStatus.stamp = each used frame's
+    stamp (cycle time - age), zero when unused; with no frame used, the cycle time."""
+    t = types_of(kind)
+    a = sample(mask=(True, False, True))  # camera 0.02 s old, LiDAR masked (0.04 s), GNSS never received
+    a = replace(a, modalities=[replace(a.modalities[0], age=0.05), a.modalities[1],
+                               replace(a.modalities[2], used=True, age=0.11)])
+    scene = roundtrip(kind, ro.scene_assessment(t, a))
+    assert [_sec(m.stamp) for m in scene.modalities] == pytest.approx([1234.45, 0.0, 1234.39], abs=1e-6)
+    assert (scene.modalities[1].stamp.sec, scene.modalities[1].stamp.nanosec) == (0, 0)
+    headers = [scene.header, roundtrip(kind, ro.action_suggestion(t, a)).header,
+               roundtrip(kind, ro.occupancy_grid(t, a)).header,
+               *(mk.header for mk in roundtrip(kind, ro.markers(t, a)).markers)]
+    assert all(_sec(h.stamp) == pytest.approx(1234.45, abs=1e-6) for h in headers)
+    # The cycle time is recoverable from a used modality: stamp + age.
+    assert _sec(scene.modalities[0].stamp) + scene.modalities[0].age == pytest.approx(1234.5, abs=1e-5)
+    none_used = invalid(99.25, np.zeros(3, bool), {"camera": 2.0, "lidar": math.inf, "gnss": 1.0})
+    scene = roundtrip(kind, ro.scene_assessment(t, none_used))
+    assert _sec(scene.header.stamp) == pytest.approx(99.25)
+    assert all((m.stamp.sec, m.stamp.nanosec) == (0, 0) for m in scene.modalities)
+    assert _sec(roundtrip(kind, ro.action_suggestion(t, none_used)).header.stamp) == pytest.approx(99.25)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_scene_assessment_fields(kind: str) -> None:
     a = sample(mask=(True, True, False))
     m = roundtrip(kind, ro.scene_assessment(types_of(kind), a))
     assert m.header.frame_id == "base_link"
-    assert m.header.stamp.sec == 1234 and m.header.stamp.nanosec == 500_000_000
+    # The newest frame used: LiDAR, 0.02 s before the cycle at 1234.5 s (the unused GNSS does not count).
+    assert m.header.stamp.sec == 1234 and m.header.stamp.nanosec == 480_000_000
     assert m.risk_level == 2 and m.traffic_light_state == 1
     assert float(np.sum(m.risk_probabilities)) == pytest.approx(1.0, abs=1e-5)
     assert [s.name for s in m.modalities] == ["camera", "lidar", "gnss"]

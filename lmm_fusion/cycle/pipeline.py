@@ -84,22 +84,30 @@ class FusionPipeline:
 
     ``model_dir``: trained model folder (``config.json`` + ``model.safetensors``); None = the shipped
     ``models/fusion_small`` or, when absent, a random model (warned). ``backend``: ``auto`` | ``torch`` |
-    ``onnxruntime`` | ``tensorrt`` (see :func:`lmm_fusion.runtime.backends.make_backend`).
+    ``onnxruntime`` | ``tensorrt`` (see :func:`lmm_fusion.runtime.backends.make_backend`, which also takes
+    TensorRT's ``dla_core`` and ``engine_cache_dir``).
     """
 
     def __init__(self, model_dir: str | Path | None = None, backend: str = "auto", rig: SensorRig | None = None,
                  safety_cfg: SafetyConfig | None = None, *, device: str | None = None, precision: str = "fp32",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, dla_core: int | None = None,
+                 engine_cache_dir: str | Path | None = None) -> None:
         self.rig = rig or SensorRig()
         self.safety_cfg = safety_cfg or SafetyConfig()
         self.safety_cfg.validate()
         self.model_dir, self.random_model = resolve_model_dir(model_dir)
         self.model_cfg = load_config(self.model_dir)
-        self.backend = make_backend(backend, self.model_dir, device=device, precision=precision, threads=threads)
+        self.backend = make_backend(backend, self.model_dir, device=device, precision=precision, threads=threads,
+                                    dla_core=dla_core, engine_cache_dir=engine_cache_dir)
         self.preprocessor = Preprocessor(self.model_cfg, self.rig)
         self._lidar_to_base = self.rig.lidar_mount.matrix().astype(np.float32)
         log.info("fusion pipeline: model %s%s, backend %s", self.model_dir,
                  " (RANDOM)" if self.random_model else "", self.backend.describe())
+
+    @property
+    def backend_fallback_reason(self) -> str | None:
+        """Why ``backend="auto"`` did not run the backends it prefers (None: its first choice runs)."""
+        return self.backend.fallback_reason
 
     def describe(self) -> str:
         return f"{self.backend.describe()}, model {self.model_dir}" + (" (random init)" if self.random_model else "")

@@ -170,7 +170,8 @@ def ground_truth_msgs(types: MsgTypes, scene: TruthScene, label: Label, stamp: f
     (:func:`lmm_fusion.groundtruth.expert.occupancy`: 100 / 0).
     """
     hdr = make_header(types, stamp, T.BASE_FRAME)
-    mods = [types.ModalityStatus(name=n, used=True, age=float(a), attention_share=float(1.0 / 3.0))
+    mods = [types.ModalityStatus(name=n, used=True, age=float(a), attention_share=float(1.0 / 3.0),
+                                 stamp=make_time(types, stamp - float(a) if math.isfinite(a) else 0.0))
             for n, a in zip(MODALITIES, ages)]
     sa = types.SceneAssessment(
         header=hdr, risk_level=int(label.risk), risk_probabilities=_one_hot(3, label.risk),

@@ -19,6 +19,11 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 #: Package name of the interfaces before they moved into the ``lmm_fusion`` package (still read from bags).
 LEGACY_MSG_PACKAGE = "lmm_fusion_msgs"
 
+#: Definitions that differ under the earlier package name: its ``ModalityStatus`` had no source stamp.
+_LEGACY_DEFINITIONS: dict[str, str] = {
+    "ModalityStatus": "string name\nbool used\nfloat32 age\nfloat32 attention_share\n",
+}
+
 #: Message types the project uses, as (attribute name, ROS type name).
 _TYPES: tuple[tuple[str, str], ...] = (
     ("Time", "builtin_interfaces/msg/Time"),
@@ -101,14 +106,17 @@ def typestore() -> Any:
     """The rosbags typestore for ROS 2 Jazzy with the ``lmm_fusion`` messages registered from their .msg files.
 
     Each type is registered under its name ``lmm_fusion/msg/X`` and under ``lmm_fusion_msgs/msg/X``, the
-    name of the separate interface package of earlier releases, so bags recorded with it still read.
+    name of the separate interface package of earlier releases, with that package's definitions, so
+    bags recorded with it still read.
     """
     store = get_typestore(Stores.ROS2_JAZZY)
     folder = msg_definition_dir()
     extra: dict[str, Any] = {}
     for path in sorted(folder.glob("*.msg")):
-        for package in ("lmm_fusion", LEGACY_MSG_PACKAGE):
-            extra.update(get_types_from_msg(path.read_text(), f"{package}/msg/{path.stem}"))
+        text = path.read_text()
+        extra.update(get_types_from_msg(text, f"lmm_fusion/msg/{path.stem}"))
+        legacy = _LEGACY_DEFINITIONS.get(path.stem, text)
+        extra.update(get_types_from_msg(legacy, f"{LEGACY_MSG_PACKAGE}/msg/{path.stem}"))
     store.register(extra)
     return store
 

@@ -79,6 +79,14 @@ def age_check(age: float, warn_age: float, error_age: float) -> tuple[int, str]:
     return OK, ""
 
 
+def lifecycle_status(node_name: str, state: str) -> StatusItem:
+    """The node's lifecycle state (``unconfigured``, ``inactive``, ``active``, ``finalized``): OK when
+    active, WARN otherwise (the node is up but publishes no outputs)."""
+    level, msg = (OK, "active") if state == "active" else (WARN, f"{state}: no outputs")
+    return StatusItem(name=f"{node_name}: lifecycle", level=level, message=msg, hardware_id="fusion",
+                      values={"state": state})
+
+
 class FusionDiagnostics:
     """Per-sensor rate/age/rejections and per-cycle latency/deadline tracking."""
 
@@ -94,6 +102,22 @@ class FusionDiagnostics:
         self.cycles = 0
         self.deadline_misses = 0
         self._miss_times: deque[float] = deque()
+        self._backend: tuple[str, str | None, bool] | None = None
+
+    def set_backend(self, description: str, fallback_reason: str | None = None, failed: bool = False) -> None:
+        """The backend the cycle runs on (``Backend.describe()``) and, when ``backend: auto`` did not get
+        its first choice, why (``Backend.fallback_reason``); ``failed``: a preferred backend failed (an
+        engine that did not parse, build, load or run) rather than being unavailable here: WARN."""
+        self._backend = (description, fallback_reason, failed)
+
+    def reconfigure(self, cfg: DiagnosticsConfig) -> None:
+        """Use new limits and rates (a live parameter set), keeping what was measured so far."""
+        self.cfg = cfg
+        for s, tracker in self.rates.items():
+            tracker.min_hz = cfg.expected_hz.get(s, 1.0) * (1 - cfg.rate_tolerance)
+            tracker.window_s = cfg.window_s
+        self._cycles.min_hz = cfg.rate_hz * (1 - cfg.rate_tolerance)
+        self._cycles.window_s = cfg.window_s
 
     # ---------------------------------------------------------------- inputs
     def on_message(self, sensor: str, now: float) -> None:
@@ -133,7 +157,8 @@ class FusionDiagnostics:
 
     def statuses(self, now: float, ages: Mapping[str, float], assessment: Assessment | None = None
                  ) -> list[StatusItem]:
-        """One status per sensor, one for the cycle and one for the assessment."""
+        """One status per sensor, one for the cycle, one for the backend (once :meth:`set_backend` was
+        called) and one for the assessment."""
         out = []
         for s in MODALITIES:
             age = float(ages.get(s, math.inf))
@@ -163,6 +188,12 @@ class FusionDiagnostics:
                     "latency_p50_ms": f"{p50:.2f}", "latency_p99_ms": f"{p99:.2f}",
                     "deadline_ms": f"{1000.0 / self.cfg.rate_hz:.1f}",
                     "deadline_misses": str(self.deadline_misses), "cycles": str(self.cycles)}))
+        if self._backend is not None:
+            description, reason, failed = self._backend
+            out.append(StatusItem(
+                name=f"{self.node_name}: backend", level=WARN if failed else OK,
+                message=description + (f"; fell back: {reason}" if reason else ""), hardware_id="fusion",
+                values={"backend": description, "fallback_reason": reason or ""}))
         if assessment is not None:
             if not assessment.valid:
                 level, msg = ERROR, "no assessment: no sensor usable"

@@ -3,10 +3,27 @@
 Lifecycle (``lifecycle_msgs/srv/ChangeState`` on ``~/change_state``):
 
 - **configure**: read and validate every parameter (a wrong one fails the transition with an error
-  naming it and its value), create the output publishers, the sync buffers and diagnostics.
-- **activate**: load the model and backend (:class:`~lmm_fusion.cycle.pipeline.FusionPipeline`), subscribe
-  to the sensors and start the cycle timer.
-- **deactivate** / **cleanup**: release them again in reverse order.
+  naming it and its value), load the model and build the backend's engine
+  (:class:`~lmm_fusion.cycle.pipeline.FusionPipeline`, warmed up), create the output publishers, the sync
+  buffers and diagnostics. Everything slow happens here, as in nav2.
+- **activate**: only enables the output publishers, subscribes to the inputs and starts the cycle timer
+  (milliseconds), so an inactive node neither takes sensor traffic nor publishes outputs.
+- **deactivate** / **cleanup**: release them again in reverse order (cleanup also drops the model).
+
+``/diagnostics`` is a plain publisher on its own timer (``diagnostics.period``, 1 s like
+diagnostic_updater), created with the node: it reports the lifecycle state in every state, and the
+sensor, cycle, backend and assessment statuses while active.
+
+Inputs are the relative names of :data:`~lmm_fusion.ros.params.INPUTS` (``~/input/lidar/points``, ...),
+remapped by the launch file (``lmm-fusion node`` and the test harness pass the default remaps to the
+``/sensors/...`` topics). Outputs are ``~/scene_assessment``, ``~/action_suggestion``, ``~/occupancy``,
+``~/markers``, so two nodes in namespaces ``car1`` and ``car2`` never share a topic except ``/diagnostics``,
+where their status names carry the namespace. Each output's ``header.stamp`` is the stamp of the newest
+sensor data the cycle used (:mod:`lmm_fusion.ros.outputs`).
+
+Live parameters (``sync.*``, ``safety.*``, ``diagnostics.*``) may be set while running: the set-parameters
+callback validates the new values together with the others (a wrong one is refused with a reason naming
+it) and the next cycle uses them; every other parameter is read-only.
 
 With ``autostart`` (the default) ``fusion_node`` and ``lmm-fusion node`` configure and activate at
 start-up. Sensor callbacks only decode and push the latest frame into
@@ -51,14 +68,17 @@ from lmm_fusion.cycle.pipeline import FusionPipeline
 from lmm_fusion.cycle.sync import SensorSync, SyncConfig
 from lmm_fusion.io.msgtypes import rclpy_types
 from lmm_fusion.ros import outputs as ros_outputs
-from lmm_fusion.ros.diagnostics import DiagnosticsConfig, FusionDiagnostics
+from lmm_fusion.ros.diagnostics import DiagnosticsConfig, FusionDiagnostics, lifecycle_status
 from lmm_fusion.ros.params import (
+    DEFAULT_REMAPS,
+    INPUTS,
+    LIVE_PARAMS,
     PARAMS,
     Param,
     ParameterError,
-    choice_problem,
     descriptor,
     range_problem,
+    remap_args,
     safety_config,
     type_problem,
     validate,
@@ -84,6 +104,9 @@ class FusionNode(LifecycleNode):
             self._declare(p)
         self.add_on_set_parameters_callback(self._check_set)
         self.values: dict[str, Any] = {}
+        # Live parameter values accepted by _check_set, taken by the next cycle (under _live_lock).
+        self._pending: dict[str, Any] = {}
+        self._live_lock = threading.Lock()
         self.pipeline: FusionPipeline | None = None
         self.sync: SensorSync | None = None
         self.ingest: SensorIngest | None = None
@@ -99,6 +122,22 @@ class FusionNode(LifecycleNode):
         self.sensor_group = MutuallyExclusiveCallbackGroup()
         self.cycle_group = MutuallyExclusiveCallbackGroup()
         self.worker: CycleWorker | None = None
+        self.state_label = "unconfigured"
+        # The cycle thread updates diagnostics, the executor thread reads them: one lock between the two.
+        self._diag_lock = threading.Lock()
+        self._last_ages: dict[str, float] = dict.fromkeys(MODALITIES, float("inf"))
+        self._last_cycle_time: float | None = None
+        # /diagnostics: a plain publisher and timer, so it reports in every lifecycle state.
+        self.diag_name = self._diagnostics_name()
+        self.diag_pub = self.create_publisher(self.types.DiagnosticArray, "/diagnostics", OUTPUT_QOS)
+        self.diag_timer = self.create_timer(float(self.get_parameter("diagnostics.period").value),
+                                            self._publish_diagnostics, callback_group=self.cycle_group)
+
+    def _diagnostics_name(self) -> str:
+        """Prefix of the status names: the node name, with its namespace when it has one (``car1/fusion_node``),
+        so nodes in different namespaces stay apart on the shared ``/diagnostics``."""
+        ns = self.get_namespace().strip("/")
+        return f"{ns}/{self.get_name()}" if ns else self.get_name()
 
     # ------------------------------------------------------------ parameters
     def _declare(self, p: Param) -> None:
@@ -117,13 +156,55 @@ class FusionNode(LifecycleNode):
             self.declare_parameter(p.name, p.default, descriptor(p), ignore_override=True)
 
     def _check_set(self, params: list[Any]) -> SetParametersResult:
-        """Refuse run-time sets of a wrong value (ranges are enforced by rclpy itself); accepted
-        values take effect at the next configure."""
-        for prm in params:
-            problem = choice_problem(prm.name, prm.value)
-            if problem is not None:
-                return SetParametersResult(successful=False, reason=problem)
+        """Validate a run-time set (rclpy has already refused read-only parameters and values out of range):
+        the new values together with the current ones, so a cross-parameter rule (``ttc_stop <= ttc_slow``,
+        ``warn_age <= error_age``) is kept too. Accepted live values are used from the next cycle."""
+        ours = {prm.name: prm.value for prm in params if prm.name in LIVE_PARAMS}
+        if not ours:
+            return SetParametersResult(successful=True)  # use_sim_time and other rclpy parameters
+        values = {p.name: self.get_parameter(p.name).value for p in PARAMS}
+        values.update(ours)
+        # Every other value was valid at configure (or makes configure fail, naming itself), so any problem
+        # found is one the new values bring.
+        problems = validate(values)
+        if problems:
+            return SetParametersResult(successful=False, reason="; ".join(problems))
+        with self._live_lock:
+            self._pending.update(ours)
+        if "diagnostics.period" in ours:  # the timer is the executor's, like this callback: now, in any state
+            self.diag_timer.timer_period_ns = int(float(ours["diagnostics.period"]) * 1e9)
+        self.get_logger().info("live parameters set (from the next cycle): "
+                               + ", ".join(f"{k}={v!r}" for k, v in ours.items()))
         return SetParametersResult(successful=True)
+
+    def _apply_live(self) -> None:
+        """Take the live values accepted since the last cycle (cycle thread, under ``_cycle_lock``)."""
+        with self._live_lock:
+            pending, self._pending = self._pending, {}
+        if not pending:
+            return
+        self.values.update(pending)
+        v = self.values
+        if self.pipeline is not None and any(k.startswith("safety.") for k in pending):
+            self.pipeline.safety_cfg = safety_config(v)
+        if self.sync is not None and any(k.startswith("sync.") for k in pending):
+            self.sync.config = self._sync_config(v)
+        if self.diag is not None and any(k.startswith("diagnostics.") for k in pending):
+            with self._diag_lock:
+                self.diag.reconfigure(self._diag_config(v))
+
+    @staticmethod
+    def _sync_config(v: dict[str, Any]) -> SyncConfig:
+        return SyncConfig(timeouts={s: float(v[f"sync.{s}_timeout"]) for s in MODALITIES},
+                          loop_reset=float(v["sync.loop_reset"]), future_tolerance=float(v["sync.future_tolerance"]))
+
+    @staticmethod
+    def _diag_config(v: dict[str, Any]) -> DiagnosticsConfig:
+        return DiagnosticsConfig(
+            expected_hz={s: float(v[f"diagnostics.{s}_hz"]) for s in MODALITIES},
+            rate_tolerance=float(v["diagnostics.rate_tolerance"]), window_s=float(v["diagnostics.window"]),
+            warn_age=float(v["diagnostics.warn_age"]), error_age=float(v["diagnostics.error_age"]),
+            rate_hz=float(v["rate_hz"]))
 
     def read_parameters(self) -> dict[str, Any]:
         """Current values; raises :class:`ParameterError` naming every invalid one."""
@@ -144,15 +225,28 @@ class FusionNode(LifecycleNode):
         except ParameterError as exc:
             self.get_logger().error(str(exc))
             return TransitionCallbackReturn.FAILURE
-        self.sync = SensorSync(SyncConfig(
-            timeouts={s: float(v[f"sync.{s}_timeout"]) for s in MODALITIES},
-            loop_reset=float(v["sync.loop_reset"]), future_tolerance=float(v["sync.future_tolerance"])))
+        with self._live_lock:
+            self._pending = {}  # read_parameters has every value set so far
+        try:
+            self.pipeline = self.make_pipeline()
+            self.pipeline.warmup(2)
+        except Exception as exc:  # any load or engine-build failure fails the transition
+            self.get_logger().error(f"configure: cannot load model/backend: {exc}")
+            self.pipeline = None
+            return TransitionCallbackReturn.FAILURE
+        self.get_logger().info(f"pipeline: {self.pipeline.describe()}")
+        backend = self.pipeline.backend
+        if self.pipeline.backend_fallback_reason:
+            # A failure (engine that did not build or run) is a warning; a backend not installed here is not.
+            say = self.get_logger().warning if backend.fallback_failed else self.get_logger().info
+            say(f"backend auto fell back: {self.pipeline.backend_fallback_reason}")
+        self.sync = SensorSync(self._sync_config(v))
         self.ingest = SensorIngest(self.sync, self.rig)
-        self.diag = FusionDiagnostics(DiagnosticsConfig(
-            expected_hz={s: float(v[f"diagnostics.{s}_hz"]) for s in MODALITIES},
-            rate_tolerance=float(v["diagnostics.rate_tolerance"]), window_s=float(v["diagnostics.window"]),
-            warn_age=float(v["diagnostics.warn_age"]), error_age=float(v["diagnostics.error_age"]),
-            rate_hz=float(v["rate_hz"])), node_name=self.get_name())
+        with self._diag_lock:
+            self.diag = FusionDiagnostics(self._diag_config(v), node_name=self.diag_name)
+            self.diag.set_backend(backend.describe(), self.pipeline.backend_fallback_reason, backend.fallback_failed)
+            self._last_ages = dict.fromkeys(MODALITIES, float("inf"))
+            self._last_cycle_time = None
         self.callback_errors.clear()
         t = self.types
         self.pubs = {
@@ -160,10 +254,10 @@ class FusionNode(LifecycleNode):
             "action": self.create_lifecycle_publisher(t.ActionSuggestion, "~/action_suggestion", OUTPUT_QOS),
             "occupancy": self.create_lifecycle_publisher(t.OccupancyGrid, "~/occupancy", OUTPUT_QOS),
             "markers": self.create_lifecycle_publisher(t.MarkerArray, "~/markers", OUTPUT_QOS),
-            "diagnostics": self.create_lifecycle_publisher(t.DiagnosticArray, "/diagnostics", OUTPUT_QOS),
         }
         self.get_logger().info(f"configured: {v['rate_hz']:g} Hz, backend {v['backend']}, "
                                f"camera {v['camera_transport']}")
+        self.state_label = "inactive"
         return super().on_configure(state)
 
     def make_pipeline(self) -> FusionPipeline:
@@ -171,35 +265,33 @@ class FusionNode(LifecycleNode):
         v = self.values
         return FusionPipeline(v["model_dir"] or None, v["backend"], self.rig, safety_config(v),
                               device=v["device"] or None, precision=v["precision"],
-                              threads=v["threads"] or None)
+                              threads=v["threads"] or None,
+                              dla_core=v["dla_core"] if v["dla_core"] >= 0 else None,
+                              engine_cache_dir=v["engine_cache_dir"] or None)
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         v = self.values
-        try:
-            self.pipeline = self.make_pipeline()
-            self.pipeline.warmup(2)
-        except Exception as exc:  # any load failure fails the transition
-            self.get_logger().error(f"activate: cannot load model/backend: {exc}")
-            self.pipeline = None
+        if self.pipeline is None:  # configure loads it; cannot happen through the state machine
+            self.get_logger().error("activate: not configured")
             return TransitionCallbackReturn.FAILURE
-        self.get_logger().info(f"pipeline: {self.pipeline.describe()}")
         t = self.types
         sensor_qos = qos_profile_sensor_data
         if v["camera_transport"] == "raw":
-            self._subscribe(t.Image, v["topics.camera_image"], "camera", sensor_qos)
+            self._subscribe(t.Image, INPUTS["camera_image"], "camera", sensor_qos)
         else:
-            self._subscribe(t.CompressedImage, v["topics.camera_compressed"], "camera", sensor_qos)
+            self._subscribe(t.CompressedImage, INPUTS["camera_compressed"], "camera", sensor_qos)
         if v["use_camera_info"]:
             self.subs.append(self.create_subscription(
-                t.CameraInfo, v["topics.camera_info"], self._on_camera_info, sensor_qos,
+                t.CameraInfo, INPUTS["camera_info"], self._on_camera_info, sensor_qos,
                 callback_group=self.sensor_group))
-        self._subscribe(t.PointCloud2, v["topics.lidar_points"], "lidar", sensor_qos)
-        self._subscribe(t.NavSatFix, v["topics.gnss_fix"], "gnss", sensor_qos)
+        self._subscribe(t.PointCloud2, INPUTS["lidar_points"], "lidar", sensor_qos)
+        self._subscribe(t.NavSatFix, INPUTS["gnss_fix"], "gnss", sensor_qos)
         self._active = True
         self.worker = CycleWorker(self._cycle, on_error=lambda exc: self.get_logger().error(
             f"cycle failed: {exc!r}", throttle_duration_sec=2.0))
         self.timer = self.create_timer(1.0 / v["rate_hz"], self.worker.request, callback_group=self.cycle_group)
-        self.get_logger().info("activated")
+        self.get_logger().info("activated: inputs " + ", ".join(s.topic_name for s in self.subs))
+        self.state_label = "active"
         return super().on_activate(state)
 
     def _subscribe(self, msg_type: Any, topic: str, sensor: str, qos: Any) -> None:
@@ -219,27 +311,32 @@ class FusionNode(LifecycleNode):
             for s in self.subs:
                 self.destroy_subscription(s)
             self.subs = []
-            self.pipeline = None
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_active()
         self.get_logger().info("deactivated")
+        self.state_label = "inactive"
         return super().on_deactivate(state)
 
     def _release_configured(self) -> None:
         for pub in self.pubs.values():
             self.destroy_lifecycle_publisher(pub)
         self.pubs = {}
-        self.sync = self.ingest = self.diag = None
+        self.pipeline = None
+        self.sync = self.ingest = None
+        with self._diag_lock:
+            self.diag = None
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_configured()
         self.get_logger().info("cleaned up")
+        self.state_label = "unconfigured"
         return super().on_cleanup(state)
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._release_active()
         self._release_configured()
+        self.state_label = "finalized"
         return TransitionCallbackReturn.SUCCESS
 
     # ------------------------------------------------------------ callbacks
@@ -284,6 +381,7 @@ class FusionNode(LifecycleNode):
         with self._cycle_lock:
             if not self._active or self.pipeline is None or self.sync is None or self.diag is None:
                 return
+            self._apply_live()
             t0 = time.perf_counter()
             now = self.now()
             snapshot = self.sync.snapshot(now)
@@ -299,18 +397,31 @@ class FusionNode(LifecycleNode):
             self.pubs["occupancy"].publish(ros_outputs.occupancy_grid(t, a, frame_id=frame))
             self.pubs["markers"].publish(ros_outputs.markers(t, a, frame))
             assert self.ingest is not None
-            for s in MODALITIES:
-                self.diag.set_rejected(s, self.ingest.stats.rejected[s] + self.callback_errors[s], now)
             latency_ms = (time.perf_counter() - t0) * 1e3
-            self.diag.on_cycle(now, latency_ms)
-            statuses = self.diag.statuses(now, snapshot.ages, a)
-            self.pubs["diagnostics"].publish(ros_outputs.diagnostic_array(t, now, statuses))
+            with self._diag_lock:
+                for s in MODALITIES:
+                    self.diag.set_rejected(s, self.ingest.stats.rejected[s] + self.callback_errors[s], now)
+                self.diag.on_cycle(now, latency_ms)
+                self._last_ages, self._last_cycle_time = dict(snapshot.ages), now
+
+    def _publish_diagnostics(self) -> None:
+        """``/diagnostics`` (timer, every lifecycle state): the state, and while active the sensor, cycle,
+        backend and assessment statuses, with frame ages carried forward from the last cycle to now."""
+        now = self.now()
+        statuses = [lifecycle_status(self.diag_name, self.state_label)]
+        with self._diag_lock:
+            if self.diag is not None and self._active:
+                since = 0.0 if self._last_cycle_time is None else max(now - self._last_cycle_time, 0.0)
+                ages = {s: age + since for s, age in self._last_ages.items()}
+                statuses += self.diag.statuses(now, ages, self.last_assessment)
+        self.diag_pub.publish(ros_outputs.diagnostic_array(self.types, now, statuses))
 
 
-def run_node(ros_args: list[str] | None = None) -> int:
+def run_node(ros_args: list[str] | None = None, build_only: bool = False) -> int:
     """Create, (auto-)start and spin the node until shutdown; returns the exit code.
 
-    ``ros_args`` is a full argv with ``--ros-args ...`` (parameters, remaps, params files).
+    ``ros_args`` is a full argv with ``--ros-args ...`` (parameters, remaps, params files). ``build_only``:
+    configure (which loads the model and builds the engine), then exit without activating.
     Exit codes: 0 clean shutdown or build-only success, 1 a transition failed (e.g. bad parameter).
     """
     try:
@@ -323,13 +434,12 @@ def run_node(ros_args: list[str] | None = None) -> int:
     try:
         node = FusionNode()
         autostart = bool(node.get_parameter("autostart").value)
-        build_only = bool(node.get_parameter("build_only").value)
         if (build_only or autostart) and node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
             node.get_logger().error("configure failed; exiting")
             return 1
         if build_only:
-            pipeline = node.make_pipeline()
-            node.get_logger().info(f"build-only: engine ready: {pipeline.describe()}")
+            assert node.pipeline is not None  # configure built it
+            node.get_logger().info(f"build-only: engine ready: {node.pipeline.describe()}")
             return 0
         if autostart and node.trigger_activate() != TransitionCallbackReturn.SUCCESS:
             node.get_logger().error("activate failed; exiting")
@@ -363,11 +473,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--param", action="append", default=[], metavar="NAME:=VALUE",
                         help="set a parameter (repeatable), e.g. -p rate_hz:=20.0")
     parser.add_argument("-r", "--remap", action="append", default=[], metavar="FROM:=TO",
-                        help="remap a topic (repeatable)")
+                        help="remap a topic (repeatable), e.g. -r '~/input/lidar/points:=/velodyne_points' (quoted); "
+                             "the inputs ~/input/... are remapped to /sensors/... unless given here")
     parser.add_argument("--use-sim-time", action="store_true", help="follow /clock")
     parser.add_argument("--namespace", default=None, help="node namespace")
     parser.add_argument("--no-autostart", action="store_true", help="stay unconfigured until ChangeState")
-    parser.add_argument("--build-only", action="store_true", help="build the engine, then exit")
+    parser.add_argument("--build-only", action="store_true",
+                        help="configure (load the model, build the engine), then exit")
     parser.add_argument("ros_args", nargs=argparse.REMAINDER,
                         help="after '--': extra ROS arguments, e.g. -- --ros-args --log-level debug")
 
@@ -385,16 +497,17 @@ def ros_argv(args: argparse.Namespace) -> list[str]:
         argv += ["--params-file", params_file]
     for p in args.param:
         argv += ["-p", p]
+    given = {r.split(":=", 1)[0] for r in args.remap}
+    # The default input remaps, except those given: rcl applies the first rule that matches a name.
+    argv += remap_args({src: dst for src, dst in DEFAULT_REMAPS.items() if src not in given})
     for r in args.remap:
         argv += ["-r", r]
     if args.use_sim_time:
         argv += ["-p", "use_sim_time:=true"]
     if args.namespace:
-        argv += ["-r", f"__ns:={args.namespace}"]
+        argv += ["-r", f"__ns:=/{args.namespace.strip('/')}"]  # rcl takes only a fully qualified namespace
     if args.no_autostart:
         argv += ["-p", "autostart:=false"]
-    if args.build_only:
-        argv += ["-p", "build_only:=true"]
     extra = [a for a in args.ros_args if a != "--"]
     if extra:
         argv += extra if extra[0] == "--ros-args" else ["--ros-args", *extra]
@@ -403,7 +516,7 @@ def ros_argv(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``lmm-fusion node``: run the node with the parsed CLI options; returns the exit code."""
-    return run_node(ros_argv(args))
+    return run_node(ros_argv(args), build_only=args.build_only)
 
 
 if __name__ == "__main__":

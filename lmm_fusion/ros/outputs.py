@@ -2,7 +2,10 @@
 
 Every builder takes a :class:`~lmm_fusion.io.msgtypes.MsgTypes` namespace, so the same function makes
 rclpy messages for the node and rosbags messages for output bags. Fields are all given by keyword.
-All outputs are in ``base_link`` and stamped with the cycle time.
+All outputs are in ``base_link``. Their ``header.stamp`` is :func:`data_stamp`: the stamp of the newest
+sensor frame the cycle used (the cycle time when it used none), and each ``ModalityStatus.stamp`` is
+that modality's frame stamp (zero when unused), so a consumer measures end-to-end latency as its
+receive time minus the stamps. The cycle time itself is a used modality's ``stamp + age``.
 """
 
 from __future__ import annotations
@@ -69,15 +72,29 @@ def _f32_value(x: float) -> float:
     return float(x) if not math.isnan(x) else math.inf
 
 
+def source_stamps(a: Assessment) -> dict[str, float]:
+    """Stamp [s] of each modality's frame the cycle used (``cycle time - age``); unused ones are absent."""
+    return {m.name: a.stamp - m.age for m in a.modalities if m.used and math.isfinite(m.age)}
+
+
+def data_stamp(a: Assessment) -> float:
+    """The outputs' ``header.stamp`` [s]: the newest frame the cycle used, else the cycle time."""
+    stamps = source_stamps(a)
+    return max(stamps.values()) if stamps else a.stamp
+
+
 def modality_statuses(types: MsgTypes, a: Assessment) -> list[Any]:
-    return [types.ModalityStatus(name=m.name, used=m.used, age=_f32_value(m.age), attention_share=float(m.attention))
+    """One ModalityStatus per modality; ``stamp`` = its frame's stamp, zero when not used."""
+    src = source_stamps(a)
+    return [types.ModalityStatus(name=m.name, used=m.used, age=_f32_value(m.age), attention_share=float(m.attention),
+                                 stamp=make_time(types, src.get(m.name, 0.0)))
             for m in a.modalities]
 
 
 def scene_assessment(types: MsgTypes, a: Assessment, frame_id: str = BASE_FRAME) -> Any:
     """lmm_fusion/msg/SceneAssessment of one cycle (``valid=False`` when no sensor was usable)."""
     return types.SceneAssessment(
-        header=make_header(types, a.stamp, frame_id),
+        header=make_header(types, data_stamp(a), frame_id),
         risk_level=int(a.risk),
         risk_probabilities=_f32(types, a.risk_probs, 3),
         time_to_collision=_f32_value(a.ttc),
@@ -93,7 +110,7 @@ def scene_assessment(types: MsgTypes, a: Assessment, frame_id: str = BASE_FRAME)
 def action_suggestion(types: MsgTypes, a: Assessment, frame_id: str = BASE_FRAME) -> Any:
     """lmm_fusion/msg/ActionSuggestion of one cycle (STOP at 0 m/s when invalid)."""
     return types.ActionSuggestion(
-        header=make_header(types, a.stamp, frame_id),
+        header=make_header(types, data_stamp(a), frame_id),
         action=int(a.action),
         action_probabilities=_f32(types, a.action_probs, 6),
         target_speed=float(max(a.target_speed, 0.0)),
@@ -119,9 +136,9 @@ def occupancy_grid(types: MsgTypes, a: Assessment, grid: BevGrid = OCCUPANCY_GRI
         data = np.rint(np.clip(np.nan_to_num(a.occupancy, nan=0.0), 0.0, 1.0) * 100).astype(np.int8)
     else:
         data = np.full(grid.shape, -1, np.int8)
-    header = make_header(types, a.stamp, frame_id)
+    header = make_header(types, data_stamp(a), frame_id)
     info = types.MapMetaData(
-        map_load_time=make_time(types, a.stamp), resolution=float(grid.cell),
+        map_load_time=header.stamp, resolution=float(grid.cell),
         width=grid.nx, height=grid.ny, origin=_pose(types, grid.x_min, grid.y_min))
     return types.OccupancyGrid(header=header, info=info, data=_i8_seq(types, data))
 
@@ -134,7 +151,7 @@ def _marker(types: MsgTypes, a: Assessment, frame_id: str, ns: str, mid: int, mt
     compressed = types.CompressedImage
     mesh_file = _cls(types, "visualization_msgs/msg/MeshFile")
     return types.Marker(
-        header=make_header(types, a.stamp, frame_id), ns=ns, id=mid, type=mtype, action=action,
+        header=make_header(types, data_stamp(a), frame_id), ns=ns, id=mid, type=mtype, action=action,
         pose=pose if pose is not None else _pose(types),
         scale=types.Vector3(x=float(scale[0]), y=float(scale[1]), z=float(scale[2])),
         color=types.ColorRGBA(r=float(rgba[0]), g=float(rgba[1]), b=float(rgba[2]), a=float(rgba[3])),
@@ -226,5 +243,5 @@ def level_of(status: Any) -> int:
     return lv[0] if isinstance(lv, (bytes, bytearray)) else int(lv)
 
 
-__all__ = ["ERROR", "OK", "STALE", "WARN", "StatusItem", "action_suggestion", "diagnostic_array",
-           "level_of", "markers", "modality_statuses", "occupancy_grid", "scene_assessment"]
+__all__ = ["ERROR", "OK", "STALE", "WARN", "StatusItem", "action_suggestion", "data_stamp", "diagnostic_array",
+           "level_of", "markers", "modality_statuses", "occupancy_grid", "scene_assessment", "source_stamps"]

@@ -3,6 +3,15 @@
 :data:`PARAMS` is the single list of every parameter the node declares; ``config/fusion.yaml`` holds
 exactly these (a test keeps them in step). Everything here works without ``rclpy`` (tests, launch
 checks, CLI help); only :func:`descriptor` needs the ROS message package ``rcl_interfaces``.
+
+Live parameters (``Param.live``: ``sync.*``, ``safety.*``, ``diagnostics.*``) may be set while the node
+runs (``ros2 param set``, the ``~/set_parameters`` service): a value is checked with :func:`validate` against
+the others and, when accepted, used from the next cycle on. Every other parameter is declared
+``read_only``: it is fixed for the life of the process (restart, or set it in the YAML / launch file).
+
+The inputs are not parameters: the node subscribes to the relative names of :data:`INPUTS` (``~/input/...``),
+which launch remappings (or ``--ros-args -r``) point at the sensor topics; :data:`DEFAULT_REMAPS` are those
+of launch/fusion.launch.py, the ``/sensors/...`` topics of :mod:`lmm_fusion.base.topics`.
 """
 
 from __future__ import annotations
@@ -29,14 +38,14 @@ class Param:
     description: str
     range: tuple[float, float] | None = None
     choices: tuple[str, ...] | None = None
+    #: Settable while the node runs (taken at the next cycle); False = declared read-only.
+    live: bool = False
 
 
 _S = SafetyConfig()
 #: Every parameter of the node; config/fusion.yaml holds exactly these (a test keeps them in step).
 PARAMS: tuple[Param, ...] = (
     Param("autostart", True, "Configure and activate at start-up (false: wait for lifecycle ChangeState)."),
-    Param("build_only", False, "Build the inference engine for the model (ONNX export / TensorRT engine), "
-          "then exit without subscribing."),
     Param("rate_hz", 10.0, "Fusion cycle rate [Hz]; outputs are published once per cycle.", (0.5, 100.0)),
     Param("model_dir", "", "Trained model folder (config.json + model.safetensors); empty = the shipped "
           "models/fusion_small (random weights with a warning when it is not there)."),
@@ -44,48 +53,82 @@ PARAMS: tuple[Param, ...] = (
     Param("device", "", "Device for the backend: '' = automatic, 'cpu', 'cuda', 'cuda:N'."),
     Param("precision", "fp32", "Inference precision.", choices=("fp32", "fp16", "int8")),
     Param("threads", 0, "CPU threads for inference (0 = the library default).", (0, 64)),
+    Param("dla_core", -1, "DLA core for the TensorRT backend (Jetson Orin; fp16/int8 only, fp32 is refused); "
+          "-1 = the GPU.", (-1, 7)),
+    Param("engine_cache_dir", "", "Folder for TensorRT engines and timing caches; empty = beside the model's "
+          "ONNX file, or ~/.cache/lmm_fusion/engines when that folder is read-only."),
     Param("frame_id", topics.BASE_FRAME, "Frame of the outputs (the vehicle frame)."),
     Param("camera_transport", "raw", "Camera input: raw sensor_msgs/Image or CompressedImage.",
           choices=("raw", "compressed")),
     Param("use_camera_info", True, "Also subscribe to CameraInfo (checked against the image size)."),
-    Param("topics.camera_image", topics.CAMERA_IMAGE, "Camera image topic (camera_transport=raw)."),
-    Param("topics.camera_compressed", topics.CAMERA_COMPRESSED,
-          "Compressed image topic (camera_transport=compressed)."),
-    Param("topics.camera_info", topics.CAMERA_INFO, "CameraInfo topic."),
-    Param("topics.lidar_points", topics.LIDAR_POINTS, "LiDAR PointCloud2 topic."),
-    Param("topics.gnss_fix", topics.GNSS_FIX, "GNSS NavSatFix topic."),
-    Param("sync.camera_timeout", 0.5, "Camera frames older than this are masked out [s].", (0.01, 10.0)),
-    Param("sync.lidar_timeout", 0.5, "LiDAR frames older than this are masked out [s].", (0.01, 10.0)),
-    Param("sync.gnss_timeout", 1.0, "GNSS fixes older than this are masked out [s].", (0.01, 10.0)),
-    Param("sync.future_tolerance", 0.5, "Stamps further ahead of the node clock are rejected [s].", (0.0, 10.0)),
+    Param("sync.camera_timeout", 0.5, "Camera frames older than this are masked out [s].", (0.01, 10.0), live=True),
+    Param("sync.lidar_timeout", 0.5, "LiDAR frames older than this are masked out [s].", (0.01, 10.0), live=True),
+    Param("sync.gnss_timeout", 1.0, "GNSS fixes older than this are masked out [s].", (0.01, 10.0), live=True),
+    Param("sync.future_tolerance", 0.5, "Stamps further ahead of the node clock are rejected [s].",
+          (0.0, 10.0), live=True),
     Param("sync.loop_reset", 1.0, "A backwards stamp jump larger than this resets the buffers [s] "
-          "(bag loop, restarted simulation).", (0.0, 3600.0)),
-    Param("safety.decel", _S.decel, "Braking deceleration for the stopping-distance cap [m/s^2].", (0.5, 12.0)),
-    Param("safety.margin", _S.margin, "Gap kept to the obstacle at standstill [m].", (0.0, 20.0)),
-    Param("safety.ttc_stop", _S.ttc_stop, "Force STOP when time to collision is below this [s].", (0.0, 10.0)),
-    Param("safety.ttc_slow", _S.ttc_slow, "Force SLOW_DOWN when time to collision is below this [s].", (0.1, 20.0)),
+          "(bag loop, restarted simulation).", (0.0, 3600.0), live=True),
+    Param("safety.decel", _S.decel, "Braking deceleration for the stopping-distance cap [m/s^2].",
+          (0.5, 12.0), live=True),
+    Param("safety.margin", _S.margin, "Gap kept to the obstacle at standstill [m].", (0.0, 20.0), live=True),
+    Param("safety.ttc_stop", _S.ttc_stop, "Force STOP when time to collision is below this [s].",
+          (0.0, 10.0), live=True),
+    Param("safety.ttc_slow", _S.ttc_slow, "Force SLOW_DOWN when time to collision is below this [s].",
+          (0.1, 20.0), live=True),
     Param("safety.slow_factor", _S.slow_factor, "Speed cap as a fraction of ego speed when slowing for TTC.",
-          (0.05, 1.0)),
-    Param("safety.stop_speed", _S.stop_speed, "Speed caps below this mean stop [m/s].", (0.0, 5.0)),
-    Param("safety.degraded_factor", _S.degraded_factor, "Speed cap multiplier per masked modality.", (0.05, 1.0)),
-    Param("safety.no_lidar_speed", _S.no_lidar_speed, "Speed cap without LiDAR [m/s].", (0.0, 60.0)),
-    Param("safety.max_speed", _S.max_speed, "Absolute speed cap [m/s].", (0.1, 60.0)),
-    Param("safety.corridor_half_width", _S.corridor_half_width, "Half width of the ego corridor [m].", (0.3, 5.0)),
+          (0.05, 1.0), live=True),
+    Param("safety.stop_speed", _S.stop_speed, "Speed caps below this mean stop [m/s].", (0.0, 5.0), live=True),
+    Param("safety.degraded_factor", _S.degraded_factor, "Speed cap multiplier per masked modality.",
+          (0.05, 1.0), live=True),
+    Param("safety.no_lidar_speed", _S.no_lidar_speed, "Speed cap without LiDAR [m/s].", (0.0, 60.0), live=True),
+    Param("safety.max_speed", _S.max_speed, "Absolute speed cap [m/s].", (0.1, 60.0), live=True),
+    Param("safety.corridor_half_width", _S.corridor_half_width, "Half width of the ego corridor [m].",
+          (0.3, 5.0), live=True),
     Param("safety.ground_height", _S.ground_height, "LiDAR points at or below this height are ground [m].",
-          (-1.0, 2.0)),
+          (-1.0, 2.0), live=True),
     Param("safety.max_height", _S.max_height, "LiDAR points above this height pass over the vehicle [m].",
-          (0.5, 10.0)),
-    Param("safety.max_range", _S.max_range, "Free distance beyond this counts as free [m].", (5.0, 200.0)),
+          (0.5, 10.0), live=True),
+    Param("safety.max_range", _S.max_range, "Free distance beyond this counts as free [m].", (5.0, 200.0), live=True),
     Param("diagnostics.rate_tolerance", 0.5, "A sensor below (1 - tolerance) x its expected rate is WARN.",
-          (0.0, 1.0)),
-    Param("diagnostics.window", 2.0, "Window for rates and recent rejections [s].", (0.2, 60.0)),
-    Param("diagnostics.warn_age", 0.3, "A latest frame older than this is WARN [s].", (0.01, 60.0)),
-    Param("diagnostics.error_age", 1.0, "A latest frame older than this is ERROR [s].", (0.01, 60.0)),
-    Param("diagnostics.camera_hz", 20.0, "Expected camera rate [Hz].", (0.1, 1000.0)),
-    Param("diagnostics.lidar_hz", 10.0, "Expected LiDAR rate [Hz].", (0.1, 1000.0)),
-    Param("diagnostics.gnss_hz", 10.0, "Expected GNSS rate [Hz].", (0.1, 1000.0)),
+          (0.0, 1.0), live=True),
+    Param("diagnostics.window", 2.0, "Window for rates and recent rejections [s].", (0.2, 60.0), live=True),
+    Param("diagnostics.warn_age", 0.3, "A latest frame older than this is WARN [s].", (0.01, 60.0), live=True),
+    Param("diagnostics.error_age", 1.0, "A latest frame older than this is ERROR [s].", (0.01, 60.0), live=True),
+    Param("diagnostics.camera_hz", 20.0, "Expected camera rate [Hz].", (0.1, 1000.0), live=True),
+    Param("diagnostics.lidar_hz", 10.0, "Expected LiDAR rate [Hz].", (0.1, 1000.0), live=True),
+    Param("diagnostics.gnss_hz", 10.0, "Expected GNSS rate [Hz].", (0.1, 1000.0), live=True),
+    Param("diagnostics.period", 1.0, "Period of /diagnostics [s] (diagnostic_updater's default), published "
+          "in every lifecycle state.", (0.05, 60.0), live=True),
 )
 PARAM_BY_NAME: dict[str, Param] = {p.name: p for p in PARAMS}
+#: Names of the parameters that may change while the node runs.
+LIVE_PARAMS: frozenset[str] = frozenset(p.name for p in PARAMS if p.live)
+
+#: The node's inputs: sensor stream -> the relative topic name it subscribes to (``~`` = the node's name).
+INPUTS: dict[str, str] = {
+    "camera_image": "~/input/camera/image",
+    "camera_compressed": "~/input/camera/compressed",
+    "camera_info": "~/input/camera/camera_info",
+    "lidar_points": "~/input/lidar/points",
+    "gnss_fix": "~/input/gnss/fix",
+}
+#: Default remappings of :data:`INPUTS` (launch/fusion.launch.py's defaults, ``lmm-fusion node``'s and the
+#: test harness's): the ``/sensors/...`` topics every recorder and bag of this project uses.
+DEFAULT_REMAPS: dict[str, str] = {
+    INPUTS["camera_image"]: topics.CAMERA_IMAGE,
+    INPUTS["camera_compressed"]: topics.CAMERA_COMPRESSED,
+    INPUTS["camera_info"]: topics.CAMERA_INFO,
+    INPUTS["lidar_points"]: topics.LIDAR_POINTS,
+    INPUTS["gnss_fix"]: topics.GNSS_FIX,
+}
+
+
+def remap_args(remaps: dict[str, str] | None = None) -> list[str]:
+    """``-r FROM:=TO`` arguments (after ``--ros-args``) for ``remaps`` (default :data:`DEFAULT_REMAPS`)."""
+    out: list[str] = []
+    for src, dst in (DEFAULT_REMAPS if remaps is None else remaps).items():
+        out += ["-r", f"{src}:={dst}"]
+    return out
 
 
 class ParameterError(ValueError):
@@ -161,7 +204,8 @@ def descriptor(p: Param) -> Any:
     desc = p.description
     if p.choices:
         desc += f" One of: {', '.join(p.choices)}."
-    d = ParameterDescriptor(description=desc)
+    # Fixed for the process unless live: `ros2 param set` is refused with rclpy's reason naming it.
+    d = ParameterDescriptor(description=desc, read_only=not p.live)
     if p.range is not None and isinstance(p.default, float):
         d.floating_point_range = [FloatingPointRange(from_value=float(p.range[0]), to_value=float(p.range[1]),
                                                      step=0.0)]
@@ -171,6 +215,9 @@ def descriptor(p: Param) -> Any:
 
 
 __all__ = [
+    "DEFAULT_REMAPS",
+    "INPUTS",
+    "LIVE_PARAMS",
     "PARAMS",
     "PARAM_BY_NAME",
     "Param",
@@ -178,6 +225,7 @@ __all__ = [
     "choice_problem",
     "defaults",
     "descriptor",
+    "remap_args",
     "safety_config",
     "validate",
 ]

@@ -44,6 +44,7 @@ from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.io import create_cloud, create_fix, create_image, make_header, make_time, rclpy_types
 from lmm_fusion.ros.dds import PROFILE_VARS, use_large_data_profile
 from lmm_fusion.ros.outputs import level_of
+from lmm_fusion.ros.params import DEFAULT_REMAPS, INPUTS, remap_args
 
 #: Namespace of the node's ``~/...`` outputs.
 NODE_NS = f"/{topics.NODE_NAME}"
@@ -81,13 +82,18 @@ def use_env_here(env: Mapping[str, str]) -> int:
     return int(env["ROS_DOMAIN_ID"])
 
 
-def node_command(*ros_params: str, params_file: Path | None = None) -> list[str]:
-    """argv that starts the fusion node with ``-p NAME:=VALUE`` parameters."""
+def node_command(*ros_params: str, params_file: Path | None = None, namespace: str | None = None,
+                 remaps: Mapping[str, str] | None = None) -> list[str]:
+    """argv that starts the fusion node with ``-p NAME:=VALUE`` parameters, in ``namespace`` (e.g. ``car1``),
+    its inputs remapped as ``remaps`` says (default: the launch file's, to the ``/sensors/...`` topics)."""
     cmd = [sys.executable, "-m", "lmm_fusion.ros.node", "--ros-args"]
     if params_file is not None:
         cmd += ["--params-file", str(params_file)]
     for p in ros_params:
         cmd += ["-p", p]
+    if namespace:
+        cmd += ["-r", f"__ns:=/{namespace.strip('/')}"]
+    cmd += remap_args(dict(DEFAULT_REMAPS if remaps is None else remaps))
     return cmd
 
 
@@ -178,15 +184,23 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _time_sec(t: Any) -> float:
+    return float(t.sec + t.nanosec * 1e-9)
+
+
 def scene_record(msg: Any) -> dict[str, Any]:
-    """A ``SceneAssessment`` as a JSON-able dict (non-finite numbers as None)."""
-    return {"stamp": stamp_of(msg), "frame_id": msg.header.frame_id, "valid": bool(msg.valid),
+    """A ``SceneAssessment`` as a JSON-able dict (non-finite numbers as None). ``stamp`` is the header
+    stamp (the newest sensor frame used), each modality's ``stamp`` its frame's (0 when unused) and
+    ``cycle`` the node-clock time of the cycle (a used modality's stamp + age; the header stamp when the
+    cycle used none)."""
+    mods = [{"name": m.name, "used": bool(m.used), "age": _finite_or_none(m.age),
+             "attention": float(m.attention_share), "stamp": _time_sec(m.stamp)} for m in msg.modalities]
+    cycle = next((m["stamp"] + m["age"] for m in mods if m["used"] and m["age"] is not None), stamp_of(msg))
+    return {"stamp": stamp_of(msg), "cycle": cycle, "frame_id": msg.header.frame_id, "valid": bool(msg.valid),
             "degraded": bool(msg.degraded), "risk": int(msg.risk_level),
             "risk_probabilities": [float(p) for p in msg.risk_probabilities],
             "ttc": _finite_or_none(msg.time_to_collision), "distance": _finite_or_none(msg.nearest_obstacle_distance),
-            "light": int(msg.traffic_light_state),
-            "modalities": [{"name": m.name, "used": bool(m.used), "age": _finite_or_none(m.age),
-                            "attention": float(m.attention_share)} for m in msg.modalities]}
+            "light": int(msg.traffic_light_state), "modalities": mods}
 
 
 def action_record(msg: Any) -> dict[str, Any]:
@@ -300,6 +314,9 @@ class SensorPublisher:
     origin as a function of its stamp. Each sensor is published on a fixed grid of its period; a late
     publish skips slots instead of bursting.
 
+    ``topic_ns`` (e.g. ``car1``) prefixes the ``/sensors/...`` topics (``/car1/sensors/...``); ``modes``
+    gives sensors a mode from the first publish on (e.g. ``{"lidar": "off"}``).
+
     Stamps come from the wall clock or, with ``sim_start`` [s], from a simulated clock that is also
     published on ``/clock`` at 100 Hz, moved by :meth:`jump` and stopped by :meth:`pause`. Each sensor
     has a mode (:meth:`set_mode`): ``normal``, ``off``, ``flood`` (3x its rate), ``stale`` (stamps
@@ -310,7 +327,8 @@ class SensorPublisher:
 
     def __init__(self, node: Node, image: np.ndarray, cloud: np.ndarray, rates: Mapping[str, float] | None = None,
                  *, sim_start: float | None = None, speed: float = 10.0, stale_s: float = 0.8,
-                 future_s: float = 5.0, rig: SensorRig | None = None) -> None:
+                 future_s: float = 5.0, rig: SensorRig | None = None, topic_ns: str = "",
+                 modes: Mapping[str, str] | None = None) -> None:
         self.node = node
         self.types = t = rclpy_types()
         self.rig = rig or SensorRig()
@@ -321,14 +339,19 @@ class SensorPublisher:
         self.image = create_image(t, make_header(t, 0.0, topics.CAMERA_FRAME), image, "rgb8")
         self.cloud = self._make_cloud(0.0)
         self.fix_header = make_header(t, 0.0, topics.GNSS_FRAME)
+        ns = f"/{topic_ns.strip('/')}" if topic_ns.strip("/") else ""
         self.pubs = {
-            "camera": node.create_publisher(t.Image, topics.CAMERA_IMAGE, qos_profile_sensor_data),
-            "lidar": node.create_publisher(t.PointCloud2, topics.LIDAR_POINTS, qos_profile_sensor_data),
-            "gnss": node.create_publisher(t.NavSatFix, topics.GNSS_FIX, qos_profile_sensor_data),
+            "camera": node.create_publisher(t.Image, ns + topics.CAMERA_IMAGE, qos_profile_sensor_data),
+            "lidar": node.create_publisher(t.PointCloud2, ns + topics.LIDAR_POINTS, qos_profile_sensor_data),
+            "gnss": node.create_publisher(t.NavSatFix, ns + topics.GNSS_FIX, qos_profile_sensor_data),
         }
         self.clock_pub = (node.create_publisher(t.Clock, topics.CLOCK, QoSProfile(depth=1))
                           if sim_start is not None else None)
         self.mode = dict.fromkeys(MODALITIES, "normal")
+        for sensor, mode in (modes or {}).items():
+            if mode not in SENSOR_MODES:
+                raise ValueError(f"mode: {mode!r} is not one of {', '.join(SENSOR_MODES)}")
+            self.mode[sensor] = mode
         self.sent = dict.fromkeys(MODALITIES, 0)
         self.last_stamp: dict[str, float] = {}
         self.publish_ms: dict[str, list[float]] = {s: [] for s in MODALITIES}
@@ -387,6 +410,15 @@ class SensorPublisher:
         with self._lock:
             self.mode[sensor] = mode
             return self.now()
+
+    def set_payload(self, image: np.ndarray | None = None, cloud: np.ndarray | None = None) -> None:
+        """Publish ``image`` and/or ``cloud`` (as for the constructor) from the next slot of each on."""
+        with self._lock:
+            if image is not None:
+                self.image = create_image(self.types, make_header(self.types, 0.0, topics.CAMERA_FRAME), image, "rgb8")
+            if cloud is not None:
+                self._cloud_points = np.asarray(cloud)
+                self.cloud = self._make_cloud(0.0)
 
     def send_malformed_lidar(self, n: int = 1) -> None:
         """Publish ``n`` clouds whose ``row_step`` claims more bytes than they hold, with the next LiDAR slot."""
@@ -487,10 +519,19 @@ class NodeHarness:
     """A fusion node process (``-p`` parameters ``params``) and an :class:`OutputCollector` on a private
     loopback domain (``env``, default :func:`loopback_env`), plus a :class:`SensorPublisher` in this
     process once :meth:`start_sensors` is called. This process's DDS variables are set while it runs
-    and restored by :meth:`close`. The node's log is ``<log_dir>/node.log``."""
+    and restored by :meth:`close`. The node's log is ``<log_dir>/node.log``.
+
+    With ``namespace`` (e.g. ``car1``) the node runs in it, its inputs remapped to ``/car1/sensors/...``
+    (where :meth:`start_sensors` publishes) and its outputs collected under ``/car1/fusion_node``; two
+    harnesses share a domain when the second gets the first's ``env``."""
 
     def __init__(self, log_dir: Path, params: Sequence[str], *, env: dict[str, str] | None = None,
-                 params_file: Path | None = None, ground_truth: bool = False) -> None:
+                 params_file: Path | None = None, ground_truth: bool = False, namespace: str = "") -> None:
+        self.namespace = namespace.strip("/")
+        ns = f"/{self.namespace}" if self.namespace else ""
+        #: Input name -> the topic it is remapped to (the sensors' topics, under the namespace).
+        self.remaps = {src: ns + dst for src, dst in DEFAULT_REMAPS.items()}
+        self.lidar_topic = self.remaps[INPUTS["lidar_points"]]
         self.env = loopback_env() if env is None else env
         self._saved_env = {k: os.environ.get(k) for k in (*DDS_VARS, "ROS_LOCALHOST_ONLY")}
         self.domain = use_env_here(self.env)
@@ -498,8 +539,9 @@ class NodeHarness:
         self.sensors: SensorPublisher | None = None
         self.collector: OutputCollector | None = None
         try:
-            self.node = self.procs.start("node", node_command(*params, params_file=params_file), self.env)
-            self.collector = OutputCollector(self.domain, ground_truth=ground_truth)
+            cmd = node_command(*params, params_file=params_file, namespace=self.namespace or None, remaps=self.remaps)
+            self.node = self.procs.start("node", cmd, self.env)
+            self.collector = OutputCollector(self.domain, node_ns=f"{ns}{NODE_NS}", ground_truth=ground_truth)
         except BaseException:
             self.close()
             raise
@@ -519,13 +561,14 @@ class NodeHarness:
 
     def wait_subscribed(self, timeout: float) -> bool:
         """Wait until the node subscribes to the LiDAR (it is active) or exits; True when it is active."""
-        wait_until(lambda: self.outputs.node.count_subscribers(topics.LIDAR_POINTS) > 0 or not self.alive(),
-                   timeout)
-        return self.alive() and self.outputs.node.count_subscribers(topics.LIDAR_POINTS) > 0
+        wait_until(lambda: self.outputs.node.count_subscribers(self.lidar_topic) > 0 or not self.alive(), timeout)
+        return self.alive() and self.outputs.node.count_subscribers(self.lidar_topic) > 0
 
     def start_sensors(self, image: np.ndarray, cloud: np.ndarray, rates: Mapping[str, float] | None = None,
                       **kwargs: Any) -> SensorPublisher:
-        """Start a :class:`SensorPublisher` on the collector's node (arguments as there)."""
+        """Start a :class:`SensorPublisher` on the collector's node (arguments as there), on the node's
+        namespace's sensor topics."""
+        kwargs.setdefault("topic_ns", self.namespace)
         self.sensors = SensorPublisher(self.outputs.node, image, cloud, rates, **kwargs).start()
         return self.sensors
 
@@ -535,8 +578,8 @@ class NodeHarness:
             self.sensors = None
 
     def scenes(self, after: float = -math.inf) -> list[dict[str, Any]]:
-        """Scene assessments stamped after ``after`` [node-clock s]."""
-        return [r for r in self.outputs.get("scene") if r["stamp"] > after]
+        """Scene assessments of cycles after ``after`` [node-clock s] (by ``cycle``, not the header stamp)."""
+        return [r for r in self.outputs.get("scene") if r["cycle"] > after]
 
     def diagnostics(self, after: float = -math.inf) -> list[dict[str, Any]]:
         """Diagnostic arrays stamped after ``after`` [node-clock s]."""

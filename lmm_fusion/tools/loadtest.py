@@ -165,8 +165,9 @@ def run_load(
     out_dir.mkdir(parents=True, exist_ok=True)
     env = _transport_env(transport)
     # The harness applies the same DDS variables to this process (the collector) while it runs.
-    harness = NodeHarness(out_dir / "logs", (f"rate_hz:={rate_hz}", f"backend:={backend}", "use_camera_info:=false"),
-                          env=env)
+    # /diagnostics once per cycle (default 1 s; at most 20 Hz), so every cycle's pipeline latency is sampled.
+    harness = NodeHarness(out_dir / "logs", (f"rate_hz:={rate_hz}", f"backend:={backend}", "use_camera_info:=false",
+                                             f"diagnostics.period:={max(1.0 / rate_hz, 0.05)}"), env=env)
     try:
         m = _measure(harness, env, seconds, warmup_s, (width, height, points, camera_hz, lidar_hz), out_dir)
     finally:
