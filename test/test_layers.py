@@ -51,7 +51,8 @@ def _imports(path: Path, module: str) -> Iterator[tuple[str, bool, int]]:
                 base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             for alias in node.names:
                 # `from lmm_fusion.x import y` may name the module lmm_fusion.x.y
-                yield (f"{base}.{alias.name}" if f"{base}.{alias.name}" in _MODULES else base), id(node) in top, node.lineno
+                named = f"{base}.{alias.name}"
+                yield (named if named in _MODULES else base), id(node) in top, node.lineno
 
 
 _MODULES = _modules()
@@ -92,7 +93,8 @@ def test_imports_point_down_and_sit_at_module_top(module: str) -> None:
         if other == role or target == "lmm_fusion":
             continue
         if LAYER[other] > LAYER[role] or (LAYER[other] == LAYER[role] and (role, other) not in SAME_LAYER):
-            problems.append(f"line {line}: {role} (layer {LAYER[role]}) imports {target} ({other}, layer {LAYER[other]})")
+            problems.append(f"line {line}: {role} (layer {LAYER[role]}) imports {target} "
+                            f"({other}, layer {LAYER[other]})")
     assert not problems, "\n".join(problems)
 
 
