@@ -194,9 +194,14 @@ def test_two_namespaced_nodes_on_one_domain_do_not_cross(tmp_path: Path) -> None
         assert not [u for u in used("car2") if u[1]], "car2 used LiDAR: it received car1's clouds"
         assert [True, True, True] in used("car1")
         # Both publish on the one /diagnostics; each status name carries the namespace.
+        wanted = {"car1/fusion_node: lifecycle", "car2/fusion_node: lifecycle", "car2/fusion_node: lidar"}
+
+        def status_names() -> set[str]:
+            return set().union(*(d["status"] for d in cars["car1"].diagnostics()))
+
+        # /diagnostics comes at 1 Hz: wait for both nodes' reports rather than for a fixed time.
+        assert wait_until(lambda: wanted <= status_names(), 15.0), status_names()
         diags = cars["car1"].diagnostics()
-        names = set().union(*(d["status"] for d in diags))
-        assert {"car1/fusion_node: lifecycle", "car2/fusion_node: lifecycle", "car2/fusion_node: lidar"} <= names
         car2_lidar = [d["status"]["car2/fusion_node: lidar"] for d in diags if "car2/fusion_node: lidar" in d["status"]]
         assert car2_lidar[-1]["level"] == ERROR and car2_lidar[-1]["values"]["rate_hz"] == "0.00"
         assert all(r["frame_id"] == "base_link" for r in cars["car2"].scenes())
