@@ -95,6 +95,30 @@ def test_close_wall_forces_stop(model_dir: Path) -> None:
     assert a.rationale.startswith("stop: obstacle 2.0 m ahead")
 
 
+def test_cloud_is_placed_by_its_own_frame_id(pipeline: FusionPipeline) -> None:
+    """A cloud already in base_link is used as is; one in a frame without a transform masks the LiDAR
+    with the reason, never placed with a guessed mount."""
+    wall = wall_at(EGO_FRONT_OFFSET + 12.0, pipeline.rig)
+    in_base = np.concatenate([pipeline.lidar_in_base(wall), wall[:, 3:]], 1)
+
+    def cycle(points: np.ndarray, frame_id: str) -> Assessment:
+        sync = SensorSync()
+        sync.update("camera", 10.0, np.zeros((90, 160, 3), np.uint8))
+        sync.update("lidar", 10.0, points, frame_id=frame_id)
+        pipeline.preprocessor.reset()
+        return pipeline.cycle(sync.snapshot(10.05))
+
+    a = cycle(in_base, "base_link")
+    assert a.modalities[1].used and a.lidar_free_distance == pytest.approx(12.0, abs=0.01)
+    assert pipeline.lidar_reason == ""
+    b = cycle(wall, "os_lidar")
+    assert [m.used for m in b.modalities] == [True, False, False] and math.isinf(b.lidar_free_distance)
+    assert pipeline.lidar_reason == "lidar: no transform from 'os_lidar' to base_link"
+    assert pipeline.frame_errors[pipeline.lidar_reason] >= 1
+    assert cycle(wall, "lidar").lidar_free_distance == pytest.approx(12.0, abs=0.01)  # the rig's own frame
+    assert pipeline.lidar_reason == ""
+
+
 def test_explicit_missing_model_dir_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="model_dir"):
         resolve_model_dir(tmp_path / "nope")

@@ -267,13 +267,19 @@ SENSOR = {"Image": "camera", "CompressedImage": "camera", "PointCloud2": "lidar"
 
 
 # ---------------------------------------------------------------- rendering a spec as a message
-def _header(t: Any, stamp: Any, now: float) -> Any:
+#: Each kind's frame, as its driver would name it: a cloud is placed by its own frame_id (an unknown
+#: frame is masked, which is not what these tests fuzz).
+FRAME = {"Image": topics.CAMERA_FRAME, "CompressedImage": topics.CAMERA_FRAME, "PointCloud2": topics.LIDAR_FRAME,
+         "NavSatFix": topics.GNSS_FRAME, "CameraInfo": topics.CAMERA_FRAME}
+
+
+def _header(t: Any, stamp: Any, now: float, frame_id: str) -> Any:
     if stamp[0] == "rel":
         sec = max(now + stamp[1], 0.0)
         s, ns = int(sec), round((sec % 1.0) * 1e9) % 10**9
     else:
         s, ns = stamp[1], stamp[2]
-    return t.Header(stamp=t.Time(sec=s, nanosec=ns), frame_id="fuzz")
+    return t.Header(stamp=t.Time(sec=s, nanosec=ns), frame_id=frame_id)
 
 
 def _bytes_for(t: Any, data: bytes) -> Any:
@@ -290,7 +296,8 @@ def _floats_for(t: Any, values: list[float]) -> Any:
 
 def render(t: Any, spec: Spec, now: float) -> Any:
     """The message ``spec`` describes, as a message of ``t`` (rclpy or rosbags types)."""
-    k, hdr = spec["kind"], _header(t, spec["stamp"], now)
+    k = spec["kind"]
+    hdr = _header(t, spec["stamp"], now, FRAME.get(k, topics.BASE_FRAME))
     if k == "Image":
         return t.Image(header=hdr, height=spec["height"], width=spec["width"], encoding=spec["encoding"],
                        is_bigendian=spec["is_bigendian"], step=spec["step"], data=_bytes_for(t, spec["data"]))

@@ -128,3 +128,13 @@ def test_concurrent_updates_keep_counts_and_latest() -> None:
         assert counters[name].accepted == n and counters[name].rejected_total == 0
     snap = s.snapshot((n - 1) * 1e-3)
     assert snap.mask.all() and snap.frames["camera"] == n - 1
+
+
+def test_frame_id_travels_with_the_frame() -> None:
+    s = SensorSync()
+    s.update("lidar", 1.0, "points", frame_id="os_lidar")
+    s.update("camera", 1.0, "image")  # given without one
+    snap = s.snapshot(1.1)
+    assert snap.frame_ids == {"camera": None, "lidar": "os_lidar", "gnss": None}
+    s.update("lidar", 1.05, "newer", frame_id="base_link")
+    assert s.snapshot(1.1).frame_ids["lidar"] == "base_link"

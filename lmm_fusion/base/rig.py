@@ -95,6 +95,10 @@ class LidarModel:
     range_noise_std: float = 0.02
     dropout: float = 0.01
     rate_hz: float = 10.0
+    #: Divisor that brings the sensor's intensity to the model's 0..1 (e.g. 255 for a Velodyne or Livox,
+    #: 65535 for a full-range 16-bit field); None = detected from the first cloud's range
+    #: (``lmm_fusion.io.pointcloud.detect_intensity_scale``).
+    intensity_scale: float | None = None
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lmm_fusion.base.rig import SensorRig
+from lmm_fusion.cycle.extrinsics import Extrinsics
 from lmm_fusion.cycle.sync import SensorSync
 from lmm_fusion.io import EgoMotionEstimator, MessageError, read_fix, read_image, read_points
 from lmm_fusion.io.common import stamp_to_sec
@@ -42,12 +43,15 @@ class SensorIngest:
     """Decode, validate and push sensor messages into a :class:`SensorSync`.
 
     ``on_message`` never raises for bad input: a :class:`MessageError` is logged, counted for that
-    sensor and the message is dropped, so one broken sensor never stops the others.
+    sensor and the message is dropped, so one broken sensor never stops the others. Each frame keeps its
+    ``header.frame_id`` in the sync. ``extrinsics``: where :meth:`on_tf` puts ``/tf_static`` (share it with
+    the :class:`~lmm_fusion.cycle.pipeline.FusionPipeline` that transforms the clouds); None ignores it.
     """
 
-    def __init__(self, sync: SensorSync, rig: SensorRig | None = None) -> None:
+    def __init__(self, sync: SensorSync, rig: SensorRig | None = None, extrinsics: Extrinsics | None = None) -> None:
         self.sync = sync
         self.rig = rig or SensorRig()
+        self.extrinsics = extrinsics
         # No fixed geodetic origin: the estimator anchors its ENU frame at the first fix and moves it
         # with the vehicle, so speeds are right wherever the drive is.
         self._ego = EgoMotionEstimator()
@@ -86,6 +90,10 @@ class SensorIngest:
         with self._lock:
             return self._ego.reason
 
+    def on_tf(self, msg: Any) -> int:
+        """Feed one ``tf2_msgs/TFMessage`` of ``/tf_static`` into :attr:`extrinsics`; transforms taken (0 without)."""
+        return 0 if self.extrinsics is None else self.extrinsics.update_tf(msg)
+
     def on_message(self, sensor: str, msg: Any, now: float | None = None) -> bool:
         """Feed one message; True when it reached the sync buffer, False when rejected (counted)."""
         try:
@@ -96,7 +104,8 @@ class SensorIngest:
                 self.stats.last_error[sensor] = str(exc)
             log.debug("rejected %s message: %s", sensor, exc)
             return False
-        accepted = self.sync.update(sensor, stamp, data, now=now)
+        frame_id = getattr(msg.header, "frame_id", None)
+        accepted = self.sync.update(sensor, stamp, data, now=now, frame_id=None if frame_id is None else str(frame_id))
         with self._lock:
             if accepted:
                 self.stats.accepted[sensor] += 1

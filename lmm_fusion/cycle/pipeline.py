@@ -13,16 +13,20 @@ import logging
 import math
 import shutil
 import time
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from lmm_fusion.base import topics
 from lmm_fusion.base.paths import cache_dir, default_model_dir
-from lmm_fusion.base.rig import SensorRig, transform_points
+from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import Assessment, decode, invalid
+from lmm_fusion.cycle.extrinsics import Extrinsics, ExtrinsicsError
 from lmm_fusion.cycle.preprocess import Preprocessor
 from lmm_fusion.cycle.safety import SafetyConfig, apply_guard, lane_free_distance
 from lmm_fusion.cycle.sync import Snapshot
@@ -86,21 +90,29 @@ class FusionPipeline:
     ``models/fusion_small`` or, when absent, a random model (warned). ``backend``: ``auto`` | ``torch`` |
     ``onnxruntime`` | ``tensorrt`` (see :func:`lmm_fusion.runtime.backends.make_backend`, which also takes
     TensorRT's ``dla_core`` and ``engine_cache_dir``).
+
+    ``extrinsics``: the transforms that take each cloud from its own ``header.frame_id`` to ``base_link``
+    (feed it ``/tf_static``, e.g. through ``SensorIngest(..., extrinsics=pipeline.extrinsics)``); None = only
+    ``base_link`` and the rig's own frames (``lidar``), as the synthetic drives and the default topics use.
+    A cloud in a frame it cannot resolve masks the LiDAR for that cycle: :attr:`lidar_reason` says why
+    (``""`` when the last cycle's cloud resolved) and :attr:`frame_errors` counts each reason.
     """
 
     def __init__(self, model_dir: str | Path | None = None, backend: str = "auto", rig: SensorRig | None = None,
                  safety_cfg: SafetyConfig | None = None, *, device: str | None = None, precision: str = "fp32",
                  threads: int | None = None, dla_core: int | None = None,
-                 engine_cache_dir: str | Path | None = None) -> None:
+                 engine_cache_dir: str | Path | None = None, extrinsics: Extrinsics | None = None) -> None:
         self.rig = rig or SensorRig()
+        self.extrinsics = extrinsics or Extrinsics(self.rig, rig_fallback=True)
+        self.lidar_reason = ""
+        self.frame_errors: Counter[str] = Counter()
         self.safety_cfg = safety_cfg or SafetyConfig()
         self.safety_cfg.validate()
         self.model_dir, self.random_model = resolve_model_dir(model_dir)
         self.model_cfg = load_config(self.model_dir)
         self.backend = make_backend(backend, self.model_dir, device=device, precision=precision, threads=threads,
                                     dla_core=dla_core, engine_cache_dir=engine_cache_dir)
-        self.preprocessor = Preprocessor(self.model_cfg, self.rig)
-        self._lidar_to_base = self.rig.lidar_mount.matrix().astype(np.float32)
+        self.preprocessor = Preprocessor(self.model_cfg, self.rig, self.extrinsics)
         log.info("fusion pipeline: model %s%s, backend %s", self.model_dir,
                  " (RANDOM)" if self.random_model else "", self.backend.describe())
 
@@ -119,18 +131,20 @@ class FusionPipeline:
                         mask=np.zeros(len(MODALITIES), bool), stamps=dict.fromkeys(MODALITIES))
         return self.backend.warmup(self.preprocessor.inputs(snap), iterations)
 
-    def lidar_in_base(self, points_lidar: Any) -> np.ndarray | None:
-        """``(N, 3)`` base_link xyz of an (N, >=3) cloud in the LiDAR frame; None when absent or empty."""
+    def lidar_in_base(self, points_lidar: Any, frame_id: str | None = None) -> np.ndarray | None:
+        """``(N, 3)`` base_link xyz of an (N, >=3) cloud in ``frame_id`` (None = the rig's ``lidar`` frame);
+        None when absent or empty. Raises :class:`~lmm_fusion.cycle.extrinsics.ExtrinsicsError` for a frame
+        with no known transform."""
         if points_lidar is None:
             return None
         pts = np.asarray(points_lidar, np.float32)
         if pts.ndim != 2 or pts.shape[0] == 0 or pts.shape[1] < 3:
             return None
-        return transform_points(self._lidar_to_base, pts)
+        return self.extrinsics.to_base(pts, frame_id or topics.LIDAR_FRAME)
 
-    def lidar_free_distance(self, points_lidar: np.ndarray) -> float:
-        """Free ego-lane distance [m from the bumper] of an (N, >=3) cloud in the LiDAR frame."""
-        base = self.lidar_in_base(points_lidar)
+    def lidar_free_distance(self, points_lidar: np.ndarray, frame_id: str | None = None) -> float:
+        """Free ego-lane distance [m from the bumper] of an (N, >=3) cloud in ``frame_id`` (None = ``lidar``)."""
+        base = self.lidar_in_base(points_lidar, frame_id)
         return math.inf if base is None else lane_free_distance(base, self.safety_cfg)
 
     def cycle(self, snapshot: Any) -> Assessment:
@@ -144,8 +158,23 @@ class FusionPipeline:
         if not mask.any():
             return invalid(snapshot.now, mask, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
         lidar_i, gnss_i = MODALITIES.index("lidar"), MODALITIES.index("gnss")
-        # One transform to base_link per cycle, shared by the BEV gridding and the guard's free distance.
-        base = self.lidar_in_base(snapshot.frames.get("lidar")) if mask[lidar_i] else None
+        # One transform to base_link per cycle, by the cloud's own frame id, shared by the BEV gridding and
+        # the guard's free distance. A frame without a transform masks the LiDAR (never a guessed mount).
+        base = None
+        self.lidar_reason = ""
+        if mask[lidar_i]:
+            frame_id = (getattr(snapshot, "frame_ids", None) or {}).get("lidar")
+            try:
+                base = self.lidar_in_base(snapshot.frames.get("lidar"), frame_id)
+            except ExtrinsicsError as exc:
+                self.lidar_reason = f"lidar: {exc}"
+                self.frame_errors[self.lidar_reason] += 1
+                log.debug("lidar masked: %s", exc)
+                mask = mask.copy()
+                mask[lidar_i] = False
+                snapshot = replace(snapshot, mask=mask, frames={**snapshot.frames, "lidar": None})
+                if not mask.any():
+                    return invalid(snapshot.now, mask, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
         inputs = self.preprocessor.inputs(snapshot, lidar_base=base)
         # Report and decide with the mask the model ran with, not the sync's: the preprocessor also
         # drops a GNSS state without a motion estimate yet (a drive's first fixes) and a frame that

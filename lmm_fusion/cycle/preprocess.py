@@ -11,16 +11,22 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import cv2
 import numpy as np
 
-from lmm_fusion.base.rig import SensorRig, transform_points
+from lmm_fusion.base import topics
+from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES
+from lmm_fusion.cycle.extrinsics import Extrinsics, ExtrinsicsError
 from lmm_fusion.io.errors import MessageError
+from lmm_fusion.io.pointcloud import UNIT_MAX, detect_intensity_scale
 from lmm_fusion.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 #: BEV channel order.
 BEV_CHANNELS: tuple[str, ...] = ("max_height", "mean_height", "log_density", "mean_intensity")
@@ -85,14 +91,22 @@ class Preprocessor:
     ``model_cfg`` fixes resolutions and scales; ``rig`` gives the LiDAR mount (LiDAR -> base_link).
     """
 
-    def __init__(self, model_cfg: ModelConfig, rig: SensorRig | None = None) -> None:
+    def __init__(self, model_cfg: ModelConfig, rig: SensorRig | None = None,
+                 extrinsics: Extrinsics | None = None) -> None:
         self.cfg = model_cfg
         self.rig = rig or SensorRig()
         self.grid = model_cfg.input_bev_grid
-        self._lidar_to_base = self.rig.lidar_mount.matrix()
+        # Clouds go to base_link by their own frame id; None = the rig's mounts for its own frames only.
+        self.extrinsics = extrinsics or Extrinsics(self.rig, rig_fallback=True)
         self._mean = np.asarray(model_cfg.image_mean, np.float32).reshape(3, 1, 1)
         self._inv_std = (1.0 / np.asarray(model_cfg.image_std, np.float32)).reshape(3, 1, 1)
         self.history = BevHistory(model_cfg.bev_history_frames, model_cfg.bev_history_lag)
+        # LiDAR intensity divisor to the model's 0..1: the rig's when set, else detected from the first
+        # cloud with intensities (one Preprocessor per sensor stream, so one sensor's range).
+        self._intensity_fixed = self.rig.lidar.intensity_scale is not None
+        self.intensity_scale: float | None = self.rig.lidar.intensity_scale
+        if self.intensity_scale is not None and not (math.isfinite(self.intensity_scale) and self.intensity_scale > 0):
+            raise ValueError(f"lidar.intensity_scale: must be > 0, got {self.intensity_scale}")
 
     def reset(self) -> None:
         """Forget the stream's history (a new drive, a restarted bag)."""
@@ -147,9 +161,10 @@ class Preprocessor:
         return np.ascontiguousarray((chw - self._mean) * self._inv_std, dtype=np.float32)
 
     # ------------------------------------------------------------------ LiDAR
-    def points_to_base(self, points_lidar: np.ndarray) -> np.ndarray:
-        """``(N, >=3)`` points in the LiDAR frame -> ``(N, 3)`` float32 xyz in ``base_link`` [m]."""
-        return transform_points(self._lidar_to_base, points_lidar)
+    def points_to_base(self, points_lidar: np.ndarray, frame_id: str | None = None) -> np.ndarray:
+        """``(N, >=3)`` points in ``frame_id`` (None = the rig's ``lidar`` frame) -> ``(N, 3)`` float32 xyz
+        in ``base_link`` [m]; raises :class:`~lmm_fusion.cycle.extrinsics.ExtrinsicsError` for an unknown frame."""
+        return self.extrinsics.to_base(points_lidar, frame_id or topics.LIDAR_FRAME)
 
     def bev(self, points_lidar: np.ndarray, xyz_base: np.ndarray | None = None) -> np.ndarray:
         """Points ``(N, >=3)`` (x, y, z[, intensity]) in the LiDAR frame -> ``(4, ny, nx)`` float32.
@@ -159,7 +174,8 @@ class Preprocessor:
 
         Channels (``BEV_CHANNELS``), 0 in empty cells: max height and mean height above ``base_link``
         ground level divided by ``bev_height_scale`` [m]; ``log1p(count) / bev_density_scale``; mean
-        intensity divided by ``bev_intensity_scale``. Points outside the grid or the height band
+        intensity divided by ``bev_intensity_scale`` and by the sensor's :attr:`intensity_scale` (see
+        :meth:`update_intensity_scale`). Points outside the grid or the height band
         ``[bev_z_min, bev_z_max]`` and non-finite points are dropped.
         """
         pts = np.asarray(points_lidar)
@@ -208,8 +224,42 @@ class Preprocessor:
             inten = np.asarray(pts[:, 3], np.float32)[keep]
             inten = np.where(np.isfinite(inten), inten, 0.0)
             isum = np.bincount(flat, weights=inten, minlength=n_cells).astype(np.float32)
-            out[3].reshape(-1)[:] = isum * inv_count * (1.0 / cfg.bev_intensity_scale)
+            scale = self.update_intensity_scale(pts[:, 3])
+            out[3].reshape(-1)[:] = isum * inv_count * (1.0 / (cfg.bev_intensity_scale * scale))
         return out
+
+    def update_intensity_scale(self, intensity: np.ndarray) -> float:
+        """The divisor for this cloud's intensities ``(N,)``, choosing it on the first cloud that has any.
+
+        Fixed when the rig's ``lidar.intensity_scale`` is set. Otherwise detected from the range
+        (:func:`~lmm_fusion.io.pointcloud.detect_intensity_scale`: 0..1 as is, 0..255 -> /255, 16-bit ->
+        /65535, counts -> a percentile) and logged once; a later cloud well beyond a 0..1 or 0..255 choice
+        (a first cloud of dim returns only) chooses again, with a warning. 1.0 until a cloud has any.
+        """
+        if self._intensity_fixed:
+            return float(self.intensity_scale or 1.0)
+        current = self.intensity_scale
+        if current is not None:
+            if current not in (1.0, 255.0):  # 16-bit and count scales are not outgrown
+                return current
+            top = float(np.max(intensity)) if len(intensity) else 0.0
+            if not top > 1.5 * current * UNIT_MAX:  # also False for NaN
+                return current
+            # Only a cloud that is mostly beyond the range (1 % of returns or more) chooses again, not a
+            # few corrupt values.
+            if np.count_nonzero(np.asarray(intensity) > 1.5 * current * UNIT_MAX) < 0.01 * len(intensity):
+                return current
+        found = detect_intensity_scale(intensity)
+        if found is None:
+            return 1.0 if current is None else current
+        if current is None:
+            log.info("LiDAR intensity: dividing by %g (%s); set lidar.intensity_scale to override",
+                     found.scale, found.reason)
+        elif found.scale != current:
+            log.warning("LiDAR intensity: a cloud exceeds the range chosen before (/%g): dividing by %g from now "
+                        "on (%s); set lidar.intensity_scale to fix it", current, found.scale, found.reason)
+        self.intensity_scale = found.scale
+        return found.scale
 
     # ------------------------------------------------------------------ GNSS / ego
     def ego(self, state: Any | None) -> np.ndarray:
@@ -263,6 +313,15 @@ class Preprocessor:
             image = self.image(cam)
         else:
             image = np.zeros((3, cfg.image_height, cfg.image_width), np.float32)
+        if mask[1] and lidar is not None and lidar_base is None:
+            try:  # the cloud's own frame to base_link; a frame without a transform masks the LiDAR
+                frame_id = (getattr(snapshot, "frame_ids", None) or {}).get("lidar")
+                lidar_base = self.points_to_base(np.asarray(lidar), frame_id)
+            except ExtrinsicsError as exc:
+                log.debug("lidar masked: %s", exc)
+                mask[1], lidar = False, None
+            except (IndexError, ValueError):
+                pass  # a malformed array: bev() raises its MessageError as before
         if mask[1] and lidar is not None:
             stamp = (snapshot.stamps or {}).get("lidar")
             bev = self.history.stack(float(snapshot.now if stamp is None else stamp), self.bev(lidar, lidar_base))

@@ -62,13 +62,15 @@ class SyncConfig:
 class Snapshot:
     """Frames usable at ``now`` [s]. ``frames[s]`` is None when masked; ``ages[s]`` = now - stamp [s]
     (inf without a frame); ``mask`` (len(sensors),) bool in ``SyncConfig.sensors`` order (True =
-    present); ``stamps[s]`` [s] or None."""
+    present); ``stamps[s]`` [s] or None; ``frame_ids[s]``: the ``header.frame_id`` of the frame (absent
+    or None when the frame was given without one: a LiDAR cloud is then in the rig's ``lidar`` frame)."""
 
     now: float
     frames: dict[str, Any | None]
     ages: dict[str, float]
     mask: np.ndarray
     stamps: dict[str, float | None]
+    frame_ids: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,14 +92,16 @@ class SensorSync:
     def __init__(self, config: SyncConfig | None = None) -> None:
         self.config = config or SyncConfig()
         self._lock = threading.Lock()
-        self._frames: dict[str, tuple[float, Any]] = {}
+        self._frames: dict[str, tuple[float, Any, str | None]] = {}
         self._last_snapshot: float | None = None
         self._counters: dict[str, SensorCounters] = {s: SensorCounters() for s in self.config.sensors}
         self._unknown = SensorCounters()
         self.resets = 0
 
-    def update(self, sensor: str, stamp: float, data: Any, now: float | None = None) -> bool:
-        """Offer a frame stamped ``stamp`` [s]; True when stored, False when rejected (counted)."""
+    def update(self, sensor: str, stamp: float, data: Any, now: float | None = None,
+               frame_id: str | None = None) -> bool:
+        """Offer a frame stamped ``stamp`` [s] in ``frame_id`` (its ``header.frame_id``, kept with it for the
+        snapshot); True when stored, False when rejected (counted)."""
         with self._lock:
             c = self._counters.get(sensor)
             if c is None:
@@ -123,7 +127,7 @@ class SensorSync:
                 else:
                     c.rejected["out_of_order"] += 1
                     return False
-            self._frames[sensor] = (stamp, data)
+            self._frames[sensor] = (stamp, data, frame_id)
             c.accepted += 1
             return True
 
@@ -136,20 +140,21 @@ class SensorSync:
             frames: dict[str, Any | None] = {}
             ages: dict[str, float] = {}
             stamps: dict[str, float | None] = {}
+            frame_ids: dict[str, str | None] = {}
             mask = np.zeros(len(self.config.sensors), bool)
             for i, s in enumerate(self.config.sensors):
                 entry = self._frames.get(s)
                 if entry is None:
-                    frames[s], ages[s], stamps[s] = None, math.inf, None
+                    frames[s], ages[s], stamps[s], frame_ids[s] = None, math.inf, None, None
                     continue
-                stamp, data = entry
+                stamp, data, frame_ids[s] = entry
                 age = now - stamp
                 usable = -self.config.future_tolerance <= age <= self.config.timeouts[s]
                 frames[s] = data if usable else None
                 ages[s] = age
                 stamps[s] = stamp
                 mask[i] = usable
-            return Snapshot(now=now, frames=frames, ages=ages, mask=mask, stamps=stamps)
+            return Snapshot(now=now, frames=frames, ages=ages, mask=mask, stamps=stamps, frame_ids=frame_ids)
 
     def reset(self) -> None:
         """Forget every frame and the snapshot reference time (counted in :attr:`resets`)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import array
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,62 @@ def read_points(msg: Any, fields: Sequence[str] = ("x", "y", "z", "intensity")) 
         pts = _gather(data, layout, fields, height, width, point_step, row_step)
         return _finite_rows(pts, layout, fields, data, height, width, point_step, row_step, owned=True)
     return _finite_rows(pts, layout, fields, data, height, width, point_step, row_step, owned=False)
+
+
+@dataclass(frozen=True)
+class IntensityScale:
+    """The divisor that brings a LiDAR's intensities to 0..1 and why it was chosen."""
+
+    scale: float
+    reason: str
+
+
+#: Largest intensity still read as a 0..1 value (float rounding of a clipped 1.0).
+UNIT_MAX = 1.0 + 1e-3
+#: Largest intensity of a 0..255 sensor (Velodyne, Livox; uint8 or float32).
+BYTE_MAX = 255.5
+#: Largest intensity of a 16-bit field (divided by 65535); beyond it, counts scaled by a percentile.
+U16_MAX = 65535.5
+#: Percentile of the intensities of a count-valued cloud that is mapped to 1.0.
+COUNT_PERCENTILE = 99.0
+
+
+def detect_intensity_scale(intensity: np.ndarray, dtype: np.dtype | None = None) -> IntensityScale | None:
+    """Intensities ``(N,)`` of one cloud (and the field's dtype when known) -> the divisor to 0..1.
+
+    float values up to 1 -> 1 (the model's own range, the synthetic LiDAR); up to 255 (Velodyne, Livox,
+    float32 or uint8) or a uint8 field -> 255; up to 65535 (a uint16 field) -> 65535; beyond (uint32 or
+    float photon counts) -> the ``COUNT_PERCENTILE`` percentile of the positive values, so most returns
+    fall in 0..1. A 16-bit sensor reporting counts in the thousands (an Ouster's ``intensity``) is read
+    as full-range 16-bit, i.e. dim: set the rig's ``lidar.intensity_scale`` for it. None when the cloud
+    has no positive finite intensity (nothing to decide from yet).
+    """
+    vals = np.asarray(intensity, np.float64).reshape(-1)
+    vals = vals[np.isfinite(vals) & (vals > 0)]
+    if vals.size == 0:
+        return None
+    # The range from the 99.9th percentile, not the maximum: a few corrupt returns do not pick the scale.
+    top = float(np.percentile(vals, 99.9))
+    kind = f"{np.dtype(dtype).name} " if dtype is not None else ""
+    if dtype is not None and np.dtype(dtype) == np.dtype("u1"):
+        return IntensityScale(255.0, "uint8 intensity field")
+    if top <= UNIT_MAX:
+        return IntensityScale(1.0, f"{kind}intensities in 0..1 (99.9 % below {top:.3g})")
+    if top <= BYTE_MAX:
+        return IntensityScale(255.0, f"{kind}intensities in 0..255 (99.9 % below {top:.4g})")
+    if top <= U16_MAX:
+        return IntensityScale(65535.0, f"{kind}intensities in the 16-bit range (99.9 % below {top:.6g})")
+    pct = float(np.percentile(vals, COUNT_PERCENTILE))
+    return IntensityScale(max(pct, 1.0), f"{kind}intensity counts (99.9 % below {top:.6g}): "
+                          f"the {COUNT_PERCENTILE:g}th percentile {pct:.6g} maps to 1")
+
+
+def field_dtype(msg: Any, name: str = "intensity") -> np.dtype | None:
+    """The numpy dtype of the PointCloud2 field ``name`` (None when the cloud has no such field)."""
+    for f in getattr(msg, "fields", ()):
+        if getattr(f, "name", None) == name:
+            return DATATYPES.get(int(f.datatype))
+    return None
 
 
 def _parse_fields(msg_fields: list[Any], point_step: int, bigendian: bool) -> dict[str, tuple[np.dtype, int, int]]:

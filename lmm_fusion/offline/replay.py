@@ -14,13 +14,19 @@ Writes to ``--out DIR``:
   and the inputs needed to view them (camera, points, camera info, ``/tf_static``, ground truth).
 * ``metrics.json``: frames, cycles, per-stage latency p50/p99 [ms], throughput (× real time) and, when
   the bag has ground truth, accuracy overall, per scenario family and per time window
-  (:mod:`lmm_fusion.groundtruth.scoring`).
+  (:mod:`lmm_fusion.groundtruth.scoring`); ``warnings`` (only when there are any) per sensor, what leaves
+  its frames unused or suspect without a rejection: a CameraInfo of another size than the images (the
+  camera is still used, as on the node), stamps far from the bag time (an unsynchronised sensor clock:
+  accepted, then masked as too old in every cycle).
 * with ``--render``: ``replay.mp4``, ``keyframes/*.png`` and ``timeline.png`` (:mod:`lmm_fusion.offline.render`).
 
 A damaged bag (truncated, corrupt, no ``metadata.yaml``, not a bag) raises
 :class:`~lmm_fusion.io.bags.BagError` naming the file, after the cycles read before the damage were written:
 ``outputs.mcap`` is closed and valid and ``metrics.json`` says why it ended early (``ended_early``); the
-command exits with status 1.
+command exits with status 1. So does a bag with no messages (or none of a sensor or ground truth): there
+is nothing to replay. Several topics of one sensor's type with none of the default names are refused
+(``ValueError`` listing them, exit status 2) unless exactly one is usable, e.g. the colour image next to
+a 16-bit depth one (:func:`~lmm_fusion.cycle.bagfeed.detect_sensor_topics`).
 """
 
 from __future__ import annotations
@@ -41,17 +47,26 @@ import numpy as np
 from tqdm import tqdm
 
 from lmm_fusion.base import topics as T
-from lmm_fusion.base.rig import SensorRig, transform_points
+from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.topics import NODE_NAME  # the node's ``~/...`` publishers live under ``/<NODE_NAME>/``
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import Assessment
-from lmm_fusion.cycle.bagfeed import GROUND_TRUTH_TOPICS, detect_sensor_topics, iter_cycles
+from lmm_fusion.cycle.bagfeed import (
+    GROUND_TRUTH_TOPICS,
+    ClockCheck,
+    detect_sensor_topics,
+    first_message,
+    iter_cycles,
+)
+from lmm_fusion.cycle.extrinsics import ExtrinsicsError
 from lmm_fusion.cycle.ingest import SensorIngest
 from lmm_fusion.cycle.pipeline import FusionPipeline
 from lmm_fusion.cycle.sync import SensorSync, Snapshot
 from lmm_fusion.groundtruth.messages import GroundTruth, ground_truth_from_messages
 from lmm_fusion.groundtruth.scoring import Sample, accuracy_table, grouped_tables, sample_of, window_key
 from lmm_fusion.io.bags import BagError, BagMessage, BagReader, BagWriter
+from lmm_fusion.io.errors import MessageError
+from lmm_fusion.io.image import read_image
 from lmm_fusion.io.msgtypes import rosbags_types
 from lmm_fusion.io.tf import tf_static_msg
 from lmm_fusion.offline.render import CycleRecord, VideoRenderer, compose_frame, timeline_plot
@@ -177,7 +192,8 @@ def _open_input(bags: list[Path], opts: ReplayOptions) -> _Input:
         error = exc  # raised after the (empty) outputs are written; the caller reports it
     open_s = time.perf_counter() - t0
     topic_types = reader.topics
-    sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None) if error is None else {}
+    sensor_of = detect_sensor_topics(topic_types, opts.sensor_topics or None,
+                                     lambda t: first_message(reader, t)) if error is None else {}
     missing = sorted(set(MODALITIES) - set(sensor_of.values()))
     if missing and error is None:
         log.warning("no topic for %s in the bag: replaying with %s masked", ", ".join(missing), ", ".join(missing))
@@ -220,12 +236,17 @@ def _write_outputs(writer: BagWriter, types: Any, a: Assessment, t: float) -> No
     writer.write(OUTPUT_TOPICS["markers"], t, ro.markers(types, a))
 
 
-def _lidar_in_base(snapshot: Snapshot, lidar_to_base: np.ndarray) -> np.ndarray | None:
-    """The snapshot's LiDAR points ``(N, 3)`` in ``base_link`` [m], for rendering."""
+def _lidar_in_base(snapshot: Snapshot, pipeline: FusionPipeline) -> np.ndarray | None:
+    """The snapshot's LiDAR points ``(N, 3)`` in ``base_link`` [m], for rendering (by the cloud's own frame
+    id, as the pipeline placed them); None without a cloud or when its frame has no transform."""
     lidar = snapshot.frames.get("lidar")
     if lidar is None:
         return None
-    return transform_points(lidar_to_base, np.asarray(lidar, np.float32)[:, :3])
+    try:
+        return pipeline.extrinsics.to_base(np.asarray(lidar, np.float32)[:, :3],
+                                           snapshot.frame_ids.get("lidar") or T.LIDAR_FRAME)
+    except ExtrinsicsError:
+        return None
 
 
 def _ended_early(error: BagError | None) -> dict[str, Any] | None:
@@ -268,6 +289,38 @@ def _timeline(tally: _Tally, renderer: VideoRenderer, pipeline: FusionPipeline, 
             "keyframes": [str(p) for p in renderer.keyframes], "timeline": str(timeline)}
 
 
+def _camera_info_topic(topic_types: dict[str, str], camera_topic: str) -> str | None:
+    """The CameraInfo topic of ``camera_topic``: the one in its namespace, else the default one, else the
+    only one in the bag (None when that leaves no single candidate)."""
+    infos = sorted(t for t, ty in topic_types.items() if ty == "sensor_msgs/msg/CameraInfo")
+    ns = camera_topic.removesuffix("/compressed").rsplit("/", 1)[0]
+    for t in (f"{ns}/camera_info", T.CAMERA_INFO):
+        if t in infos:
+            return t
+    return infos[0] if len(infos) == 1 else None
+
+
+def _camera_info_check(src: _Input) -> str | None:
+    """A warning when the bag's CameraInfo does not match the size of its first camera image (None when
+    they match or either is missing). As on the node, the camera is still used: the model needs only
+    the pixels, but the calibration published is not the one of this camera."""
+    camera = next((t for t, s in src.sensor_of.items() if s == "camera"), None)
+    info_topic = _camera_info_topic(src.topic_types, camera) if camera is not None else None
+    if camera is None or info_topic is None:
+        return None
+    info, msg = first_message(src.reader, info_topic), first_message(src.reader, camera)
+    if info is None or msg is None:
+        return None
+    try:
+        h, w = read_image(msg).shape[:2]
+    except MessageError:
+        return None  # counted as a rejected frame by the replay itself
+    if (w, h) == (int(info.width), int(info.height)):
+        return None
+    return (f"camera: image {w}x{h} ({camera}) does not match camera_info {info.width}x{info.height} "
+            f"({info_topic}); the camera is used")
+
+
 def _checked_bags(paths: Path | str | Sequence[Path | str]) -> list[Path]:
     bags = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not bags:
@@ -290,14 +343,21 @@ def replay(
     rig = opts.rig or SensorRig()
     src = _open_input(bags, opts)
     error = src.error
+    # Per sensor: what makes its frames unused or suspect without a rejection (metrics.json "warnings").
+    warnings: dict[str, list[str]] = {}
+    info_warning = _camera_info_check(src) if error is None else None
+    if info_warning is not None:
+        log.warning("replay: %s", info_warning)
+        warnings.setdefault("camera", []).append(info_warning)
     has_gt = any(t in src.topic_types for t in GROUND_TRUTH_TOPICS)
 
     pipeline = FusionPipeline(opts.model_dir, backend=opts.backend, rig=rig, threads=opts.threads)
     pipeline.warmup()
-    ingest = SensorIngest(SensorSync(), rig)
+    # The bag's /tf_static (fed by iter_cycles) places each cloud by its own frame id; without one, the
+    # rig's mounts place the project's own frames (pipeline.extrinsics falls back to them).
+    ingest = SensorIngest(SensorSync(), rig, extrinsics=pipeline.extrinsics)
     types = rosbags_types()
     bag = _OutputBag(out)
-    lidar_to_base = rig.lidar_mount.matrix().astype(np.float32)
     copied = (set(src.sensor_of) if opts.copy_sensors else set()) | set(VIEW_TOPICS)
     wrote_tf = T.TF_STATIC in src.topic_types
 
@@ -314,8 +374,10 @@ def replay(
     bar = tqdm(total=expected, unit="cycle", desc="replay", disable=not opts.progress, file=sys.stderr,
                dynamic_ncols=True)
     wall0 = time.perf_counter()
+    clock = ClockCheck(dict(ingest.sync.config.timeouts))
     cycle_iter = iter(()) if error is not None else iter_cycles(
-        src.reader, ingest, opts.rate_hz, sensor_topics=opts.sensor_topics or None, with_ground_truth=has_gt,
+        src.reader, ingest, opts.rate_hz, sensor_topics={s: t for t, s in src.sensor_of.items()},
+        with_ground_truth=has_gt, clock=clock,
         passthrough=sorted(copied), on_passthrough=copy_input)
     try:
         for c in cycle_iter:
@@ -333,7 +395,7 @@ def replay(
             gt = ground_truth_from_messages(gt_msgs) if gt_msgs else None
             tally.add(a, gt, c.t)
             if renderer is not None:
-                pts = _lidar_in_base(c.snapshot, lidar_to_base)
+                pts = _lidar_in_base(c.snapshot, pipeline)
                 renderer.add(compose_frame(c.snapshot.frames.get("camera"), pts, a, gt, c.t - tally.first_t), c.t)
                 tally.latencies["render"].append((time.perf_counter() - t1) * 1e3)
             bar.update(1)
@@ -347,6 +409,10 @@ def replay(
         if renderer is not None:
             renderer.close()
         bag_path = bag.close()
+    if error is None and tally.cycles == 0:  # nothing to replay is an error, not "0 cycles"
+        held = sum(src.reader.counts.values())
+        error = BagError(bags[0], "the bag holds no messages" if held == 0 else
+                         f"no sensor or ground-truth messages among its {held} (topics: {sorted(src.topic_types)})")
     wall = time.perf_counter() - wall0 + src.open_s
     duration = src.duration
     if error is not None or src.reader.salvaged:  # no (trustworthy) index: the span actually replayed
@@ -370,6 +436,13 @@ def replay(
         "outputs": {"bag": str(bag_path), "messages": dict(sorted(bag.writer.counts.items()))},
         "timing": _timing(tally, wall, duration),
     }
+    for sensor, why in clock.mismatches().items():  # frames accepted, then masked as too old: say why
+        log.warning("replay: %s: %s", sensor, why)
+        warnings.setdefault(sensor, []).append(why)
+    if warnings:
+        metrics["warnings"] = dict(sorted(warnings.items()))
+    if pipeline.frame_errors:  # clouds whose frame had no transform to base_link (LiDAR masked), per reason
+        metrics["frame_errors"] = dict(sorted(pipeline.frame_errors.items()))
     if tally.samples:
         metrics["accuracy"] = _accuracy(tally, opts.window_s)
     if renderer is not None:

@@ -54,13 +54,13 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.subscription import Subscription
 from rclpy.timer import Timer
 
 from lmm_fusion.base.paths import find_shared
 from lmm_fusion.base.rig import SensorRig
-from lmm_fusion.base.topics import NODE_NAME
+from lmm_fusion.base.topics import NODE_NAME, TF_STATIC
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import Assessment, invalid
 from lmm_fusion.cycle.ingest import SensorIngest
@@ -89,6 +89,10 @@ log = logging.getLogger(__name__)
 
 #: QoS of every output: reliable, so a subscriber that keeps up sees each cycle.
 OUTPUT_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+#: /tf_static as tf2's static broadcaster offers it: latched, so transforms sent before this node
+#: started still arrive.
+TF_STATIC_QOS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                           durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
 class FusionNode(LifecycleNode):
@@ -241,7 +245,9 @@ class FusionNode(LifecycleNode):
             say = self.get_logger().warning if backend.fallback_failed else self.get_logger().info
             say(f"backend auto fell back: {self.pipeline.backend_fallback_reason}")
         self.sync = SensorSync(self._sync_config(v))
-        self.ingest = SensorIngest(self.sync, self.rig)
+        # Clouds are placed by their own header.frame_id through the pipeline's transforms (/tf_static
+        # first, the rig's mounts as the fallback for the project's own frames).
+        self.ingest = SensorIngest(self.sync, self.rig, extrinsics=self.pipeline.extrinsics)
         with self._diag_lock:
             self.diag = FusionDiagnostics(self._diag_config(v), node_name=self.diag_name)
             self.diag.set_backend(backend.describe(), self.pipeline.backend_fallback_reason, backend.fallback_failed)
@@ -286,6 +292,7 @@ class FusionNode(LifecycleNode):
                 callback_group=self.sensor_group))
         self._subscribe(t.PointCloud2, INPUTS["lidar_points"], "lidar", sensor_qos)
         self._subscribe(t.NavSatFix, INPUTS["gnss_fix"], "gnss", sensor_qos)
+        self._subscribe_tf_static()
         self._active = True
         self.worker = CycleWorker(self._cycle, on_error=lambda exc: self.get_logger().error(
             f"cycle failed: {exc!r}", throttle_duration_sec=2.0))
@@ -293,6 +300,23 @@ class FusionNode(LifecycleNode):
         self.get_logger().info("activated: inputs " + ", ".join(s.topic_name for s in self.subs))
         self.state_label = "active"
         return super().on_activate(state)
+
+    def _subscribe_tf_static(self) -> None:
+        """Feed /tf_static (an absolute name: one tree per ROS graph) into the sensor extrinsics."""
+        try:
+            tf_type = self.types.TFMessage
+        except AttributeError:  # tf2_msgs is not installed (the PyPI wheels have none)
+            self.get_logger().warning("tf2_msgs is not installed: /tf_static is not read; LiDAR frames other "
+                                      "than base_link use the rig's mounts")
+            return
+        ingest = self.ingest
+        assert ingest is not None
+
+        def on_tf_static(msg: Any) -> None:
+            ingest.on_tf(msg)
+
+        self.subs.append(self.create_subscription(tf_type, TF_STATIC, on_tf_static, TF_STATIC_QOS,
+                                                  callback_group=self.sensor_group))
 
     def _subscribe(self, msg_type: Any, topic: str, sensor: str, qos: Any) -> None:
         self.subs.append(self.create_subscription(
