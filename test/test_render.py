@@ -11,7 +11,7 @@ import pytest
 from lmm_fusion.base.grid import OCCUPANCY_GRID
 from lmm_fusion.base.vocabulary import Action, Risk
 from lmm_fusion.cycle.assessment import Assessment, invalid, modality_states
-from lmm_fusion.groundtruth.scoring import GroundTruth
+from lmm_fusion.groundtruth.messages import GroundTruth
 from lmm_fusion.offline.render import (
     CAMERA_WIDTH,
     PANEL_HEIGHT,

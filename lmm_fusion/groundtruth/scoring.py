@@ -363,7 +363,6 @@ __all__ = [
     "VALUE_FIELDS",
     "Caps",
     "Columns",
-    "GroundTruth",
     "Sample",
     "accuracy",
     "accuracy_table",

@@ -30,7 +30,7 @@ from lmm_fusion.base.grid import OCCUPANCY_GRID, BevGrid
 from lmm_fusion.base.rig import EGO_FRONT_OFFSET, EGO_LENGTH, EGO_WIDTH
 from lmm_fusion.base.vocabulary import MODALITIES, Action, Risk
 from lmm_fusion.cycle.assessment import Assessment
-from lmm_fusion.groundtruth.scoring import GroundTruth
+from lmm_fusion.groundtruth.messages import GroundTruth
 from lmm_fusion.ros.outputs import _path_points
 
 # Plots go to files only (no display on a vehicle or in CI); the backend is chosen before pyplot loads.

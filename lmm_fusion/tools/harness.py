@@ -42,6 +42,7 @@ from lmm_fusion.base import topics
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.io import create_cloud, create_fix, create_image, make_header, make_time, rclpy_types
+from lmm_fusion.io.common import stamp_to_sec
 from lmm_fusion.ros.dds import PROFILE_VARS, use_large_data_profile
 from lmm_fusion.ros.outputs import level_of
 from lmm_fusion.ros.params import DEFAULT_REMAPS, INPUTS, remap_args
@@ -177,15 +178,11 @@ def wait_until(pred: Callable[[], bool], timeout: float, period: float = 0.05) -
 # ---------------------------------------------------------------- outputs as records
 def stamp_of(msg: Any) -> float:
     """``header.stamp`` of ``msg`` [s]."""
-    return float(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+    return stamp_to_sec(msg.header.stamp)
 
 
 def _finite_or_none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
-
-
-def _time_sec(t: Any) -> float:
-    return float(t.sec + t.nanosec * 1e-9)
 
 
 def scene_record(msg: Any) -> dict[str, Any]:
@@ -194,7 +191,7 @@ def scene_record(msg: Any) -> dict[str, Any]:
     ``cycle`` the node-clock time of the cycle (a used modality's stamp + age; the header stamp when the
     cycle used none)."""
     mods = [{"name": m.name, "used": bool(m.used), "age": _finite_or_none(m.age),
-             "attention": float(m.attention_share), "stamp": _time_sec(m.stamp)} for m in msg.modalities]
+             "attention": float(m.attention_share), "stamp": stamp_to_sec(m.stamp)} for m in msg.modalities]
     cycle = next((m["stamp"] + m["age"] for m in mods if m["used"] and m["age"] is not None), stamp_of(msg))
     return {"stamp": stamp_of(msg), "cycle": cycle, "frame_id": msg.header.frame_id, "valid": bool(msg.valid),
             "degraded": bool(msg.degraded), "risk": int(msg.risk_level),
