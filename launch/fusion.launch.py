@@ -11,8 +11,10 @@
 The node is a managed (lifecycle) node; with ``autostart:=true`` (default) it configures and
 activates itself, with ``autostart:=false`` it waits for lifecycle ChangeState requests.
 The node subscribes to relative input names (``~/input/camera/image``, ``~/input/camera/compressed``,
-``~/input/camera/camera_info``, ``~/input/lidar/points``, ``~/input/gnss/fix``); the ``camera_image``,
-``camera_compressed``, ``camera_info``, ``lidar_points`` and ``gnss_fix`` arguments remap them, by default
+``~/input/camera/camera_info``, ``~/input/lidar/points``, ``~/input/gnss/fix``, ``~/input/odometry``); the
+``camera_image``, ``camera_compressed``, ``camera_info``, ``lidar_points``, ``gnss_fix`` and ``odometry``
+(optional ego speed: nav_msgs/Odometry, or TwistWithCovarianceStamped with ``odometry_type: twist``) arguments
+remap them, by default
 to the absolute ``/sensors/...`` topics the recorders and bags use. A relative value (no leading ``/``)
 resolves in ``namespace``, so one launch per vehicle (``namespace:=car1``) keeps the vehicles apart; the
 outputs (``~/scene_assessment``, ...) are always under ``/<namespace>/fusion_node``. RViz starts in the same
@@ -41,6 +43,7 @@ INPUTS = (
     ("camera_info", "~/input/camera/camera_info", "/sensors/camera/camera_info"),
     ("lidar_points", "~/input/lidar/points", "/sensors/lidar/points"),
     ("gnss_fix", "~/input/gnss/fix", "/sensors/gnss/fix"),
+    ("odometry", "~/input/odometry", "/sensors/odometry"),
 )
 
 

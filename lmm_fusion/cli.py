@@ -18,7 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("lmm_fusion.synth.dataset", "synthesise many short drives for training"),
     "contact-sheet": ("lmm_fusion.synth.contact_sheet", "render a PNG of camera + BEV frames per scenario"),
     "train": ("lmm_fusion.training.train", "train the fusion model on drives"),
-    "eval": ("lmm_fusion.training.evaluate", "evaluate a model on drives (JSON + plots, modality ablation)"),
+    # --data BAG...: lmm_fusion.training.evaluate; --fresh N: new random drives, model and published (guarded)
+    "eval": ("lmm_fusion.offline.fresh", "evaluate a model on drives, or on N fresh random drives (--fresh N)"),
     "export": ("lmm_fusion.runtime.export", "export a model to ONNX and check parity"),
     "quantize": ("lmm_fusion.training.quantize", "INT8 Q/DQ ONNX calibrated on a bag"),
     "build-engine": ("lmm_fusion.runtime.tensorrt", "build (or validate) a cached TensorRT engine"),
@@ -26,7 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("lmm_fusion.tools.loadtest", "drive the real node with full-size sensors; rate, latency, CPU, RSS"),
     "node": ("lmm_fusion.ros.node", "run the ROS 2 fusion node"),
     "play": ("lmm_fusion.ros.player", "publish a rosbag2 over DDS at its recorded pace with /clock"),
-    "replay": ("lmm_fusion.offline.replay", "replay bags offline through the pipeline: outputs, metrics, video"),
+    # replay's own arguments plus --ray (lmm_fusion.offline.fleet): without --ray it is the plain replay
+    "replay": ("lmm_fusion.offline.fleet", "replay bags offline through the pipeline: outputs, metrics, video"),
+    "compare": ("lmm_fusion.offline.compare", "compare two models on bags: where they disagree, rendered"),
+    "scale": ("lmm_fusion.offline.scaling", "fleet replay throughput on Ray with 1..N workers, and its projection"),
+    "ceiling": ("lmm_fusion.offline.ceiling", "ceiling study: the expert on what the sensors show, next to the model"),
     "carla": ("lmm_fusion.carla.bridge", "drive the pipeline in a CARLA server"),
 }
 

@@ -9,6 +9,8 @@ import pytest
 from mcap.reader import make_reader
 from rosbags.highlevel import AnyReader
 from rosbags.interfaces import QosDurability, QosReliability
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 
 from lmm_fusion.io.bags import BagWriter, bag_counts, bag_topics, offered_qos, read_bag
 from lmm_fusion.io.common import make_header
@@ -75,16 +77,51 @@ def test_bags_of_the_earlier_interface_package_name_still_read(tmp_path: Path, t
     store = typestore()
     legacy = f"{LEGACY_MSG_PACKAGE}/msg/SceneAssessment"
     hdr = make_header(types, 2.0, "base_link")
-    msg = types.SceneAssessment(header=hdr, valid=True, degraded=False, risk_level=2,
-                                risk_probabilities=np.array([0.1, 0.2, 0.7], np.float32), time_to_collision=1.5,
-                                nearest_obstacle_distance=9.0, traffic_light_state=0,
-                                traffic_light_probabilities=np.array([1, 0, 0, 0], np.float32), modalities=[])
-    raw = store.serialize_cdr(msg, "lmm_fusion/msg/SceneAssessment")
+    # The earlier definition (no ego speed fields), as such a recorder wrote it.
+    msg = store.types[legacy](header=hdr, valid=True, degraded=False, risk_level=2,
+                              risk_probabilities=np.array([0.1, 0.2, 0.7], np.float32), time_to_collision=1.5,
+                              nearest_obstacle_distance=9.0, traffic_light_state=0,
+                              traffic_light_probabilities=np.array([1, 0, 0, 0], np.float32), modalities=[])
+    raw = store.serialize_cdr(msg, legacy)
     with BagWriter(tmp_path / "bag") as bag:
         bag.write_raw("/ground_truth/scene_assessment", 2.0, legacy, raw)
     (got,) = read_bag(tmp_path / "bag")
     assert got.msgtype == legacy
     assert got.msg.risk_level == 2 and got.msg.nearest_obstacle_distance == 9.0
+
+
+@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
+def test_bags_of_an_earlier_definition_under_the_current_name_read(tmp_path: Path, types, storage: str) -> None:
+    # An output bag of an earlier release: lmm_fusion/msg/SceneAssessment and ModalityStatus as they were
+    # then (modalities with a stamp but no reason, no ego speed). The bag's own definitions must be used;
+    # the current ones would misread the bytes.
+    old = get_typestore(Stores.ROS2_JAZZY)
+    old.register({
+        **get_types_from_msg("string name\nbool used\nfloat32 age\nfloat32 attention_share\n"
+                             "builtin_interfaces/Time stamp\n", "lmm_fusion/msg/ModalityStatus"),
+        **get_types_from_msg("std_msgs/Header header\nuint8 risk_level\nfloat32[3] risk_probabilities\n"
+                             "float32 time_to_collision\nfloat32 nearest_obstacle_distance\n"
+                             "uint8 traffic_light_state\nfloat32[4] traffic_light_probabilities\n"
+                             "ModalityStatus[] modalities\nbool degraded\nbool valid\n",
+                             "lmm_fusion/msg/SceneAssessment"),
+    })
+    name = "lmm_fusion/msg/SceneAssessment"
+    stamp = old.types["builtin_interfaces/msg/Time"](sec=2, nanosec=0)
+    hdr = old.types["std_msgs/msg/Header"](stamp=stamp, frame_id="base_link")
+    mods = [old.types["lmm_fusion/msg/ModalityStatus"](name=n, used=True, age=0.05, attention_share=0.5, stamp=stamp)
+            for n in ("camera", "lidar")]
+    msg = old.types[name](header=hdr, risk_level=2, risk_probabilities=np.array([0.1, 0.2, 0.7], np.float32),
+                          time_to_collision=1.5, nearest_obstacle_distance=9.0, traffic_light_state=1,
+                          traffic_light_probabilities=np.array([0, 1, 0, 0], np.float32), modalities=mods,
+                          degraded=False, valid=True)
+    plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
+    with Writer(tmp_path / "bag", version=9, storage_plugin=plugin) as w:
+        conn = w.add_connection("/fusion_node/scene_assessment", name, typestore=old)
+        w.write(conn, 2_000_000_000, old.serialize_cdr(msg, name))
+    (got,) = read_bag(tmp_path / "bag")
+    assert got.msg.risk_level == 2 and got.msg.traffic_light_state == 1 and got.msg.valid
+    assert [m.name for m in got.msg.modalities] == ["camera", "lidar"]
+    assert got.msg.modalities[1].stamp.sec == 2
 
 
 def test_readable_by_mcap_reader(tmp_path: Path, types) -> None:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET, Mount, SensorRig
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, Mount, SensorRig
 from lmm_fusion.base.vocabulary import Light
 from lmm_fusion.carla import convert as cc
 from lmm_fusion.io.errors import MessageError
@@ -258,9 +258,9 @@ def test_rotation_round_trip() -> None:
 def test_base_link_in_actor() -> None:
     # Box centred 0.1 m ahead of the actor origin, 0.7 m up; half length 2.4 m, half height 0.75 m.
     bx, by, bz = cc.base_link_in_actor((0.1, 0.0, 0.7), (2.4, 0.9, 0.75))
-    assert bx == pytest.approx(0.1 + 2.4 - EGO_FRONT_OFFSET) and by == 0.0 and bz == pytest.approx(-0.05)
-    # front bumper (box front face) is EGO_FRONT_OFFSET ahead of base_link
-    assert 0.1 + 2.4 - bx == pytest.approx(EGO_FRONT_OFFSET)
+    assert bx == pytest.approx(0.1 + 2.4 - DEFAULT_VEHICLE.front_offset) and by == 0.0 and bz == pytest.approx(-0.05)
+    # front bumper (box front face) is DEFAULT_VEHICLE.front_offset ahead of base_link
+    assert 0.1 + 2.4 - bx == pytest.approx(DEFAULT_VEHICLE.front_offset)
     pose = cc.mount_to_carla(Mount(x=1.2, z=1.85), (bx, by, bz))
     assert pose.x == pytest.approx(1.2 + bx) and pose.z == pytest.approx(1.8)
 

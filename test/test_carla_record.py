@@ -10,7 +10,7 @@ import pytest
 
 from lmm_fusion.base import topics
 from lmm_fusion.base.grid import OCCUPANCY_GRID
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET, SensorRig
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, SensorRig
 from lmm_fusion.base.vocabulary import Action, Light, Risk, Scenario
 from lmm_fusion.carla.record import (
     Actor,
@@ -161,8 +161,8 @@ def test_expert_input_gap_and_speed() -> None:
     lead = Actor(id=1, kind="vehicle", x=140.0, y=50.2, yaw=0.0, length=4.0, width=2.0, vx=5.0)
     inp = expert_input(ego, [lead])
     o = inp.obstacles[0]
-    # box centre 40 m ahead of base_link, rear face at 38 m, bumper at EGO_FRONT_OFFSET
-    assert o.gap == pytest.approx(38.0 - EGO_FRONT_OFFSET)
+    # box centre 40 m ahead of base_link, rear face at 38 m, bumper at DEFAULT_VEHICLE.front_offset
+    assert o.gap == pytest.approx(38.0 - DEFAULT_VEHICLE.front_offset)
     assert o.lateral == pytest.approx(0.2) and o.half_width == pytest.approx(1.0) and o.length == pytest.approx(4.0)
     assert o.speed == pytest.approx(5.0) and o.kind == "vehicle"
     assert inp.ego_speed == pytest.approx(15.0)
@@ -170,7 +170,7 @@ def test_expert_input_gap_and_speed() -> None:
 
 def test_ground_truth_lead_vehicle_ttc() -> None:
     ego = straight_ego(speed=20.0, lanes_left=0)
-    lead = Actor(id=1, kind="vehicle", x=100.0 + EGO_FRONT_OFFSET + 12.0 + 2.0, y=50.0, yaw=0.0, length=4.0,
+    lead = Actor(id=1, kind="vehicle", x=100.0 + DEFAULT_VEHICLE.front_offset + 12.0 + 2.0, y=50.0, yaw=0.0, length=4.0,
                  width=2.0, vx=10.0)  # rear face 12 m ahead of the bumper, closing at 10 m/s
     gt = ground_truth(ego, [lead])
     assert gt.label.distance == pytest.approx(12.0)
@@ -241,7 +241,7 @@ def test_recorder_writes_synthetic_layout(tmp_path: Path) -> None:
     scene = msgs[topics.GT_SCENE]
     assert scene.valid and scene.risk_level == Risk.HIGH
     assert scene.header.stamp.sec == 1 and abs(scene.header.stamp.nanosec - 200_000_000) < 2
-    assert scene.nearest_obstacle_distance == pytest.approx(20.0 - 2.0 - EGO_FRONT_OFFSET, rel=1e-5)
+    assert scene.nearest_obstacle_distance == pytest.approx(20.0 - 2.0 - DEFAULT_VEHICLE.front_offset, rel=1e-5)
     grid = msgs[topics.GT_OCCUPANCY]
     assert grid.info.width == OCCUPANCY_GRID.nx and set(np.unique(grid.data).tolist()) == {0, 100}
     assert msgs[topics.GT_SCENARIO].data == "LEAD_VEHICLE"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +12,20 @@ import numpy as np
 import pytest
 import torch
 
-from lmm_fusion.base.vocabulary import Scenario
-from lmm_fusion.groundtruth.scoring import ece, macro_f1
+from lmm_fusion.base.vocabulary import Action, Scenario
+from lmm_fusion.groundtruth.scoring import (
+    CAUTION,
+    RECORD_KEYS,
+    Columns,
+    Sample,
+    accuracy_table,
+    caution_rates,
+    ece,
+    macro_f1,
+    score_arrays,
+)
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
+from lmm_fusion.offline.fresh import FAMILY_TARGET, check_targets, drive_seeds, family_order, headline, pool_tables
 from lmm_fusion.synth.drive import rig_from_args
 from lmm_fusion.training.dataset import FusionDataset, expand_bags, extract_samples, load_bag_samples, merge_sources
 from lmm_fusion.training.evaluate import (
@@ -250,10 +263,12 @@ def test_eval_cli_prints_one_json_object_and_writes_plots(drive: Path, tmp_path:
 def _prediction_set(n: int, seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Random float32 predictions and labels of ``n`` samples in three families and one unlabelled."""
     rng = np.random.default_rng(seed)
-    arrays = {"risk": rng.integers(0, 3, n), "action": rng.integers(0, 6, n), "light": rng.integers(0, 4, n),
+    arrays: dict[str, np.ndarray] = {"risk": rng.integers(0, 3, n), "action": rng.integers(0, 6, n),
+              "light": rng.integers(0, 4, n),
               "target_speed": rng.uniform(0, 30, n).astype(np.float32), "ttc": rng.uniform(0, 10, n).astype(np.float32),
               "distance": rng.uniform(0, 50, n).astype(np.float32), "scenario": rng.choice([-1, 0, 2, 5], n)}
-    pred = {"risk_prob": rng.dirichlet(np.ones(3), n), "action_prob": rng.dirichlet(np.ones(6), n),
+    pred: dict[str, np.ndarray] = {"risk_prob": rng.dirichlet(np.ones(3), n),
+            "action_prob": rng.dirichlet(np.ones(6), n),
             "light_prob": rng.dirichlet(np.ones(4), n), "target_speed": rng.uniform(0, 30, n).astype(np.float32),
             "ttc": rng.uniform(0, 10, n).astype(np.float32), "distance": rng.uniform(0, 50, n).astype(np.float32),
             "occ_inter": rng.integers(0, 5, n), "occ_union": rng.integers(5, 10, n),
@@ -282,3 +297,80 @@ def test_compute_metrics_of_no_samples_is_nan() -> None:
     m = compute_metrics(pred, arrays)
     assert m["n"] == 0
     assert all(np.isnan(m[k]) for k in ("action_accuracy", "risk_macro_f1", "ttc_mae", "occupancy_iou", "action_ece"))
+
+
+# ------------------------------------------------------------- caution scale and `lmm-fusion eval --fresh`
+def test_caution_rates_order_keep_and_change_lane_below_follow_slow_and_stop() -> None:
+    k, f, s, st, left, right = (int(a) for a in (Action.KEEP_LANE, Action.FOLLOW, Action.SLOW_DOWN, Action.STOP,
+                                                  Action.CHANGE_LANE_LEFT, Action.CHANGE_LANE_RIGHT))
+    assert CAUTION[Action.KEEP_LANE] == CAUTION[Action.CHANGE_LANE_LEFT] < CAUTION[Action.FOLLOW] \
+        < CAUTION[Action.SLOW_DOWN] < CAUTION[Action.STOP]
+    true = np.array([st, s, left, k, f, k, -1])
+    pred = np.array([s, st, k, right, f, st, st])  # unsafe, over, same level, same level, equal, over, unlabelled
+    unsafe, over = caution_rates(pred, true)
+    assert unsafe == pytest.approx(1 / 6) and over == pytest.approx(2 / 6)
+    assert caution_rates(None, true) == (None, None) and caution_rates(pred[-1:], true[-1:]) == (None, None)
+    with pytest.raises(ValueError, match="action code"):
+        caution_rates(np.array([9]), np.array([0]))
+    t = score_arrays(Columns(pred={"action": pred, "model_action": true}, true={"action": true}))
+    assert t["action_unsafe_rate"] == pytest.approx(1 / 6) and t["model_action_unsafe_rate"] == 0.0
+    assert t["model_action_over_cautious_rate"] == 0.0 and t["model_action_accuracy"] == 1.0
+
+
+def test_replay_tables_carry_the_unsafe_and_over_cautious_rates() -> None:
+    assert {"action_unsafe_rate", "action_over_cautious_rate", "model_action_unsafe_rate",
+            "model_action_over_cautious_rate"} <= set(RECORD_KEYS)
+    samples = [Sample(0.0, "CUT_IN", {"action": 3, "model_action": 0}, {"action": 2}),
+               Sample(0.1, "CUT_IN", {"action": 2, "model_action": 2}, {"action": 2})]
+    t = accuracy_table(samples)
+    assert t["action_over_cautious_rate"] == 0.5 and t["model_action_unsafe_rate"] == 0.5
+    assert t["action_unsafe_rate"] == 0.0 and t["model_action_accuracy"] == 0.5
+
+
+def test_fresh_drives_cover_every_family_and_pool_by_samples() -> None:
+    assert drive_seeds(5, 3) == drive_seeds(5, 3) and len(set(drive_seeds(5, 4))) == 4
+    assert drive_seeds(5, 2) != drive_seeds(6, 2)
+    firsts = {family_order(i, 4)[j] for i in range(4) for j in range(4)}  # 4 drives of ~4 episodes
+    assert firsts == set(Scenario)
+    assert family_order(0, 1) == list(Scenario)
+    pooled = pool_tables([{"n": 10, "action_accuracy": 1.0, "action_unsafe_rate": 0.0},
+                          {"n": 30, "action_accuracy": 0.5, "action_unsafe_rate": None}, {"n": 0}])
+    assert pooled["n"] == 40 and pooled["action_accuracy"] == pytest.approx(0.625)
+    assert pooled["action_unsafe_rate"] == 0.0 and pooled["risk_accuracy"] is None
+
+
+def test_fresh_targets_are_marked_pass_or_fail() -> None:
+    fam = {"n": 10, "action_accuracy": 0.97, "risk_accuracy": 0.96, "action_unsafe_rate": 0.0,
+           "model_action_accuracy": 0.9, "model_action_unsafe_rate": 0.02}
+    weak = {**fam, "action_accuracy": FAMILY_TARGET - 0.01}
+    published = {"overall": pool_tables([fam, fam]), "per_scenario": {"FREE_ROAD": pool_tables([fam]),
+                                                                      "CUT_IN": pool_tables([weak])}}
+    model = {"fusion_gain_action_accuracy": 0.12, "min_action_accuracy_one_sensor_masked": float("nan")}
+    values = headline(model, published)
+    assert values["published_action_accuracy_min_family"] == pytest.approx(FAMILY_TARGET - 0.01)
+    verdict = {t["key"]: t["passed"] for t in check_targets(values)}
+    assert verdict == {"published_action_accuracy": True, "published_action_accuracy_min_family": False,
+                       "published_risk_accuracy": True, "published_unsafe_rate": True,
+                       "fusion_gain_action_accuracy": True, "min_action_accuracy_one_sensor_masked": None}
+
+
+@pytest.mark.slow
+def test_eval_fresh_cli_records_the_seed_and_reproduces(tmp_path: Path, model_dir: Path) -> None:
+    """One fresh drive of 1.5 s with small sensors: the seed is printed and recorded with the drives' seeds
+    (the synthesis is deterministic per seed, tested in test_sim_synth), the report has the model's and the
+    published tables and the targets."""
+    def run(out: str) -> tuple[str, dict[str, Any]]:
+        cmd = [sys.executable, "-m", "lmm_fusion.cli", "eval", "--fresh", "1", "--seed", "123", "--seconds", "1.5",
+               "--camera", "160x90", "--lidar-beams", "16", "--lidar-columns", "256", "--threads", "1",
+               "--backend", "torch", "--model", str(model_dir), "--fresh-dir", str(tmp_path / out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc.stdout, json.loads((tmp_path / out / "report.json").read_text())
+
+    text, report = run("a")
+    assert "seed 123" in text and "targets:" in text and ("PASS" in text or "FAIL" in text)
+    assert report["seed"] == 123 and "--seed 123" in report["reproduce"]
+    assert report["published"]["overall"]["n"] >= 10 and report["model"]["n"] >= 10
+    assert {t["key"] for t in report["targets"]} >= {"published_unsafe_rate", "fusion_gain_action_accuracy"}
+    assert report["published"]["per_scenario"]  # tables per family
+    assert [d["seed"] for d in report["drives"]] == drive_seeds(123, 1)

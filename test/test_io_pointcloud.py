@@ -110,14 +110,31 @@ def test_organised_cloud_with_row_padding() -> None:
     np.testing.assert_array_equal(got, np.array([p for r in rows for p in r], np.float32))
 
 
-def test_non_finite_xyz_dropped_despite_is_dense_and_others_zeroed() -> None:
+def test_non_finite_xyz_dropped_and_others_zeroed() -> None:
     nan, inf = float("nan"), float("inf")
     pts = [P1, (nan, 0, 0, 1), (0, inf, 0, 1), (0, 0, -inf, 1), (1, 2, 3, nan), P2]
-    msg = cloud(XYZI_PACKED, [pts], 16, is_dense=True)
+    msg = cloud(XYZI_PACKED, [pts], 16, is_dense=False)
     got = read_points(msg)
     np.testing.assert_array_equal(got, np.array([P1, (1, 2, 3, 0), P2], np.float32))
     # Rows match whichever fields are asked for: x/y/z filter applies even when not requested.
     np.testing.assert_array_equal(read_points(msg, ("intensity",)), [[7.0], [0.0], [100.0]])
+    # A copy (a field subset, another byte order) is filtered whatever is_dense claims.
+    for dense in (True, False):
+        np.testing.assert_array_equal(read_points(cloud(XYZI_PACKED, [pts], 16, is_dense=dense), ("x", "intensity")),
+                                      [[1.5, 7.0], [1.0, 0.0], [-3.0, 100.0]])
+        big = cloud(XYZI_PACKED, [pts], 16, big=True, is_dense=dense)
+        np.testing.assert_array_equal(read_points(big), np.array([P1, (1, 2, 3, 0), P2], np.float32))
+
+
+def test_dense_claim_trusted_for_a_zero_copy_view() -> None:
+    """is_dense=True on a view is taken at its word (as sensor_msgs_py does): no pass over the data."""
+    pts = [P1, (float("nan"), 0, 0, 1), P2]
+    msg = cloud(XYZI_PACKED, [pts], 16, is_dense=True)
+    msg.data = np.frombuffer(bytearray(msg.data), np.uint8)
+    got = read_points(msg)
+    assert got.shape == (3, 4) and np.shares_memory(got, msg.data) and np.isnan(got[1, 0])
+    msg.is_dense = 1  # not the boolean True: not a claim
+    assert read_points(msg).shape == (2, 4)
 
 
 def test_zero_copy_view_for_matching_layout() -> None:
@@ -126,7 +143,7 @@ def test_zero_copy_view_for_matching_layout() -> None:
     msg.data = buf
     got = read_points(msg)
     assert np.shares_memory(got, buf)
-    msg_nan = cloud(XYZI_PACKED, [[P1, (float("nan"), 0, 0, 0)]], 16)
+    msg_nan = cloud(XYZI_PACKED, [[P1, (float("nan"), 0, 0, 0)]], 16, is_dense=False)
     assert read_points(msg_nan).shape == (1, 4)  # filtering copies only when needed
 
 
@@ -221,3 +238,19 @@ def test_create_cloud_rejects_bad_input() -> None:
         create_cloud(types, header, np.zeros((3, 4), np.float32), ("x", "y"))
     with pytest.raises(ValueError, match="points"):
         create_cloud(types, header, np.zeros(3, np.float32))
+
+
+def test_gathered_organised_cloud_with_nan_cells() -> None:
+    """A padded organised layout (an Ouster-like 20-byte point, row padding) with no-return NaN cells: the
+    valid points in row order, their columns each one block of memory, any field subset."""
+    nan = float("nan")
+    padded = [field("x", 0, 7), field("y", 4, 7), field("z", 8, 7), field("intensity", 16, 7)]
+    rows = [[P1, (nan, nan, nan, 0), P2], [(nan, nan, nan, 5), P2, (1, 2, 3, nan)]]
+    vals = [[(*p, 0.0) for p in r] for r in rows]
+    msg = cloud([*padded, field("pad", 12, 7)], vals, 20, row_pad=4, is_dense=False)
+    want = np.array([P1, P2, P2, (1, 2, 3, 0)], np.float32)
+    got = read_points(msg)
+    np.testing.assert_array_equal(got, want)
+    assert all(got[:, k].flags.c_contiguous for k in range(4))
+    np.testing.assert_array_equal(read_points(msg, ("intensity",)), want[:, 3:])
+    np.testing.assert_array_equal(read_points(msg, ("z", "x")), want[:, [2, 0]])

@@ -17,11 +17,12 @@ LAYER = {
     "base": 0, "io": 1, "model": 1, "runtime": 2, "cycle": 3, "groundtruth": 3, "training": 4, "synth": 4,
     "ros": 5, "offline": 6, "carla": 6, "tools": 7, "cli": 8, "msg": 0,
 }
-#: Imports allowed within one layer, (importer, imported): ground truth scores a cycle's Assessment.
-SAME_LAYER = {("groundtruth", "cycle")}
+#: Imports allowed within one layer, (importer, imported): ground truth scores a cycle's Assessment; a
+#: training recipe synthesises its drives.
+SAME_LAYER = {("groundtruth", "cycle"), ("training", "synth")}
 #: Libraries that may be imported inside a function: optional, heavy, or ROS where a module must
 #: stay importable without it.
-LAZY_OK = {"rclpy", "tensorrt", "carla", "open3d", "ament_index_python", "builtin_interfaces", "rosgraph_msgs",
+LAZY_OK = {"rclpy", "tensorrt", "carla", "open3d", "ray", "ament_index_python", "builtin_interfaces", "rosgraph_msgs",
            "rcl_interfaces", "std_msgs", "sensor_msgs", "geometry_msgs", "nav_msgs", "tf2_msgs", "lifecycle_msgs"}
 
 

@@ -110,7 +110,8 @@ def test_rclpy_serialised_bytes_deserialise_with_rosbags(built: dict[str, dict[s
 
 
 def _scene(types: MsgTypes) -> Any:
-    mods = [types.ModalityStatus(name=n, used=u, age=a, attention_share=s, stamp=make_time(types, t))
+    mods = [types.ModalityStatus(name=n, used=u, age=a, attention_share=s, stamp=make_time(types, t),
+                                 reason="" if u else "stale (3.00 s old > 1 s)")
             for n, u, a, s, t in (("camera", True, 0.05, 0.5, 42.45), ("lidar", True, 0.02, 0.4, 42.5),
                                   ("gnss", False, 3.0, 0.0, 0.0))]
     return types.SceneAssessment(
@@ -122,6 +123,8 @@ def _scene(types: MsgTypes) -> Any:
         traffic_light_state=int(Light.RED),
         traffic_light_probabilities=np.array([0.05, 0.9, 0.03, 0.02], np.float32),
         modalities=mods,
+        ego_speed=np.float32(7.5),
+        ego_speed_source="odometry",
         degraded=True,
         valid=True,
     )
@@ -135,6 +138,8 @@ def test_scene_assessment_cdr_round_trip() -> None:
     assert back.risk_level == Risk.HIGH and [m.name for m in back.modalities] == ["camera", "lidar", "gnss"]
     # Each modality's source stamp survives (zero for the unused one).
     assert [(m.stamp.sec, m.stamp.nanosec) for m in back.modalities] == [(42, 450_000_000), (42, 500_000_000), (0, 0)]
+    assert [m.reason for m in back.modalities] == ["", "", "stale (3.00 s old > 1 s)"]
+    assert (back.ego_speed, back.ego_speed_source) == (7.5, "odometry")
     np.testing.assert_array_equal(back.risk_probabilities, msg.risk_probabilities)
 
 

@@ -170,8 +170,10 @@ POINTS = _rng.uniform([5, -8, -1.5, 0], [40, 8, 1.0, 1], (300, 4)).astype(np.flo
 
 def test_two_namespaced_nodes_on_one_domain_do_not_cross(tmp_path: Path) -> None:
     """``car1`` and ``car2`` on one domain, each fed on its own ``/carN/sensors/...`` (remapped from
-    ``~/input/...``): car1 with every sensor, car2 without LiDAR. Neither sees the other's data, outputs are
-    under ``/carN/fusion_node``, and their statuses on the shared /diagnostics stay apart."""
+    ``~/input/...``): car1 with every sensor, car2 without LiDAR but with wheel odometry (4 m/s against the
+    fixes' 10 m/s). Neither sees the other's data, outputs are under ``/carN/fusion_node``, and their
+    statuses on the shared /diagnostics stay apart. car2 takes its ego speed from odometry and says so in
+    its SceneAssessment and /diagnostics, and gives the LiDAR's masking reason; car1 uses GNSS."""
     cars: dict[str, NodeHarness] = {}
     try:
         cars["car1"] = NodeHarness(tmp_path / "car1", PARAMS, namespace="car1")
@@ -183,7 +185,7 @@ def test_two_namespaced_nodes_on_one_domain_do_not_cross(tmp_path: Path) -> None
         assert probe.count_publishers(f"/{topics.NODE_NAME}/scene_assessment") == 0
         assert probe.count_subscribers(topics.LIDAR_POINTS) == 0  # nobody listens on the root namespace
         cars["car1"].start_sensors(RGB, POINTS)
-        cars["car2"].start_sensors(RGB, POINTS, modes={"lidar": "off"})
+        cars["car2"].start_sensors(RGB, POINTS, modes={"lidar": "off"}, odometry_speed=4.0)
         fused = {"car1": [True, True, True], "car2": [True, False, True]}
 
         def used(name: str) -> list[list[bool]]:
@@ -193,8 +195,15 @@ def test_two_namespaced_nodes_on_one_domain_do_not_cross(tmp_path: Path) -> None
             assert wait_until(lambda n=name, e=expect: used(n).count(e) >= 5, 30.0), (name, cars[name].log())
         assert not [u for u in used("car2") if u[1]], "car2 used LiDAR: it received car1's clouds"
         assert [True, True, True] in used("car1")
+        speeds = {name: [(r["ego_speed_source"], r["ego_speed"]) for r in cars[name].scenes() if r["valid"]][-3:]
+                  for name in cars}
+        assert all(src == "odometry" and v == pytest.approx(4.0) for src, v in speeds["car2"]), speeds
+        assert all(src == "gnss" and v == pytest.approx(10.0, rel=0.1) for src, v in speeds["car1"]), speeds
+        lidar2 = [r["modalities"][1]["reason"] for r in cars["car2"].scenes() if r["valid"]]
+        assert lidar2[-1] == "no message yet", lidar2[-3:]
         # Both publish on the one /diagnostics; each status name carries the namespace.
-        wanted = {"car1/fusion_node: lifecycle", "car2/fusion_node: lifecycle", "car2/fusion_node: lidar"}
+        wanted = {"car1/fusion_node: lifecycle", "car2/fusion_node: lifecycle", "car2/fusion_node: lidar",
+                  "car2/fusion_node: ego_speed"}
 
         def status_names() -> set[str]:
             return set().union(*(d["status"] for d in cars["car1"].diagnostics()))
@@ -204,6 +213,10 @@ def test_two_namespaced_nodes_on_one_domain_do_not_cross(tmp_path: Path) -> None
         diags = cars["car1"].diagnostics()
         car2_lidar = [d["status"]["car2/fusion_node: lidar"] for d in diags if "car2/fusion_node: lidar" in d["status"]]
         assert car2_lidar[-1]["level"] == ERROR and car2_lidar[-1]["values"]["rate_hz"] == "0.00"
+        assert car2_lidar[-1]["values"]["masked_reason"] == "no message yet"
+        ego_name = "car2/fusion_node: ego_speed"
+        ego2 = [d["status"][ego_name] for d in diags if ego_name in d["status"]]
+        assert ego2[-1]["level"] == OK and ego2[-1]["message"].startswith("odometry"), ego2[-1]
         assert all(r["frame_id"] == "base_link" for r in cars["car2"].scenes())
         assert all(rig.alive() for rig in cars.values())
     finally:

@@ -57,7 +57,7 @@ def test_defaults_match_topics_and_safety_config() -> None:
     assert all(name.startswith("~/input/") for name in INPUTS.values())
     expected = {INPUTS["camera_image"]: topics.CAMERA_IMAGE, INPUTS["camera_compressed"]: topics.CAMERA_COMPRESSED,
                 INPUTS["camera_info"]: topics.CAMERA_INFO, INPUTS["lidar_points"]: topics.LIDAR_POINTS,
-                INPUTS["gnss_fix"]: topics.GNSS_FIX}
+                INPUTS["gnss_fix"]: topics.GNSS_FIX, INPUTS["odometry"]: topics.ODOMETRY}
     assert expected == DEFAULT_REMAPS
     assert safety_config(d) == SafetyConfig()
     assert d["rate_hz"] == 10.0 and d["autostart"] is True and d["backend"] == "auto"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET, SensorRig
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import MASKED_CONFIDENCE_FACTOR, Assessment, decide_risk
 from lmm_fusion.cycle.pipeline import FusionPipeline, resolve_model_dir
@@ -36,7 +36,7 @@ def test_full_cycle_with_lidar_and_camera(pipeline: FusionPipeline) -> None:
     rig = pipeline.rig
     sync = SensorSync()
     sync.update("camera", 10.0, np.zeros((90, 160, 3), np.uint8))
-    sync.update("lidar", 10.0, wall_at(EGO_FRONT_OFFSET + 12.0, rig))
+    sync.update("lidar", 10.0, wall_at(DEFAULT_VEHICLE.front_offset + 12.0, rig))
     a = pipeline.cycle(sync.snapshot(10.05))
     assert a.valid and a.degraded and a.masked_names() == ["gnss"]
     assert a.lidar_free_distance == pytest.approx(12.0, abs=0.01)
@@ -57,7 +57,7 @@ def test_gnss_without_a_motion_estimate_is_reported_masked(pipeline: FusionPipel
     def cycle(valid: bool) -> Assessment:
         sync = SensorSync()
         sync.update("camera", 10.0, np.zeros((90, 160, 3), np.uint8))
-        sync.update("lidar", 10.0, wall_at(EGO_FRONT_OFFSET + 20.0, pipeline.rig))
+        sync.update("lidar", 10.0, wall_at(DEFAULT_VEHICLE.front_offset + 20.0, pipeline.rig))
         sync.update("gnss", 10.0, EgoState(stamp=10.0, east=0.0, north=0.0, up=0.0, speed=8.0 if valid else 0.0,
                                            accel=0.0, heading=0.0, yaw_rate=0.0, status=0, horizontal_std=0.05,
                                            valid=valid))
@@ -89,7 +89,7 @@ def test_stale_lidar_is_masked(pipeline: FusionPipeline) -> None:
 def test_close_wall_forces_stop(model_dir: Path) -> None:
     p = FusionPipeline(model_dir, backend="torch", safety_cfg=SafetyConfig(margin=3.0), threads=1)
     sync = SensorSync()
-    sync.update("lidar", 5.0, wall_at(EGO_FRONT_OFFSET + 2.0, p.rig))
+    sync.update("lidar", 5.0, wall_at(DEFAULT_VEHICLE.front_offset + 2.0, p.rig))
     a = p.cycle(sync.snapshot(5.02))
     assert a.action.name == "STOP" and a.target_speed == 0.0
     assert a.rationale.startswith("stop: obstacle 2.0 m ahead")
@@ -98,7 +98,7 @@ def test_close_wall_forces_stop(model_dir: Path) -> None:
 def test_cloud_is_placed_by_its_own_frame_id(pipeline: FusionPipeline) -> None:
     """A cloud already in base_link is used as is; one in a frame without a transform masks the LiDAR
     with the reason, never placed with a guessed mount."""
-    wall = wall_at(EGO_FRONT_OFFSET + 12.0, pipeline.rig)
+    wall = wall_at(DEFAULT_VEHICLE.front_offset + 12.0, pipeline.rig)
     in_base = np.concatenate([pipeline.lidar_in_base(wall), wall[:, 3:]], 1)
 
     def cycle(points: np.ndarray, frame_id: str) -> Assessment:

@@ -103,3 +103,31 @@ def test_wait_until_is_bounded() -> None:
     t = time.monotonic()
     assert not wait_until(lambda: False, 0.2)
     assert time.monotonic() - t < 1.0
+
+
+def test_waits_for_every_sensor_topic_it_plays(small_bag: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--wait-for-subscriber waits for the camera as well as the LiDAR (not only the LiDAR topic), never for
+    ground truth, and names what is still unmatched."""
+    from lmm_fusion.ros.player import BagPlayer
+
+    env = loopback_env()
+    for key in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE"):
+        monkeypatch.setenv(key, env[key])
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=int(env["ROS_DOMAIN_ID"]))
+    try:
+        node = rclpy.create_node("player_wait", context=ctx)
+        player = BagPlayer(node, small_bag)
+        assert player.input_topics() == [topics.CAMERA_IMAGE, topics.LIDAR_POINTS]  # not /ground_truth/scenario
+        probe = rclpy.create_node("player_wait_probe", context=ctx)
+        probe.create_subscription(PointCloud2, topics.LIDAR_POINTS, lambda m: None, qos_profile_sensor_data)
+        t0 = time.monotonic()
+        assert player.wait_for_subscribers(1.5) == [topics.CAMERA_IMAGE]  # the LiDAR alone is not enough
+        assert time.monotonic() - t0 >= 1.4
+        probe.create_subscription(Image, topics.CAMERA_IMAGE, lambda m: None, qos_profile_sensor_data)
+        assert player.wait_for_subscribers(20.0) == []
+        assert player.wait_for_subscribers(0.1, ["/not/played"]) == ["/not/played"]
+        probe.destroy_node()
+        node.destroy_node()
+    finally:
+        rclpy.try_shutdown(context=ctx)

@@ -26,7 +26,7 @@ from lmm_fusion.base.grid import OCCUPANCY_GRID
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES, Action
 from lmm_fusion.cycle.assessment import decode
-from lmm_fusion.cycle.safety import SafetyConfig, apply_guard
+from lmm_fusion.cycle.safety import SafetyConfig, apply_guard, lane_evidence
 from lmm_fusion.cycle.sync import Snapshot
 from lmm_fusion.io.gnss import EgoState
 
@@ -56,15 +56,34 @@ model_outputs = st.builds(
     outputs, st.lists(st.floats(-5, 5), min_size=6, max_size=6), st.floats(0, 35), st.floats(0, 12), st.floats(0, 60))
 
 
+def lidar_scene(obstacles: list[tuple[float, float]]) -> np.ndarray:
+    """base_link points [m]: ground returns plus a 2 x 1.8 x 1 m box at each ``(x, y)``."""
+    ground = np.stack([np.linspace(-20, 60, 200), np.linspace(-8, 8, 200), np.zeros(200)], 1)
+    dx, dy = np.tile([0.0, 1.0, 2.0], 4), np.repeat([-0.9, -0.3, 0.3, 0.9], 3)
+    boxes = [np.stack([x + dx, y + dy, np.full(12, 1.0)], 1) for x, y in obstacles]
+    return np.concatenate([ground, *boxes]).astype(np.float32)
+
+
+lidar_scenes = st.lists(st.tuples(st.floats(-20, 70), st.sampled_from([0.0, 1.0, 2.6, 3.5, -3.5, 5.0])), max_size=4)
+
+
 @settings(max_examples=300, deadline=None)
 @given(out=model_outputs, free=st.one_of(st.none(), st.just(math.inf), st.floats(0, 80)),
-       ego=st.one_of(st.none(), st.floats(0, 35)), mask_i=st.integers(0, len(MASKS) - 1))
+       ego=st.one_of(st.none(), st.floats(0, 35)), mask_i=st.integers(0, len(MASKS) - 1),
+       scene=st.one_of(st.none(), lidar_scenes), closing=st.one_of(st.none(), st.floats(-5, 35)))
 def test_guard_masked_is_no_less_cautious(out: dict[str, np.ndarray], free: float | None, ego: float | None,
-                                          mask_i: int) -> None:
+                                          mask_i: int, scene: list[tuple[float, float]] | None,
+                                          closing: float | None) -> None:
+    """The same measurements (free distance or the lane evidence of one scene, closing speed, ego speed)
+    with every modality and with a subset masked."""
     cfg = SafetyConfig()
     ages = dict.fromkeys(MODALITIES, 0.05)
-    full = apply_guard(decode(out, 1.0, FULL, ages, TTC_MAX, DIST_MAX), free, ego, cfg)
-    masked = apply_guard(decode(out, 1.0, MASKS[mask_i], ages, TTC_MAX, DIST_MAX), free, ego, cfg)
+    lanes = None if scene is None else lane_evidence(lidar_scene(scene), cfg)
+    if lanes is not None:
+        free = lanes.free_distance
+    full = apply_guard(decode(out, 1.0, FULL, ages, TTC_MAX, DIST_MAX), free, ego, cfg, lanes, closing=closing)
+    masked = apply_guard(decode(out, 1.0, MASKS[mask_i], ages, TTC_MAX, DIST_MAX), free, ego, cfg, lanes,
+                         closing=closing)
     assert_no_less_cautious(masked, full, (MASKS[mask_i], masked.rationale, full.rationale))
 
 
@@ -117,6 +136,7 @@ CASES = [
     (Action.SLOW_DOWN, 6.0, 4.0, 12.0, 25.0, 2.0),  # the model sees a nearer hazard (e.g. a stop line)
     (Action.STOP, 0.0, 1.0, 6.0, None, 12.0),  # the model stops
     (Action.CHANGE_LANE_LEFT, 12.0, 10.0, 50.0, None, 0.0),  # standing still
+    (Action.CHANGE_LANE_RIGHT, 9.0, 10.0, 50.0, 30.0, 9.0),  # a free right lane beside an obstacle
 ]
 
 

@@ -77,10 +77,12 @@ def _derive(
 
 @pytest.fixture(scope="module")
 def runs(drive: Path, model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The same bag replayed twice (the first with rendering, which must not change any output)."""
+    """The same bag replayed twice: the first with rendering and the sensors copied into the output bag, read
+    ahead in a thread (the default); the second with the default output bag, read in line. Neither may
+    change any output."""
     base = tmp_path_factory.mktemp("replay")
-    replay(drive, base / "a", _opts(render=True, keyframe_every_s=1.0))
-    replay(drive, base / "b", _opts())
+    replay(drive, base / "a", _opts(render=True, keyframe_every_s=1.0, copy_sensors=True))
+    replay(drive, base / "b", _opts(prefetch=0))
     return base / "a", base / "b"
 
 
@@ -103,11 +105,14 @@ def test_replay_is_deterministic(runs: tuple[Path, Path]) -> None:
     msgs_a, msgs_b = _mcap_messages(a / "outputs.mcap"), _mcap_messages(b / "outputs.mcap")
     outputs = [m for m in msgs_a if m[0] in OUTPUT_TOPICS.values()]
     assert len(outputs) >= 4 * 20
-    assert msgs_a == msgs_b
+    sensors = {T.CAMERA_IMAGE, T.LIDAR_POINTS, T.GNSS_FIX}
+    assert {m[0] for m in msgs_a} & sensors == sensors and not {m[0] for m in msgs_b} & sensors
+    # Byte for byte the same messages in the same order, the copied sensors aside.
+    assert [m for m in msgs_a if m[0] not in sensors] == msgs_b
     ma = json.loads((a / "metrics.json").read_text())
     mb = json.loads((b / "metrics.json").read_text())
     assert _without_wall_clock(ma) == _without_wall_clock(mb)
-    assert ma["outputs"]["messages"] == mb["outputs"]["messages"]
+    assert {k: v for k, v in ma["outputs"]["messages"].items() if k not in sensors} == mb["outputs"]["messages"]
 
 
 def test_outputs_readable_by_mcap_with_types_and_stamps(runs: tuple[Path, Path]) -> None:
@@ -148,6 +153,7 @@ def test_outputs_readable_by_rosbags_with_inputs_to_view_them(runs: tuple[Path, 
         assert topic in types
     scenes = [m for m in msgs if m.topic == OUTPUT_TOPICS["scene"]]
     assert all(-1e-6 < m.stamp_sec - stamp_to_sec(m.msg.header.stamp) < 1.0 for m in scenes)
+    assert json.loads((out / "metrics.json").read_text())["outputs"]["sensors_copied"] is True
     assert all(m.msg.valid for m in scenes[5:])
     # Inputs are copied unchanged, at their recorded times (float seconds: sub-microsecond rounding).
     src = [m for m in read_bag(drive, [T.LIDAR_POINTS])]
@@ -209,7 +215,7 @@ def test_real_bag_shape_sqlite_compressed_renamed_no_ground_truth(drive: Path, t
         },
         compress_camera=True,
     )
-    m = replay(bag, tmp_path / "out", _opts())
+    m = replay(bag, tmp_path / "out", _opts(copy_sensors=True))  # copied from SQLite3: deserialised messages
     assert "accuracy" not in m
     assert m["sensor_topics"] == {
         "camera": "/front/image/compressed",
@@ -419,3 +425,22 @@ def test_mapped_mcap_reading_matches_rosbags(drive: Path) -> None:
     assert [g[0] for g in got] == [e[0] for e in expected]
     assert all(abs(g[1] - e[1]) <= 512 and g[2] == e[2] for g, e in zip(got, expected))  # float64 seconds
     assert only == [T.GNSS_FIX] * sum(e[0] == T.GNSS_FIX for e in expected)
+
+
+def test_default_output_bag_refers_to_its_inputs(runs: tuple[Path, Path], drive: Path) -> None:
+    """Without --copy-sensors the output bag holds the outputs and the small inputs to view them, and names
+    the input bags (metadata.yaml custom_data and metrics.json) to be played or opened beside it."""
+    import yaml
+
+    out = runs[1]
+    topics = {m.topic for m in read_bag(out)}
+    assert set(OUTPUT_TOPICS.values()) | {T.TF_STATIC} <= topics
+    assert not topics & {T.CAMERA_IMAGE, T.LIDAR_POINTS, T.GNSS_FIX}
+    custom = yaml.safe_load((out / "metadata.yaml").read_text())["rosbag2_bagfile_information"]["custom_data"]
+    assert json.loads(custom["lmm_fusion.input_bags"]) == [str(drive.resolve())]
+    assert custom["lmm_fusion.sensors_copied"] == "false"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["outputs"]["input_bags"] == [str(drive.resolve())] and m["outputs"]["sensors_copied"] is False
+    # Under a tenth of the input bag: only the node's outputs and the small inputs.
+    size = lambda p: sum(f.stat().st_size for f in p.iterdir() if f.is_file())  # noqa: E731
+    assert size(out) < 0.1 * size(drive)

@@ -128,3 +128,15 @@ def test_unsynchronised_sensor_clock_is_reported(
     assert why.startswith("clock mismatch: stamps 1e+06 s behind the bag time"), why
     assert m["cycles"]["degraded"] == m["cycles"]["total"]  # masked in every cycle: now with a reason
     assert any("lidar: clock mismatch" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("flags", "copied"), [([], False), (["--no-sensors"], False), (["--copy-sensors"], True)])
+def test_sensor_copy_flags(flags: list[str], copied: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The output bag refers to the inputs by default; --copy-sensors copies them, --no-sensors is the default."""
+    seen: list[ReplayOptions] = []
+    monkeypatch.setattr(replay_mod, "replay", lambda bags, out, opts: seen.append(opts) or {})
+    monkeypatch.setattr(replay_mod, "_summary", lambda m: "")
+    parser = argparse.ArgumentParser()
+    replay_mod.add_arguments(parser)
+    assert replay_mod.run(parser.parse_args([str(tmp_path), "--out", str(tmp_path / "out"), *flags])) == 0
+    assert seen[0].copy_sensors is copied and ReplayOptions().copy_sensors is False

@@ -64,6 +64,8 @@ def truth_messages(t: float = 100.0, occ: np.ndarray | None = None) -> dict[str,
         traffic_light_state=1,
         traffic_light_probabilities=np.zeros(4, np.float32),
         modalities=[],
+        ego_speed=8.0,
+        ego_speed_source="ground_truth",
         degraded=False,
         valid=True,
     )

@@ -121,7 +121,7 @@ def test_markers(kind: str) -> None:
     for mk in m.markers:
         by_ns.setdefault(mk.ns, []).append(mk)
         assert mk.header.frame_id == "base_link"
-    assert set(by_ns) == {"risk", "action", "path", "nearest_obstacle", "modality_attention", "modality_label"}
+    assert set(by_ns) == {"risk", "action", "ego", "path", "nearest_obstacle", "modality_attention", "modality_label"}
     assert "risk high" in by_ns["risk"][0].text
     assert a.action.name.lower() in by_ns["action"][0].text
     arrow = by_ns["path"][0]

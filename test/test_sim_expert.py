@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lmm_fusion.base.grid import OCCUPANCY_GRID
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET
+from lmm_fusion.base.rig import DEFAULT_VEHICLE
 from lmm_fusion.base.vocabulary import Action, Light, Risk, Scenario
 from lmm_fusion.groundtruth.expert import ExpertInput, Obstacle, assess, comfortable_stop_distance, occupancy
 from lmm_fusion.synth.world import World, static_scene
@@ -92,7 +92,7 @@ def test_free_road() -> None:
 
 
 def test_static_scene_measures_from_front_bumper() -> None:
-    scene = static_scene([{"center": (EGO_FRONT_OFFSET + 8.0 + 2.25, 0.0, 0.75), "size": (4.5, 1.8, 1.5),
+    scene = static_scene([{"center": (DEFAULT_VEHICLE.front_offset + 8.0 + 2.25, 0.0, 0.75), "size": (4.5, 1.8, 1.5),
                            "kind": "vehicle"}], ego_speed=15.0)
     lab = scene.label()
     assert lab.distance == pytest.approx(8.0)
@@ -137,14 +137,13 @@ def test_ego_speed_not_determined_by_scene() -> None:
 
 
 def test_ego_never_drives_through_objects() -> None:
-    from lmm_fusion.base.rig import EGO_LENGTH, EGO_WIDTH
-
+    car = DEFAULT_VEHICLE
     for seed in range(3):
         w = World(np.random.default_rng(seed))
         for k in range(1, 450):
             w.advance(k * 0.1)
             for o in w.scene().expert_input.obstacles:
-                overlap = abs(o.lateral) < o.half_width + EGO_WIDTH / 2 and o.gap + o.length > -EGO_LENGTH
+                overlap = abs(o.lateral) < o.half_width + car.width / 2 and o.gap + o.length > -car.length
                 assert not (overlap and o.gap < -0.05), (seed, k, o)
 
 

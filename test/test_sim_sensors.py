@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pymap3d
 import pytest
 
-from lmm_fusion.base.rig import CameraModel, LidarModel, Mount, SensorRig
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, CameraModel, LidarModel, Mount, SensorRig
 from lmm_fusion.base.vocabulary import Light
 from lmm_fusion.io.gnss import COVARIANCE_TYPE_DIAGONAL_KNOWN, STATUS_FIX, STATUS_GBAS_FIX, GnssFix
 from lmm_fusion.synth.camera import CameraRenderer, camera_info_arrays
@@ -18,7 +19,7 @@ from lmm_fusion.synth.lidar import POINT_DTYPE, LidarSimulator
 from lmm_fusion.synth.world import Lamp, World, static_scene
 
 
-def _rig(beams: int = 16, columns: int = 256, **lidar: float) -> SensorRig:
+def _rig(beams: int = 16, columns: int = 256, **lidar: Any) -> SensorRig:
     return SensorRig(camera=CameraModel(width=320, height=180),
                      lidar=LidarModel(beams=beams, columns=columns, **lidar))
 
@@ -213,7 +214,7 @@ def test_rear_lamps_show_motion_state_to_camera_only() -> None:
 
 def test_a_car_waiting_at_the_stop_line_sees_the_signal_head() -> None:
     """The head over the ego lane stands 15-25 m beyond the line, inside the camera's view from the line."""
-    from lmm_fusion.base.rig import EGO_FRONT_OFFSET, transform_points
+    from lmm_fusion.base.rig import transform_points
     from lmm_fusion.base.vocabulary import Scenario
 
     rig = SensorRig(camera=CameraModel(width=640, height=360))
@@ -229,8 +230,28 @@ def test_a_car_waiting_at_the_stop_line_sees_the_signal_head() -> None:
             head = over_lane[0]
             assert 15.0 <= head.s - light.s_stop <= 25.0
             # a car in the middle of its lane, front bumper 1 m before the line: base_link is
-            # EGO_FRONT_OFFSET behind the bumper (straight-road approximation)
-            x = head.s - (light.s_stop - 1.0 - EGO_FRONT_OFFSET)
+            # DEFAULT_VEHICLE.front_offset behind the bumper (straight-road approximation)
+            x = head.s - (light.s_stop - 1.0 - DEFAULT_VEHICLE.front_offset)
             lamp_base = np.array([[x, 0.0, head.z0 + head.height / 2]])
             u, v, z = rig.camera.k() @ transform_points(base_to_optical, lamp_base)[0]
             assert z > 0 and 0 <= u / z < rig.camera.width and 0 <= v / z < rig.camera.height, (seed, u / z, v / z)
+
+
+def test_a_yawed_lidar_sees_the_same_obstacle() -> None:
+    """Column culling follows the mount's yaw: a LiDAR turned half a turn (an Ouster's os_lidar) or a
+    quarter sees a box ahead where the unturned one does (in base_link)."""
+    from lmm_fusion.base.rig import transform_points
+    from lmm_fusion.synth.lidar import LidarSimulator
+    from lmm_fusion.synth.world import static_scene
+
+    scene = static_scene([{"center": (15.0, 0.0, 0.75), "size": (4.0, 1.8, 1.5)}])
+    nearest = []
+    for yaw in (0.0, math.pi, -math.pi / 2):
+        rig = SensorRig(lidar_mount=Mount(x=1.2, z=1.85, yaw=yaw), lidar=LidarModel(beams=32, columns=1024))
+        pts = LidarSimulator(rig).scan(scene)
+        xyz = np.stack([pts["x"], pts["y"], pts["z"]], -1)
+        base = transform_points(rig.lidar_mount.matrix(), xyz)
+        box = base[(np.abs(base[:, 1]) < 0.9) & (base[:, 2] > 0.3)]
+        assert len(box) > 20, yaw
+        nearest.append(float(box[:, 0].min()))
+    np.testing.assert_allclose(nearest, 13.0, atol=0.05)

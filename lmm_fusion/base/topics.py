@@ -6,6 +6,8 @@ CAMERA_COMPRESSED = "/sensors/camera/image_raw/compressed"
 CAMERA_INFO = "/sensors/camera/camera_info"
 LIDAR_POINTS = "/sensors/lidar/points"
 GNSS_FIX = "/sensors/gnss/fix"
+#: nav_msgs/Odometry or geometry_msgs/TwistWithCovarianceStamped: the vehicle's own speed (optional input).
+ODOMETRY = "/sensors/odometry"
 TF_STATIC = "/tf_static"
 CLOCK = "/clock"
 

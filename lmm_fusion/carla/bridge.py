@@ -457,7 +457,8 @@ class CarlaBridge:
         log.info("ego %s at spawn point %d", a.vehicle, ego_index)
         bbox = self.ego.bounding_box
         self.base_in_actor = cc.base_link_in_actor((bbox.location.x, bbox.location.y, bbox.location.z),
-                                                   (bbox.extent.x, bbox.extent.y, bbox.extent.z))
+                                                   (bbox.extent.x, bbox.extent.y, bbox.extent.z),
+                                                   self.rig.vehicle.front_offset)
         if a.closed_loop:
             got = self._steering_geometry(final=False)
             self.lateral, self._lateral_read = got or LateralConfig(), got is not None
@@ -952,14 +953,14 @@ class Outputs:
                 xy = lanes.to_base(np.array([(p.x, -p.y) for p in stops]))
                 ahead = xy[xy[:, 0] > -2.0]
                 if len(ahead):
-                    light = (max(float(ahead[:, 0].min()) - cc.EGO_FRONT_OFFSET, 0.0), state)
+                    light = (max(float(ahead[:, 0].min()) - b.rig.vehicle.front_offset, 0.0), state)
         w = b.ego.get_angular_velocity()  # deg/s about CARLA's z (left-handed: + turns right)
         ego = EgoTruth(x=pose[0], y=pose[1], z=pose[2], yaw=pose[3], vx=v.x, vy=-v.y, yaw_rate=-math.radians(w.z),
                        lane_path=ego_path if ego_path is not None else np.zeros((0, 2)),
                        lane_width=lanes.lane_width(), lanes_left=int(lanes.neighbour(1) is not None),
                        lanes_right=int(lanes.neighbour(-1) is not None), light=light)
         actors = world_actors(b.world, b.ego.id, (pose[0], pose[1]))
-        gt = ground_truth(ego, actors)
+        gt = ground_truth(ego, actors, vehicle=b.rig.vehicle)
         self.recorder.write_truth(stamp, gt, ego, actors)
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ GNSS. CARLA computes geolocations with its own spherical formula (:class:`CarlaG
 
 ``base_link`` of the rig is the rear-axle centre on the ground; a CARLA vehicle's actor origin is
 its own (model dependent) origin. :func:`base_link_in_actor` places ``base_link`` from the vehicle's
-bounding box so that the front bumper is :data:`lmm_fusion.base.rig.EGO_FRONT_OFFSET` ahead of it, as in
+bounding box so that the front bumper is :attr:`lmm_fusion.base.rig.VehicleGeometry.front_offset` ahead of it, as in
 the synthetic world (obstacle distances are measured from the bumper).
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pymap3d
 
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET, Mount, SensorRig
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, Mount, SensorRig
 from lmm_fusion.base.vocabulary import Light
 from lmm_fusion.io.errors import MessageError
 from lmm_fusion.io.gnss import COVARIANCE_TYPE_DIAGONAL_KNOWN, STATUS_FIX, GnssFix
@@ -364,17 +364,17 @@ def carla_matrix_to_ros(m: np.ndarray) -> np.ndarray:
     return s @ np.asarray(m, np.float64) @ s
 
 
-def base_link_in_actor(bbox_location: Sequence[float], bbox_extent: Sequence[float]
-                       ) -> tuple[float, float, float]:
+def base_link_in_actor(bbox_location: Sequence[float], bbox_extent: Sequence[float],
+                       front_offset: float = DEFAULT_VEHICLE.front_offset) -> tuple[float, float, float]:
     """``base_link`` origin in the vehicle actor frame (REP-103 axes, metres) from the vehicle's
     ``bounding_box`` (``location`` = box centre in the actor frame, CARLA axes; ``extent`` = half sizes).
 
-    x: :data:`EGO_FRONT_OFFSET` behind the front face of the box; y: the box centre line; z: the box
-    bottom (the ground, for a vehicle resting on its wheels).
+    x: ``front_offset`` [m] (the rig's ``vehicle.front_offset``) behind the front face of the box; y: the
+    box centre line; z: the box bottom (the ground, for a vehicle resting on its wheels).
     """
     cx, cy, cz = (float(v) for v in bbox_location)
     ex, _, ez = (float(v) for v in bbox_extent)
-    return (cx + ex - EGO_FRONT_OFFSET, -cy, cz - ez)
+    return (cx + ex - front_offset, -cy, cz - ez)
 
 
 # ---------------------------------------------------------------------------------------- blueprints

@@ -30,7 +30,7 @@ import numpy as np
 
 from lmm_fusion.base import topics
 from lmm_fusion.base.grid import OCCUPANCY_GRID, BevGrid
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET, SensorRig
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, SensorRig, VehicleGeometry
 from lmm_fusion.base.vocabulary import Light, Scenario
 from lmm_fusion.groundtruth.expert import DETECT_RANGE, ExpertInput, Label, Obstacle, assess, in_ego_corridor, occupancy
 from lmm_fusion.groundtruth.messages import ground_truth_msgs
@@ -289,7 +289,7 @@ def actor_kind(type_id: str) -> str:
     return "pedestrian" if type_id.startswith("walker.") else "obstacle"
 
 
-def expert_input(ego: EgoTruth, actors: Iterable[Actor]) -> ExpertInput:
+def expert_input(ego: EgoTruth, actors: Iterable[Actor], vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> ExpertInput:
     """World snapshot -> the expert's road-frame view (:class:`lmm_fusion.groundtruth.expert.ExpertInput`).
 
     Gaps and lateral offsets are measured along the ego lane's centre line (Frenet coordinates on
@@ -308,13 +308,13 @@ def expert_input(ego: EgoTruth, actors: Iterable[Actor]) -> ExpertInput:
             across = abs(ln * math.sin(rel)) + abs(wd * math.cos(rel))
             vbx, vby = c * a.vx + sn * a.vy, -sn * a.vx + c * a.vy  # velocity in base_link
             speed_along = vbx * tangent[i, 0] + vby * tangent[i, 1]
-            gap = s[i] - along / 2.0 - EGO_FRONT_OFFSET
+            gap = s[i] - along / 2.0 - vehicle.front_offset
             obstacles.append(Obstacle(gap=float(gap), lateral=float(d[i]), half_width=float(across / 2.0),
                                       speed=float(speed_along), length=float(along), kind=a.kind))
     w = ego.lane_width
     edges = (-(w / 2.0 + ego.lanes_right * w), w / 2.0 + ego.lanes_left * w)
     return ExpertInput(ego_speed=ego.speed, obstacles=tuple(obstacles), lane_width=w, lanes_left=ego.lanes_left,
-                       lanes_right=ego.lanes_right, light=ego.light, road_edges=edges)
+                       lanes_right=ego.lanes_right, light=ego.light, road_edges=edges, vehicle=vehicle)
 
 
 def scenario_of(label: Label, inp: ExpertInput) -> Scenario:
@@ -323,7 +323,8 @@ def scenario_of(label: Label, inp: ExpertInput) -> Scenario:
     if label.light in (Light.RED, Light.YELLOW):
         return Scenario.TRAFFIC_LIGHT
     # The expert's lead: the nearest object in the ego corridor ahead (same filter as expert.assess).
-    ahead = [o for o in inp.obstacles if in_ego_corridor(o) and o.gap + o.length > 0.0 and o.gap < DETECT_RANGE]
+    ahead = [o for o in inp.obstacles
+             if in_ego_corridor(o, inp.vehicle) and o.gap + o.length > 0.0 and o.gap < DETECT_RANGE]
     lead = min(ahead, key=lambda o: o.gap) if ahead else None
     if lead is None:
         return Scenario.FREE_ROAD
@@ -345,10 +346,12 @@ class GroundTruth:
     scenario: Scenario
 
 
-def ground_truth(ego: EgoTruth, actors: Iterable[Actor], grid: BevGrid = OCCUPANCY_GRID) -> GroundTruth:
-    """Expert labels + occupancy for one world snapshot (the ego itself must not be in ``actors``)."""
+def ground_truth(ego: EgoTruth, actors: Iterable[Actor], grid: BevGrid = OCCUPANCY_GRID,
+                 vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> GroundTruth:
+    """Expert labels + occupancy for one world snapshot (the ego itself must not be in ``actors``);
+    ``vehicle``: the ego's footprint (gaps from its bumper)."""
     acts = list(actors)
-    inp = expert_input(ego, acts)
+    inp = expert_input(ego, acts, vehicle)
     label = assess(inp)
     centres, yaws, sizes = footprints_in_base(ego, acts)
     occ = occupancy(centres, yaws, sizes, grid)

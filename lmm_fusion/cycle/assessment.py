@@ -48,13 +48,16 @@ class ModalityState:
     """Status of one input modality in one cycle.
 
     ``age`` [s] is the age of its latest frame at the cycle time (+inf when never received);
-    ``attention`` is its share of the fusion attention in [0, 1] (0 when masked).
+    ``attention`` is its share of the fusion attention in [0, 1] (0 when masked); ``reason`` says why
+    it was not used ("" when used), e.g. "stale (0.83 s old > 0.5 s)", "no transform from 'os_lidar' to
+    base_link", "no motion estimate yet: waiting for fixes (2 of 3)".
     """
 
     name: str
     used: bool
     age: float
     attention: float = 0.0
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ class Assessment:
     probability grid on :data:`lmm_fusion.base.grid.OCCUPANCY_GRID` or None (invalid cycle).
     ``latency_ms`` maps stage name -> milliseconds. ``model_action`` / ``model_target_speed`` keep the
     network's own suggestion before the guard; ``lidar_free_distance`` [m] is the guard's raw LiDAR
-    measurement (+inf when free or LiDAR masked); ``ego_speed`` [m/s] is None without GNSS.
+    measurement (+inf when free or LiDAR masked); ``ego_speed`` [m/s] is the speed the guard used (None
+    without one) and ``ego_speed_source`` where it came from: ``"odometry"`` (the vehicle's own, preferred
+    while fresh), ``"gnss"`` (the fix sequence's motion estimate) or ``""``.
     """
 
     stamp: float
@@ -90,6 +95,7 @@ class Assessment:
     model_target_speed: float = 0.0
     lidar_free_distance: float = math.inf
     ego_speed: float | None = None
+    ego_speed_source: str = ""
     latency_ms: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -104,6 +110,10 @@ class Assessment:
 
     def masked_names(self) -> list[str]:
         return [m.name for m in self.modalities if not m.used]
+
+    def masked_reasons(self) -> dict[str, str]:
+        """``{name: why}`` of every masked modality ("unknown" where no reason was recorded)."""
+        return {m.name: m.reason or "unknown" for m in self.modalities if not m.used}
 
     def with_latency(self, **stages_ms: float) -> Assessment:
         """Copy with ``latency_ms`` extended by the given stages [ms]."""
@@ -134,18 +144,21 @@ class Assessment:
             "model_target_speed": num(self.model_target_speed),
             "lidar_free_distance": num(self.lidar_free_distance),
             "ego_speed": num(self.ego_speed),
-            "modalities": [{"name": m.name, "used": m.used, "age": num(m.age), "attention": num(m.attention)}
-                           for m in self.modalities],
+            "ego_speed_source": self.ego_speed_source,
+            "modalities": [{"name": m.name, "used": m.used, "age": num(m.age), "attention": num(m.attention),
+                            "reason": m.reason} for m in self.modalities],
             "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()},
         }
 
 
-def modality_states(mask: np.ndarray, ages: dict[str, float], attention: np.ndarray | None = None
-                    ) -> tuple[ModalityState, ...]:
-    """Per-modality states from a (3,) bool mask, ages [s] by name and optional (3,) attention shares.
+def modality_states(mask: np.ndarray, ages: dict[str, float], attention: np.ndarray | None = None,
+                    reasons: dict[str, str] | None = None) -> tuple[ModalityState, ...]:
+    """Per-modality states from a (3,) bool mask, ages [s] by name, optional (3,) attention shares and
+    the reasons [by name] of the masked ones.
 
     Masked modalities get attention 0 and the remaining shares are renormalised to sum to 1.
     """
+    reasons = reasons or {}
     mask = np.asarray(mask, dtype=bool).reshape(len(MODALITIES))
     att = np.zeros(len(MODALITIES), np.float64)
     if attention is not None:
@@ -153,13 +166,16 @@ def modality_states(mask: np.ndarray, ages: dict[str, float], attention: np.ndar
         att = np.where(mask, att, 0.0)
         total = att.sum()
         att = att / total if total > 0 else np.where(mask, 1.0 / max(int(mask.sum()), 1), 0.0)
-    return tuple(ModalityState(name, bool(mask[i]), float(ages.get(name, math.inf)), float(att[i]))
+    return tuple(ModalityState(name, bool(mask[i]), float(ages.get(name, math.inf)), float(att[i]),
+                               "" if mask[i] else reasons.get(name, ""))
                  for i, name in enumerate(MODALITIES))
 
 
-def invalid(stamp: float, mask: np.ndarray, ages: dict[str, float]) -> Assessment:
-    """The "no assessment" result: no modality usable, stop suggested, everything else meaningless."""
-    return Assessment(stamp=stamp, valid=False, modalities=modality_states(mask, ages),
+def invalid(stamp: float, mask: np.ndarray, ages: dict[str, float],
+            reasons: dict[str, str] | None = None) -> Assessment:
+    """The "no assessment" result: no modality usable, stop suggested, everything else meaningless;
+    ``reasons`` [by modality name]: why each is masked."""
+    return Assessment(stamp=stamp, valid=False, modalities=modality_states(mask, ages, reasons=reasons),
                       rationale="no assessment: no sensor data")
 
 
@@ -179,14 +195,15 @@ def _scalar(outputs: dict[str, np.ndarray], name: str) -> float:
 
 
 def decode(outputs: dict[str, np.ndarray], stamp: float, mask: np.ndarray, ages: dict[str, float],
-           ttc_max: float, distance_max: float) -> Assessment:
+           ttc_max: float, distance_max: float, reasons: dict[str, str] | None = None) -> Assessment:
     """Decode batch-1 model outputs (``lmm_fusion.model.OUTPUT_NAMES``) into an Assessment.
 
     ``ttc`` >= ``ttc_max`` [s] means "none" and ``obstacle_distance`` >= ``distance_max`` [m] means
     "free"; both become +inf. The risk follows :func:`decide_risk` (cautious when a modality is
     masked). The action is the arg-max; its probability, reduced by
     :data:`MASKED_CONFIDENCE_FACTOR` per masked modality, is the confidence. The rationale is the
-    model's; :func:`lmm_fusion.cycle.safety.apply_guard` rewrites it.
+    model's; :func:`lmm_fusion.cycle.safety.apply_guard` rewrites it. ``reasons``: why each masked
+    modality is masked (:attr:`ModalityState.reason`).
     """
     mask = np.asarray(mask, dtype=bool)
     risk_p = _softmax(outputs["risk_logits"])
@@ -205,7 +222,7 @@ def decode(outputs: dict[str, np.ndarray], stamp: float, mask: np.ndarray, ages:
                    else outputs["occupancy_logits"])
     attention = np.asarray(outputs.get("modality_attention", np.ones((1, 3)))).reshape(-1)
     return Assessment(
-        stamp=stamp, valid=True, modalities=modality_states(mask, ages, attention),
+        stamp=stamp, valid=True, modalities=modality_states(mask, ages, attention, reasons),
         risk=Risk(int(decide_risk(risk_p, mask))), risk_probs=risk_p, ttc=ttc, distance=dist,
         light=Light(int(np.argmax(light_p))), light_probs=light_p, action=action, action_probs=action_p,
         target_speed=speed, confidence=confidence, occupancy=occ, model_action=action,

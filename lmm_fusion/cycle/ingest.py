@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.cycle.extrinsics import Extrinsics
-from lmm_fusion.cycle.sync import SensorSync
-from lmm_fusion.io import EgoMotionEstimator, MessageError, read_fix, read_image, read_points
+from lmm_fusion.cycle.sync import SensorSync, Snapshot
+from lmm_fusion.io import EgoMotionEstimator, MessageError, read_fix, read_image, read_odometry, read_points
 from lmm_fusion.io.common import stamp_to_sec
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,22 @@ SENSOR_OF_MSGTYPE: dict[str, str] = {
     "sensor_msgs/msg/CompressedImage": "camera",
     "sensor_msgs/msg/PointCloud2": "lidar",
     "sensor_msgs/msg/NavSatFix": "gnss",
+    # Optional ego speed (not a modality: it replaces the GNSS estimate's speed while fresh).
+    "nav_msgs/msg/Odometry": "odometry",
+    "geometry_msgs/msg/TwistWithCovarianceStamped": "odometry",
 }
+
+
+def prefer_odometry_speed(snapshot: Snapshot) -> Snapshot:
+    """``snapshot`` with a fresh odometry speed (``frames["odometry"]``) in place of the GNSS estimate's
+    (``frames["gnss"].speed``, when that state is valid); unchanged otherwise. The one rule for the model's
+    ego input: the pipeline and the training dataset both apply it, so the model sees the same speed in
+    training as on the vehicle."""
+    odometry = snapshot.frames.get("odometry")
+    state = snapshot.frames.get("gnss")
+    if odometry is None or state is None or not bool(getattr(state, "valid", False)):
+        return snapshot
+    return replace(snapshot, frames={**snapshot.frames, "gnss": replace(state, speed=float(odometry.speed))})
 
 
 @dataclass
@@ -62,7 +77,8 @@ class SensorIngest:
         """Message -> (stamp [s], frame data) for ``sensor``; raises :class:`MessageError`.
 
         camera -> (H, W, 3) uint8 RGB; lidar -> (N, 4) float32 x, y, z, intensity in the LiDAR frame;
-        gnss -> ``EgoState`` (ego motion estimated from the fix sequence).
+        gnss -> ``EgoState`` (ego motion estimated from the fix sequence); odometry ->
+        :class:`~lmm_fusion.io.odometry.OdometrySpeed` (``nav_msgs/Odometry`` or ``TwistWithCovarianceStamped``).
         """
         header = getattr(msg, "header", None)
         if header is None or not hasattr(header, "stamp"):
@@ -72,6 +88,8 @@ class SensorIngest:
             return stamp, read_image(msg)
         if sensor == "lidar":
             return stamp, read_points(msg, ("x", "y", "z", "intensity"))
+        if sensor == "odometry":
+            return stamp, read_odometry(msg)
         if sensor == "gnss":
             try:
                 fix = read_fix(msg)
@@ -102,6 +120,7 @@ class SensorIngest:
             with self._lock:
                 self.stats.rejected[sensor] += 1
                 self.stats.last_error[sensor] = str(exc)
+            self.sync.note_rejected(sensor, str(exc))
             log.debug("rejected %s message: %s", sensor, exc)
             return False
         frame_id = getattr(msg.header, "frame_id", None)

@@ -27,8 +27,9 @@ from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import Assessment, decode, invalid
 from lmm_fusion.cycle.extrinsics import Extrinsics, ExtrinsicsError
+from lmm_fusion.cycle.ingest import prefer_odometry_speed
 from lmm_fusion.cycle.preprocess import Preprocessor
-from lmm_fusion.cycle.safety import SafetyConfig, apply_guard, lane_free_distance
+from lmm_fusion.cycle.safety import RangeRate, SafetyConfig, apply_guard, lane_evidence, lane_free_distance
 from lmm_fusion.cycle.sync import Snapshot
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
 from lmm_fusion.model.checkpoint import load_config
@@ -103,10 +104,12 @@ class FusionPipeline:
                  threads: int | None = None, dla_core: int | None = None,
                  engine_cache_dir: str | Path | None = None, extrinsics: Extrinsics | None = None) -> None:
         self.rig = rig or SensorRig()
+        self.rig.vehicle.validate()  # the guard measures from its bumper
         self.extrinsics = extrinsics or Extrinsics(self.rig, rig_fallback=True)
         self.lidar_reason = ""
         self.frame_errors: Counter[str] = Counter()
         self.safety_cfg = safety_cfg or SafetyConfig()
+        self.range_rate = RangeRate()  # closing speed on the LiDAR's ego-lane obstacle, across cycles
         self.safety_cfg.validate()
         self.model_dir, self.random_model = resolve_model_dir(model_dir)
         self.model_cfg = load_config(self.model_dir)
@@ -145,18 +148,22 @@ class FusionPipeline:
     def lidar_free_distance(self, points_lidar: np.ndarray, frame_id: str | None = None) -> float:
         """Free ego-lane distance [m from the bumper] of an (N, >=3) cloud in ``frame_id`` (None = ``lidar``)."""
         base = self.lidar_in_base(points_lidar, frame_id)
-        return math.inf if base is None else lane_free_distance(base, self.safety_cfg)
+        return math.inf if base is None else lane_free_distance(base, self.safety_cfg, self.rig.vehicle)
 
     def cycle(self, snapshot: Any) -> Assessment:
         """One fusion cycle on a :class:`lmm_fusion.cycle.sync.Snapshot`; never raises for missing sensors.
 
-        No usable modality gives ``valid=False`` ("no assessment") without running the model.
+        No usable modality gives ``valid=False`` ("no assessment") without running the model. Every
+        modality not used has its reason in ``Assessment.modalities[i].reason``. A fresh odometry speed
+        (``snapshot.frames["odometry"]``, :class:`~lmm_fusion.io.odometry.OdometrySpeed`) is the ego speed of
+        the guard and of the model's GNSS features instead of the GNSS estimate's (``ego_speed_source``).
         """
         t0 = time.perf_counter()
         mask = np.asarray(snapshot.mask, dtype=bool)
         ages = dict(snapshot.ages)
+        reasons = {m: r for m, r in (getattr(snapshot, "reasons", None) or {}).items() if r}
         if not mask.any():
-            return invalid(snapshot.now, mask, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
+            return invalid(snapshot.now, mask, ages, reasons).with_latency(total=(time.perf_counter() - t0) * 1e3)
         lidar_i, gnss_i = MODALITIES.index("lidar"), MODALITIES.index("gnss")
         # One transform to base_link per cycle, by the cloud's own frame id, shared by the BEV gridding and
         # the guard's free distance. A frame without a transform masks the LiDAR (never a guessed mount).
@@ -169,31 +176,53 @@ class FusionPipeline:
             except ExtrinsicsError as exc:
                 self.lidar_reason = f"lidar: {exc}"
                 self.frame_errors[self.lidar_reason] += 1
+                reasons["lidar"] = str(exc)
                 log.debug("lidar masked: %s", exc)
                 mask = mask.copy()
                 mask[lidar_i] = False
                 snapshot = replace(snapshot, mask=mask, frames={**snapshot.frames, "lidar": None})
                 if not mask.any():
-                    return invalid(snapshot.now, mask, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
+                    return invalid(snapshot.now, mask, ages, reasons).with_latency(
+                        total=(time.perf_counter() - t0) * 1e3)
+        # The vehicle's own speed (wheel odometry, a localisation twist) beats the GNSS estimate's while fresh.
+        odometry = snapshot.frames.get("odometry")
+        snapshot = prefer_odometry_speed(snapshot)
         inputs = self.preprocessor.inputs(snapshot, lidar_base=base)
         # Report and decide with the mask the model ran with, not the sync's: the preprocessor also
         # drops a GNSS state without a motion estimate yet (a drive's first fixes) and a frame that
         # does not decode, and the risk rule, confidence and degraded flag must say so, as in eval.
         used = inputs["modality_mask"].reshape(-1) > 0.5
+        for i, name in enumerate(MODALITIES):
+            if mask[i] and not used[i]:
+                if name == "gnss":
+                    why = getattr(snapshot.frames.get("gnss"), "reason", "") or "no valid state"
+                    reasons[name] = f"no motion estimate yet: {why}"
+                else:
+                    reasons[name] = "the frame could not be preprocessed"
         if not used.any():
-            return invalid(snapshot.now, used, ages).with_latency(total=(time.perf_counter() - t0) * 1e3)
+            return invalid(snapshot.now, used, ages, reasons).with_latency(total=(time.perf_counter() - t0) * 1e3)
         t1 = time.perf_counter()
         outputs = self.backend.infer(inputs)
         t2 = time.perf_counter()
-        a = decode(outputs, snapshot.now, used, ages, self.model_cfg.ttc_max, self.model_cfg.distance_max)
+        a = decode(outputs, snapshot.now, used, ages, self.model_cfg.ttc_max, self.model_cfg.distance_max, reasons)
         t3 = time.perf_counter()
-        free = None
-        if used[lidar_i]:
-            free = math.inf if base is None else lane_free_distance(base, self.safety_cfg)
+        free, lanes, closing = None, None, None
+        if used[lidar_i]:  # the guard's LiDAR evidence: ego-lane free distance, its closing speed, the lanes beside
+            lanes = None if base is None else lane_evidence(base, self.safety_cfg, self.rig.vehicle)
+            free = math.inf if lanes is None else lanes.free_distance
+            closing = self.range_rate.update((getattr(snapshot, "stamps", None) or {}).get("lidar"), free,
+                                             self.safety_cfg)
+        else:
+            self.range_rate.reset()
         # GNSS counts as used only with a valid motion estimate (the preprocessor's rule), so its speed is one.
         ego = snapshot.frames.get("gnss") if used[gnss_i] else None
-        speed = float(ego.speed) if ego is not None else None
-        a = apply_guard(a, free, speed, self.safety_cfg)
+        speed, source = None, ""
+        if odometry is not None:
+            speed, source = float(odometry.speed), "odometry"
+        elif ego is not None:
+            speed, source = float(ego.speed), "gnss"
+        a = replace(apply_guard(a, free, speed, self.safety_cfg, lanes, self.rig.vehicle, closing),
+                    ego_speed_source=source)
         t4 = time.perf_counter()
         return a.with_latency(preprocess=(t1 - t0) * 1e3, inference=(t2 - t1) * 1e3, decode=(t3 - t2) * 1e3,
                               safety=(t4 - t3) * 1e3, total=(t4 - t0) * 1e3)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import Any
 
 import cv2
@@ -101,6 +102,9 @@ class Preprocessor:
         self._mean = np.asarray(model_cfg.image_mean, np.float32).reshape(3, 1, 1)
         self._inv_std = (1.0 / np.asarray(model_cfg.image_std, np.float32)).reshape(3, 1, 1)
         self.history = BevHistory(model_cfg.bev_history_frames, model_cfg.bev_history_lag)
+        # Image inputs computed ahead (prepare_image, e.g. by a replay's reader thread): id(rgb) -> (rgb, input).
+        self._prepared: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._prepared_lock = threading.Lock()
         # LiDAR intensity divisor to the model's 0..1: the rig's when set, else detected from the first
         # cloud with intensities (one Preprocessor per sensor stream, so one sensor's range).
         self._intensity_fixed = self.rig.lidar.intensity_scale is not None
@@ -113,9 +117,39 @@ class Preprocessor:
         self.history.reset()
 
     # ------------------------------------------------------------------ camera
+    #: Image inputs held ahead of their cycle by :meth:`prepare_image` (older ones are dropped).
+    MAX_PREPARED = 64
+
     def image(self, rgb: np.ndarray) -> np.ndarray:
-        """RGB ``(H, W, 3)`` uint8 -> ``(3, image_height, image_width)`` float32, normalised."""
+        """RGB ``(H, W, 3)`` uint8 -> ``(3, image_height, image_width)`` float32, normalised.
+
+        The input :meth:`prepare_image` computed for this very array (identity, not equality) is returned
+        as it is, and the ones prepared before it are dropped (frames come in order)."""
+        with self._prepared_lock:
+            hit = self._prepared.get(id(rgb))
+            if hit is not None and hit[0] is rgb:
+                for key in list(self._prepared):
+                    if key == id(rgb):
+                        break
+                    del self._prepared[key]
+                return hit[1]
         return self.normalize_image(self.resize_image(rgb))
+
+    def prepare_image(self, rgb: Any) -> None:
+        """Compute :meth:`image` of ``rgb`` ahead of the cycle that uses it, e.g. in a thread that reads and
+        decodes the next frames while the current cycle runs: that cycle's :meth:`inputs` then takes it
+        (the same function, so the same bits). Stateless, so safe beside the cycle's thread; a frame
+        that :meth:`image` would refuse is left to the cycle (which raises as before)."""
+        if not isinstance(rgb, np.ndarray):
+            return
+        try:
+            out = self.normalize_image(self.resize_image(rgb))
+        except MessageError:
+            return
+        with self._prepared_lock:
+            self._prepared[id(rgb)] = (rgb, out)
+            while len(self._prepared) > self.MAX_PREPARED:
+                del self._prepared[next(iter(self._prepared))]
 
     def resize_image(self, rgb: np.ndarray) -> np.ndarray:
         """RGB ``(H, W, 3)`` uint8 -> ``(image_height, image_width, 3)`` uint8 (area interpolation).
@@ -157,8 +191,14 @@ class Preprocessor:
 
     def normalize_image(self, small: np.ndarray) -> np.ndarray:
         """``(..., Hi, Wi, 3)`` uint8 -> ``(..., 3, Hi, Wi)`` float32 normalised with the config's mean/std."""
-        chw = np.moveaxis(small, -1, -3).astype(np.float32) * (1.0 / 255.0)
-        return np.ascontiguousarray((chw - self._mean) * self._inv_std, dtype=np.float32)
+        # Transpose the uint8 array first and normalise in place: the same float32 operations in the
+        # same order (bitwise the same result), 12x faster on a training batch than converting the
+        # strided view, which made it the slowest part of a training step.
+        out = np.ascontiguousarray(np.moveaxis(small, -1, -3)).astype(np.float32)
+        out *= 1.0 / 255.0
+        out -= self._mean
+        out *= self._inv_std
+        return out
 
     # ------------------------------------------------------------------ LiDAR
     def points_to_base(self, points_lidar: np.ndarray, frame_id: str | None = None) -> np.ndarray:
@@ -197,15 +237,31 @@ class Preprocessor:
         if not np.isfinite(xyz).all():
             finite = np.isfinite(xyz[:, 0] + xyz[:, 1] + xyz[:, 2])
             pts, xyz = pts[finite], xyz[finite]
-        x, y, z = xyz[:, 0], xyz[:, 1], xyz[:, 2]
-        iy, ix, inside = g.indices(x, y)
-        keep = inside & (z >= cfg.bev_z_min) & (z <= cfg.bev_z_max)
-        if not keep.any():
+        # Columns made contiguous first: numpy's arithmetic on the (N, 3) array's strided columns is ~7x
+        # slower than on contiguous ones (no SIMD), more than the one transposing copy costs.
+        x, y, z = np.ascontiguousarray(xyz.T)
+        # Cell coordinates in cells, tested against the grid before the integer cast: for a finite value
+        # ``floor(f) >= 0`` is ``f >= 0`` and ``floor(f) < n`` is ``f < n``, so this keeps exactly the points
+        # of ``BevGrid.indices`` (same expression, same rounding), and only the kept ones are cast, where
+        # truncation is the floor. Together 1.3 vs 3.2 ms on 120k points (``lmm-fusion bench``), bitwise
+        # the same grid (``test_bev_gridding_is_bit_identical_to_the_plain_reference``).
+        fx = x - g.x_min
+        fx /= g.cell
+        fy = y - g.y_min
+        fy /= g.cell
+        keep = fx >= 0
+        keep &= fx < g.nx
+        keep &= fy >= 0
+        keep &= fy < g.ny
+        keep &= z >= cfg.bev_z_min
+        keep &= z <= cfg.bev_z_max
+        sel = np.flatnonzero(keep)  # kept points in cloud order: the sums below add in the same order
+        if sel.size == 0:
             return out
-        iy *= g.nx
-        iy += ix  # flat cell index, computed in place for every point and gathered once
-        flat = iy[keep]
-        zk = z[keep]
+        flat = fy.take(sel).astype(np.intp)
+        flat *= g.nx
+        flat += fx.take(sel).astype(np.intp)  # flat cell index iy * nx + ix
+        zk = z.take(sel)
         n_cells = g.ny * g.nx
         count = np.bincount(flat, minlength=n_cells).astype(np.float32)
         occupied = count > 0
@@ -221,8 +277,9 @@ class Preprocessor:
         out[1].reshape(-1)[:] = zsum * inv_count * inv_h
         out[2].reshape(-1)[:] = np.log1p(count) * (1.0 / cfg.bev_density_scale)
         if pts.shape[1] >= 4:
-            inten = np.asarray(pts[:, 3], np.float32)[keep]
-            inten = np.where(np.isfinite(inten), inten, 0.0)
+            inten = np.asarray(pts[:, 3], np.float32).take(sel)
+            if not np.isfinite(inten).all():  # one pass when every intensity is finite (the usual case)
+                inten = np.where(np.isfinite(inten), inten, 0.0)
             isum = np.bincount(flat, weights=inten, minlength=n_cells).astype(np.float32)
             scale = self.update_intensity_scale(pts[:, 3])
             out[3].reshape(-1)[:] = isum * inv_count * (1.0 / (cfg.bev_intensity_scale * scale))

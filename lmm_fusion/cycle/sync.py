@@ -17,7 +17,12 @@ Rules applied by :meth:`SensorSync.update` (each rejection is counted per sensor
   the same.
 
 :meth:`SensorSync.snapshot` masks out a sensor with no frame, a frame older than its timeout, or a
-frame stamped more than ``future_tolerance`` after ``now``; a masked sensor's frame is None.
+frame stamped more than ``future_tolerance`` after ``now``; a masked sensor's frame is None, and
+``Snapshot.reasons`` says why in words ("no message yet", "stale (0.83 s old > 0.5 s)", a hint when the
+stamps are far behind the clock: a bag replayed without ``use_sim_time`` or an unsynchronised sensor clock).
+
+``SyncConfig.extra_sensors`` (``odometry``) are buffered by the same rules, with their own timeouts,
+but are not modalities: they appear in the snapshot's dicts, never in its mask.
 """
 
 from __future__ import annotations
@@ -33,6 +38,24 @@ import numpy as np
 from lmm_fusion.base.vocabulary import MODALITIES
 
 REJECT_REASONS: tuple[str, ...] = ("unknown_sensor", "invalid_stamp", "future", "out_of_order")
+#: Timeouts [s] of the extra (non-modality) sensors when ``SyncConfig.timeouts`` does not name them.
+EXTRA_TIMEOUTS: dict[str, float] = {"odometry": 0.5}
+#: A frame older than this [s] is not just late: its clock is another one (see :func:`stale_reason`).
+CLOCK_MISMATCH_S = 10.0
+
+
+def stale_reason(age: float, timeout: float) -> str:
+    """Why a frame ``age`` [s] old is masked with ``timeout`` [s]; far beyond any sensor delay, the
+    stamps are on another clock, and the reason says which two are likely."""
+    if age > CLOCK_MISMATCH_S:
+        return (f"stale: stamps are {age:.0f} s behind the node clock: replaying a bag? set use_sim_time "
+                "(else the sensor clock is not synchronised)")
+    return f"stale ({age:.2f} s old > {timeout:g} s)"
+
+
+def future_reason(ahead: float, tolerance: float) -> str:
+    """Why a frame stamped ``ahead`` [s] after the clock is masked or rejected."""
+    return f"stamp {ahead:.2f} s ahead of the node clock (> {tolerance:g} s): sensor clock not synchronised?"
 
 
 @dataclass(frozen=True)
@@ -46,9 +69,16 @@ class SyncConfig:
     loop_reset: float = 1.0
     future_tolerance: float = 0.5
     sensors: tuple[str, ...] = MODALITIES
+    #: Buffered like the sensors but outside the mask (optional inputs such as wheel odometry).
+    extra_sensors: tuple[str, ...] = tuple(EXTRA_TIMEOUTS)
+
+    def timeout(self, sensor: str) -> float:
+        """Timeout [s] of ``sensor`` (an extra sensor not in ``timeouts`` takes :data:`EXTRA_TIMEOUTS`)."""
+        t = self.timeouts.get(sensor)
+        return float(t) if t is not None else EXTRA_TIMEOUTS.get(sensor, 0.5)
 
     def __post_init__(self) -> None:
-        for s in self.sensors:
+        for s in (*self.sensors, *(e for e in self.extra_sensors if e in self.timeouts)):
             t = self.timeouts.get(s)
             if t is None or not (isinstance(t, int | float) and math.isfinite(t) and t > 0):
                 raise ValueError(f"timeouts[{s!r}]: need a positive finite timeout [s], got {t!r}")
@@ -63,7 +93,9 @@ class Snapshot:
     """Frames usable at ``now`` [s]. ``frames[s]`` is None when masked; ``ages[s]`` = now - stamp [s]
     (inf without a frame); ``mask`` (len(sensors),) bool in ``SyncConfig.sensors`` order (True =
     present); ``stamps[s]`` [s] or None; ``frame_ids[s]``: the ``header.frame_id`` of the frame (absent
-    or None when the frame was given without one: a LiDAR cloud is then in the rig's ``lidar`` frame)."""
+    or None when the frame was given without one: a LiDAR cloud is then in the rig's ``lidar`` frame);
+    ``reasons[s]``: why ``s`` is masked ("" when usable). The dicts also hold the extra sensors once one
+    of their messages arrived."""
 
     now: float
     frames: dict[str, Any | None]
@@ -71,6 +103,7 @@ class Snapshot:
     mask: np.ndarray
     stamps: dict[str, float | None]
     frame_ids: dict[str, str | None] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -94,7 +127,10 @@ class SensorSync:
         self._lock = threading.Lock()
         self._frames: dict[str, tuple[float, Any, str | None]] = {}
         self._last_snapshot: float | None = None
-        self._counters: dict[str, SensorCounters] = {s: SensorCounters() for s in self.config.sensors}
+        self._counters: dict[str, SensorCounters] = {
+            s: SensorCounters() for s in (*self.config.sensors, *self.config.extra_sensors)}
+        # Why each sensor's latest message was refused (shown while it has no usable frame).
+        self._last_reject: dict[str, str] = {}
         self._unknown = SensorCounters()
         self.resets = 0
 
@@ -115,10 +151,12 @@ class SensorSync:
                 stamp = math.nan
             if not math.isfinite(stamp):
                 c.rejected["invalid_stamp"] += 1
+                self._last_reject[sensor] = "stamp is not a finite number"
                 return False
             ref = now if now is not None and math.isfinite(now) else self._last_snapshot
             if ref is not None and stamp > ref + self.config.future_tolerance:
                 c.rejected["future"] += 1
+                self._last_reject[sensor] = future_reason(stamp - ref, self.config.future_tolerance)
                 return False
             prev = self._frames.get(sensor)
             if prev is not None and stamp <= prev[0]:
@@ -126,10 +164,18 @@ class SensorSync:
                     self._reset_locked()
                 else:
                     c.rejected["out_of_order"] += 1
+                    self._last_reject[sensor] = "stamps out of order"
                     return False
+            self._last_reject.pop(sensor, None)
             self._frames[sensor] = (stamp, data, frame_id)
             c.accepted += 1
             return True
+
+    def note_rejected(self, sensor: str, reason: str) -> None:
+        """Record why a message of ``sensor`` was refused before reaching :meth:`update` (it did not decode,
+        an implausible GNSS jump): while the sensor has no usable frame, its snapshot reason says so."""
+        with self._lock:
+            self._last_reject[sensor] = reason
 
     def snapshot(self, now: float) -> Snapshot:
         """The newest usable frame set at ``now`` [s] (never waits)."""
@@ -141,20 +187,35 @@ class SensorSync:
             ages: dict[str, float] = {}
             stamps: dict[str, float | None] = {}
             frame_ids: dict[str, str | None] = {}
-            mask = np.zeros(len(self.config.sensors), bool)
-            for i, s in enumerate(self.config.sensors):
+            reasons: dict[str, str] = {}
+            cfg = self.config
+            mask = np.zeros(len(cfg.sensors), bool)
+            for i, s in enumerate((*cfg.sensors, *cfg.extra_sensors)):
                 entry = self._frames.get(s)
+                if entry is None and i >= len(cfg.sensors) and s not in self._last_reject:
+                    continue  # an optional input never received: not in the snapshot at all
                 if entry is None:
                     frames[s], ages[s], stamps[s], frame_ids[s] = None, math.inf, None, None
+                    refused = self._last_reject.get(s)
+                    reasons[s] = f"no usable message ({refused})" if refused else "no message yet"
                     continue
                 stamp, data, frame_ids[s] = entry
                 age = now - stamp
-                usable = -self.config.future_tolerance <= age <= self.config.timeouts[s]
+                timeout = cfg.timeout(s)
+                usable = -cfg.future_tolerance <= age <= timeout
                 frames[s] = data if usable else None
                 ages[s] = age
                 stamps[s] = stamp
-                mask[i] = usable
-            return Snapshot(now=now, frames=frames, ages=ages, mask=mask, stamps=stamps, frame_ids=frame_ids)
+                if usable:
+                    reasons[s] = ""
+                else:
+                    reasons[s] = stale_reason(age, timeout) if age > 0 else future_reason(-age, cfg.future_tolerance)
+                    if s in self._last_reject:  # newer messages came, and were refused
+                        reasons[s] += f"; last message rejected: {self._last_reject[s]}"
+                if i < len(cfg.sensors):
+                    mask[i] = usable
+            return Snapshot(now=now, frames=frames, ages=ages, mask=mask, stamps=stamps, frame_ids=frame_ids,
+                            reasons=reasons)
 
     def reset(self) -> None:
         """Forget every frame and the snapshot reference time (counted in :attr:`resets`)."""
@@ -163,6 +224,7 @@ class SensorSync:
 
     def _reset_locked(self) -> None:
         self._frames.clear()
+        self._last_reject.clear()
         self._last_snapshot = None
         self.resets += 1
 

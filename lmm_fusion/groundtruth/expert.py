@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from lmm_fusion.base.grid import OCCUPANCY_GRID, BevGrid
-from lmm_fusion.base.rig import EGO_LENGTH, EGO_WIDTH
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, VehicleGeometry
 from lmm_fusion.base.vocabulary import Action, Light, Risk
 
 #: Objects farther than this ahead of the front bumper are not considered [m].
@@ -78,7 +78,8 @@ class ExpertInput:
     """What the expert looks at. ``lanes_left``/``lanes_right``: lanes beside the ego lane;
     ``light``: ``(stop-line distance from the front bumper [m], Light)`` or None;
     ``road_half_width``: lateral extent of the carriageway from the ego lane centre, as
-    ``(to the right edge, to the left edge)`` [m] (pedestrians on the carriageway matter)."""
+    ``(to the right edge, to the left edge)`` [m] (pedestrians on the carriageway matter);
+    ``vehicle``: the ego's length and width (gaps are already measured from its front bumper)."""
 
     ego_speed: float
     obstacles: Sequence[Obstacle] = ()
@@ -87,6 +88,8 @@ class ExpertInput:
     lanes_right: int = 1
     light: tuple[float, Light] | None = None
     road_edges: tuple[float, float] = (-5.25, 5.25)
+    #: The ego's footprint: its width sets the corridor, its length how far behind a free lane must reach.
+    vehicle: VehicleGeometry = DEFAULT_VEHICLE
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,9 @@ def emergency_stop_distance(v: float) -> float:
     return v * v / (2.0 * A_EMERGENCY)
 
 
-def in_ego_corridor(o: Obstacle) -> bool:
+def in_ego_corridor(o: Obstacle, vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> bool:
     """True when the object overlaps the swept path of the ego (ego width + margin)."""
-    return abs(o.lateral) < o.half_width + EGO_WIDTH / 2.0 + CORRIDOR_MARGIN
+    return abs(o.lateral) < o.half_width + vehicle.width / 2.0 + CORRIDOR_MARGIN
 
 
 def lane_free(inp: ExpertInput, side: int, beyond: float) -> bool:
@@ -131,7 +134,7 @@ def lane_free(inp: ExpertInput, side: int, beyond: float) -> bool:
         if abs(o.lateral - centre) >= o.half_width + inp.lane_width / 2.0 - 0.3:
             continue
         far_face = o.gap + o.length
-        if far_face > -(EGO_LENGTH + LANE_FREE_BEHIND) and o.gap < beyond:
+        if far_face > -(inp.vehicle.length + LANE_FREE_BEHIND) and o.gap < beyond:
             return False
     return True
 
@@ -150,9 +153,10 @@ def following_range(v: float) -> float:
     return 3.0 * v + 10.0
 
 
-def signals_into_ego_lane(o: Obstacle) -> bool:
+def signals_into_ego_lane(o: Obstacle, vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> bool:
     """A vehicle beside the ego lane whose turn signal points towards it."""
-    return not in_ego_corridor(o) and ((o.lamps == "left" and o.lateral < 0) or (o.lamps == "right" and o.lateral > 0))
+    towards = (o.lamps == "left" and o.lateral < 0) or (o.lamps == "right" and o.lateral > 0)
+    return not in_ego_corridor(o, vehicle) and towards
 
 
 def assess(inp: ExpertInput) -> Label:
@@ -160,7 +164,8 @@ def assess(inp: ExpertInput) -> Label:
     v = max(0.0, float(inp.ego_speed))
     d_comf = comfortable_stop_distance(v)
     # --- nearest object in the ego corridor ahead
-    ahead = [o for o in inp.obstacles if in_ego_corridor(o) and o.gap + o.length > 0.0 and o.gap < DETECT_RANGE]
+    ahead = [o for o in inp.obstacles
+             if in_ego_corridor(o, inp.vehicle) and o.gap + o.length > 0.0 and o.gap < DETECT_RANGE]
     lead = min(ahead, key=lambda o: o.gap) if ahead else None
     distance = max(0.0, lead.gap) if lead else math.inf
     ttc = math.inf
@@ -222,7 +227,7 @@ def assess(inp: ExpertInput) -> Label:
 
     # --- a vehicle beside the ego lane signalling into it: make room before it steers
     for o in inp.obstacles:
-        if o.kind == "vehicle" and signals_into_ego_lane(o) and 0.0 <= o.gap < following_range(v):
+        if o.kind == "vehicle" and signals_into_ego_lane(o, inp.vehicle) and 0.0 <= o.gap < following_range(v):
             candidates.append((Action.SLOW_DOWN, float(min(v, o.speed)),
                                f"slow down: {o.kind} {o.gap:.1f} m ahead signalling into the lane"))
             risk = max(risk, Risk.MEDIUM)

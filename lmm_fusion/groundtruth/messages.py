@@ -171,13 +171,14 @@ def ground_truth_msgs(types: MsgTypes, scene: TruthScene, label: Label, stamp: f
     """
     hdr = make_header(types, stamp, T.BASE_FRAME)
     mods = [types.ModalityStatus(name=n, used=True, age=float(a), attention_share=float(1.0 / 3.0),
-                                 stamp=make_time(types, stamp - float(a) if math.isfinite(a) else 0.0))
+                                 stamp=make_time(types, stamp - float(a) if math.isfinite(a) else 0.0), reason="")
             for n, a in zip(MODALITIES, ages)]
     sa = types.SceneAssessment(
         header=hdr, risk_level=int(label.risk), risk_probabilities=_one_hot(3, label.risk),
         time_to_collision=float(label.ttc), nearest_obstacle_distance=float(label.distance),
         traffic_light_state=int(label.light), traffic_light_probabilities=_one_hot(4, label.light),
-        modalities=mods, degraded=False, valid=True)
+        modalities=mods, ego_speed=float(scene.ego_speed), ego_speed_source="ground_truth", degraded=False,
+        valid=True)
     act = types.ActionSuggestion(
         header=hdr, action=int(label.action), action_probabilities=_one_hot(6, label.action),
         target_speed=float(label.target_speed), confidence=1.0, safety_override=False, rationale=label.rationale)

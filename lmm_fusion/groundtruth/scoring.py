@@ -19,6 +19,11 @@ gave no such prediction):
   network's own suggestion, before the safety guard) against the action label.
 * ``risk_under_rate`` / ``risk_over_rate``: fraction of risk-labelled samples whose predicted level is
   below / above the label. ``risk_macro_f1``: :func:`macro_f1` over the risk levels.
+* ``action_unsafe_rate`` / ``action_over_cautious_rate``: fraction of action-labelled samples whose
+  suggested action is less / more cautious than the label's on the scale of :data:`CAUTION`
+  (keep lane = change lane < follow < slow down < stop; :func:`caution_rates`). ``model_action_*``: the
+  same three metrics for ``pred["model_action"]``. An action that differs from the label but has the
+  same caution (keep lane where the label changes lane) is neither: it lowers only the accuracy.
 * ``target_speed_mae``, ``ttc_mae``, ``distance_mae``: mean |min(pred, cap) - min(label, cap)| with the
   caps of :class:`Caps`: +inf ("none" closing, lane "free") on either side counts at the cap, so a
   missed obstacle is penalised by its distance to the cap.
@@ -37,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from lmm_fusion.base.vocabulary import Risk
+from lmm_fusion.base.vocabulary import Action, Risk
 from lmm_fusion.cycle.assessment import Assessment
 from lmm_fusion.groundtruth.messages import GroundTruth
 
@@ -52,14 +57,23 @@ CLASS_FIELDS: tuple[str, ...] = ("action", "risk", "light")
 VALUE_FIELDS: tuple[str, ...] = ("target_speed", "ttc", "distance")
 #: The class code of a missing label.
 NO_LABEL = -1
+#: How cautious each action is (higher = more cautious): the scale of the unsafe and over-cautious rates.
+#: Keeping and changing lanes share the lowest level: both drive on at speed, one in another lane.
+CAUTION: dict[Action, int] = {Action.KEEP_LANE: 0, Action.CHANGE_LANE_LEFT: 0, Action.CHANGE_LANE_RIGHT: 0,
+                              Action.FOLLOW: 1, Action.SLOW_DOWN: 2, Action.STOP: 3}
+#: The action metrics of :func:`score_arrays` (for the guarded ``action`` and the network's ``model_action``).
+ACTION_KEYS: tuple[str, ...] = (
+    "action_accuracy", "action_unsafe_rate", "action_over_cautious_rate",
+    "model_action_accuracy", "model_action_unsafe_rate", "model_action_over_cautious_rate",
+)
 #: Keys of :func:`score_arrays`, in order.
 TABLE_KEYS: tuple[str, ...] = (
-    "n", "action_accuracy", "model_action_accuracy", "risk_accuracy", "risk_under_rate", "risk_over_rate",
+    "n", *ACTION_KEYS, "risk_accuracy", "risk_under_rate", "risk_over_rate",
     "risk_macro_f1", "light_accuracy", "target_speed_mae", "ttc_mae", "distance_mae", "occupancy_iou",
 )
 #: Keys of the per-record tables (:func:`accuracy_table`, :func:`grouped_tables`), in order.
 RECORD_KEYS: tuple[str, ...] = (
-    "n", "action_accuracy", "model_action_accuracy", "risk_accuracy", "light_accuracy", "target_speed_mae",
+    "n", *ACTION_KEYS, "risk_accuracy", "light_accuracy", "target_speed_mae",
     "ttc_mae", "distance_mae", "occupancy_iou",
 )
 
@@ -112,6 +126,22 @@ def under_over_rates(pred: np.ndarray | None, true: np.ndarray | None) -> tuple[
         return None, None
     p, t = pt
     return float((p < t).mean()), float((p > t).mean())
+
+
+def caution_rates(pred: np.ndarray | None, true: np.ndarray | None) -> tuple[float | None, float | None]:
+    """``(unsafe, over_cautious)``: fractions of action-labelled samples whose predicted action is less /
+    more cautious than the label on the :data:`CAUTION` scale (action codes; label < 0 = no label)."""
+    pt = _labelled(pred, true)
+    if pt is None or not len(pt[1]):
+        return None, None
+    rank = np.zeros(len(Action), np.int64)
+    for action, level in CAUTION.items():
+        rank[int(action)] = level
+    p, t = (np.asarray(x, np.int64) for x in pt)
+    for name, codes in (("pred", p), ("true", t)):
+        if codes.size and (codes.min() < 0 or codes.max() >= len(Action)):
+            raise ValueError(f"caution_rates: {name} holds an action code outside 0..{len(Action) - 1}")
+    return under_over_rates(rank[p], rank[t])
 
 
 def macro_f1(true: np.ndarray, pred: np.ndarray, n_classes: int) -> float | None:
@@ -226,10 +256,16 @@ def score_arrays(cols: Columns, caps: Caps = DEFAULT_CAPS) -> Table:
     p, t = cols.pred, cols.true
     under, over = under_over_rates(p.get("risk"), t.get("risk"))
     risk = _labelled(p.get("risk"), t.get("risk"))
+    unsafe, over_cautious = caution_rates(p.get("action"), t.get("action"))
+    model_unsafe, model_over_cautious = caution_rates(p.get("model_action"), t.get("action"))
     return {
         "n": len(cols),
         "action_accuracy": accuracy(p.get("action"), t.get("action")),
+        "action_unsafe_rate": unsafe,
+        "action_over_cautious_rate": over_cautious,
         "model_action_accuracy": accuracy(p.get("model_action"), t.get("action")),
+        "model_action_unsafe_rate": model_unsafe,
+        "model_action_over_cautious_rate": model_over_cautious,
         "risk_accuracy": accuracy(p.get("risk"), t.get("risk")),
         "risk_under_rate": under,
         "risk_over_rate": over,
@@ -350,6 +386,8 @@ def window_key(t0: float, window_s: float) -> Callable[[Sample], str]:
 
 
 __all__ = [
+    "ACTION_KEYS",
+    "CAUTION",
     "CLASS_FIELDS",
     "DEFAULT_CAPS",
     "DISTANCE_CAP",
@@ -366,6 +404,7 @@ __all__ = [
     "Sample",
     "accuracy",
     "accuracy_table",
+    "caution_rates",
     "columns_of",
     "confusion",
     "ece",

@@ -8,6 +8,7 @@ from lmm_fusion.io.errors import MessageError
 from lmm_fusion.io.gnss import EgoMotionConfig, EgoMotionEstimator, EgoState, GnssFix, create_fix, read_fix
 from lmm_fusion.io.image import create_compressed_image, create_image, read_image
 from lmm_fusion.io.msgtypes import MsgTypes, rclpy_types, rosbags_types, typestore
+from lmm_fusion.io.odometry import OdometrySpeed, read_odometry  # noqa: F401 (exported)
 from lmm_fusion.io.pointcloud import create_cloud, read_points
 
 __all__ = [

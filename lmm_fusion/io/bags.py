@@ -133,6 +133,10 @@ class BagWriter:
         self._writer.write(conn, _sec_to_ns(stamp_sec), data)
         self.counts[topic] += 1
 
+    def set_custom_data(self, key: str, value: str) -> None:
+        """One ``custom_data`` entry of the bag's ``metadata.yaml`` (rosbag2's free-form key/value strings)."""
+        self._writer.set_custom_data(key, value)
+
 
 class BagError(MessageError):
     """A bag that cannot be read (not a rosbag2 folder, missing ``metadata.yaml``, a corrupt or truncated
@@ -241,6 +245,14 @@ def _paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
     return [Path(p) for p in paths]
 
 
+def _definition_differs(bag_store: Any, store: Any, msgtype: str) -> bool:
+    """Whether ``msgtype`` (with its nested types) is defined differently in the bag than in ``store``."""
+    try:
+        return bool(bag_store.generate_msgdef(msgtype)[1] != store.generate_msgdef(msgtype)[1])
+    except Exception:  # a definition rosbags cannot render: trust the bag's own
+        return True
+
+
 class _IndexedBag:
     """A bag whose index opens: read through rosbags (MCAP summary or SQLite3 tables)."""
 
@@ -257,18 +269,26 @@ class _IndexedBag:
         self.time_range = None if empty else (self.reader.start_time * 1e-9, self.reader.end_time * 1e-9)
         file = _storage_file(path)
         self.mapped = _MappedMcap.open(file) if file.suffix == ".mcap" else None
+        # Types the bag defines differently from the project typestore (a bag written by an older version
+        # of a message, e.g. before a field was added) are read with the bag's own definitions.
+        self.own_definition = {c.msgtype for c in self.reader.connections
+                               if c.msgtype in store.fielddefs and _definition_differs(self.reader.typestore, store,
+                                                                                       c.msgtype)}
+        if self.own_definition:
+            log.info("%s: reading %s with the definitions stored in the bag (they differ from this version's)",
+                     path, ", ".join(sorted(self.own_definition)))
 
     def messages(self, wanted: set[str] | None) -> Iterator[BagMessage]:
         conns = [c for c in self.reader.connections if wanted is None or c.topic in wanted]
         if not conns:
             return
-        if self.mapped is not None and all(c.msgtype in self.store.fielddefs for c in conns):
+        known = {t for t in self.store.fielddefs if t not in self.own_definition}
+        if self.mapped is not None and all(c.msgtype in known for c in conns):
             yield from self.mapped.messages(wanted, self.store)
             return
         # Types the project typestore knows are deserialised on first use (also after the reader is
         # closed); others with the definitions stored in the bag, which live only while it is open.
         lazy = self.store.deserialize_cdr
-        known = self.store.fielddefs
         for conn, t_ns, raw in self.reader.messages(connections=conns):
             if conn.msgtype in known:
                 yield BagMessage(conn.topic, conn.msgtype, t_ns * 1e-9, raw=raw, deserialize=lazy)

@@ -19,9 +19,14 @@ from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 #: Package name of the interfaces before they moved into the ``lmm_fusion`` package (still read from bags).
 LEGACY_MSG_PACKAGE = "lmm_fusion_msgs"
 
-#: Definitions that differ under the earlier package name: its ``ModalityStatus`` had no source stamp.
+#: Definitions that differ under the earlier package name: its ``ModalityStatus`` had no source stamp (nor
+#: reason), its ``SceneAssessment`` no ego speed.
 _LEGACY_DEFINITIONS: dict[str, str] = {
     "ModalityStatus": "string name\nbool used\nfloat32 age\nfloat32 attention_share\n",
+    "SceneAssessment": (  # fields only (constants do not change the wire format)
+        "std_msgs/Header header\nuint8 risk_level\nfloat32[3] risk_probabilities\nfloat32 time_to_collision\n"
+        "float32 nearest_obstacle_distance\nuint8 traffic_light_state\nfloat32[4] traffic_light_probabilities\n"
+        "ModalityStatus[] modalities\nbool degraded\nbool valid\n"),
 }
 
 #: Message types the project uses, as (attribute name, ROS type name).
@@ -45,6 +50,7 @@ _TYPES: tuple[tuple[str, str], ...] = (
     ("PoseWithCovariance", "geometry_msgs/msg/PoseWithCovariance"),
     ("Twist", "geometry_msgs/msg/Twist"),
     ("TwistWithCovariance", "geometry_msgs/msg/TwistWithCovariance"),
+    ("TwistWithCovarianceStamped", "geometry_msgs/msg/TwistWithCovarianceStamped"),
     ("Transform", "geometry_msgs/msg/Transform"),
     ("TransformStamped", "geometry_msgs/msg/TransformStamped"),
     ("TFMessage", "tf2_msgs/msg/TFMessage"),

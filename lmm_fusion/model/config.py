@@ -96,6 +96,23 @@ class ModelConfig:
         return BevGrid(**self.occupancy_grid)
 
     @property
+    def occupancy_window(self) -> tuple[int, int]:
+        """(row, column) of the occupancy grid's first cell on the half-resolution input grid.
+
+        The occupancy head predicts on the input grid at twice its cell size and keeps this window, so
+        the input may reach further (e.g. behind the ego, where the expert looks at the neighbouring
+        lane) than the occupancy that is scored. Raises ``ValueError`` when the grids do not align."""
+        g, o = self.input_bev_grid, self.occupancy_bev_grid
+        half = (g.ny // 2, g.nx // 2)
+        ox, oy = (o.x_min - g.x_min) / o.cell, (o.y_min - g.y_min) / o.cell
+        if (abs(o.cell - 2 * g.cell) > 1e-9 or g.ny % 2 or g.nx % 2 or abs(ox - round(ox)) > 1e-6
+                or abs(oy - round(oy)) > 1e-6 or ox < 0 or oy < 0 or round(oy) + o.ny > half[0]
+                or round(ox) + o.nx > half[1]):
+            raise ValueError(f"occupancy_grid {o.as_dict()} must be a window of the input grid {g.as_dict()} at "
+                             "twice its cell size, on its cell borders")
+        return round(oy), round(ox)
+
+    @property
     def bev_input_channels(self) -> int:
         """Channels of the BEV input tensor: the current frame's plus every history frame's."""
         return self.bev_channels * (1 + self.bev_history_frames)
@@ -140,12 +157,11 @@ class ModelConfig:
             raise ValueError(f"bev_history_lag={self.bev_history_lag} must be in [0.05, 5] s")
         if self.ego_features < 8:
             raise ValueError(f"ego_features={self.ego_features}: the preprocessor needs at least 8")
-        g, o = self.input_bev_grid, self.occupancy_bev_grid
+        g = self.input_bev_grid
         s = 2 ** len(self.lidar_stages)
         if g.ny % s or g.nx % s:
             raise ValueError(f"input_grid {g.shape} is not divisible by the BEV stride {s}")
-        if (g.ny // 2, g.nx // 2) != o.shape:
-            raise ValueError(f"occupancy_grid {o.shape} must be half the input grid {g.shape}")
+        _ = self.occupancy_window  # raises ValueError naming both grids when they do not fit
         for name in ("ttc_max", "distance_max", "speed_max"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")

@@ -46,7 +46,8 @@ class Heads(nn.Module):
 
 
 class OccupancyHead(nn.Module):
-    """Occupancy logits ``(B, ny, nx)`` on the occupancy grid (half the input BEV resolution).
+    """Occupancy logits ``(B, ny, nx)`` on the occupancy grid (half the input BEV resolution; a window of
+    the input grid when that reaches further, see :attr:`ModelConfig.occupancy_window`).
 
     Inputs: the trunk vector ``(B, h)`` (scene context; also the only source when LiDAR is masked),
     the stride-2 BEV feature map ``(B, c0, ny, nx)`` (local geometry) and the fused BEV tokens
@@ -58,8 +59,10 @@ class OccupancyHead(nn.Module):
         super().__init__()
         grid = cfg.occupancy_bev_grid
         self.ny, self.nx = grid.shape
+        self.y0, self.x0 = cfg.occupancy_window  # the input grid may reach beyond the occupancy grid
+        half = (cfg.input_bev_grid.ny // 2, cfg.input_bev_grid.nx // 2)
         self.tok_hw = bev_tokens
-        self.up = (self.ny // bev_tokens[0], self.nx // bev_tokens[1])
+        self.up = (half[0] // bev_tokens[0], half[1] // bev_tokens[1])
         c0, h, d = cfg.lidar_stages[0], cfg.head_hidden, cfg.d_model
         c = cfg.occupancy_channels
         self.coarse = nn.Linear(h, bev_tokens[0] * bev_tokens[1])
@@ -76,4 +79,4 @@ class OccupancyHead(nn.Module):
         tok = F.interpolate(self.tok(tok), scale_factor=self.up, mode="nearest")
         coarse = F.interpolate(self.coarse(trunk).reshape(b, 1, th, tw), scale_factor=self.up, mode="nearest")
         h = self.skip(skip) + tok + self.film(trunk)[:, :, None, None]
-        return (self.mix(h) + coarse)[:, 0]
+        return (self.mix(h) + coarse)[:, 0, self.y0:self.y0 + self.ny, self.x0:self.x0 + self.nx]

@@ -27,7 +27,7 @@ import matplotlib
 import numpy as np
 
 from lmm_fusion.base.grid import OCCUPANCY_GRID, BevGrid
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET, EGO_LENGTH, EGO_WIDTH
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, VehicleGeometry
 from lmm_fusion.base.vocabulary import MODALITIES, Action, Risk
 from lmm_fusion.cycle.assessment import Assessment
 from lmm_fusion.groundtruth.messages import GroundTruth
@@ -192,8 +192,10 @@ def bev_panel(
     gt_occupancy: np.ndarray | None = None,
     height: int = PANEL_HEIGHT,
     grid: BevGrid = OCCUPANCY_GRID,
+    vehicle: VehicleGeometry = DEFAULT_VEHICLE,
 ) -> np.ndarray:
-    """Top view -> (height, width, 3) uint8 RGB, width = height × (y extent / x extent).
+    """Top view -> (height, width, 3) uint8 RGB, width = height × (y extent / x extent); the ego box is
+    ``vehicle``'s footprint.
 
     ``points_base``: (N, >=3) LiDAR points in ``base_link`` [m] or None (LiDAR masked); points below
     0.3 m are drawn dim (ground). ``gt_occupancy``: (ny, nx) in [0, 1] on ``grid`` or None.
@@ -231,11 +233,11 @@ def bev_panel(
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(img, contours, -1, GREEN, 2)
     # Ego vehicle (base_link at the rear axle; the box spans back from the front bumper).
-    c0, r0 = _to_px(np.array([EGO_FRONT_OFFSET]), np.array([EGO_WIDTH / 2]), grid, scale)
-    c1, r1 = _to_px(np.array([EGO_FRONT_OFFSET - EGO_LENGTH]), np.array([-EGO_WIDTH / 2]), grid, scale)
+    c0, r0 = _to_px(np.array([vehicle.front_offset]), np.array([vehicle.width / 2]), grid, scale)
+    c1, r1 = _to_px(np.array([vehicle.rear_offset]), np.array([-vehicle.width / 2]), grid, scale)
     cv2.rectangle(img, (int(c0[0]), int(r0[0])), (int(c1[0]), int(r1[0])), CYAN, -1)
     if a.valid:
-        path = np.asarray(_path_points(a), np.float64)  # the same path the RViz markers show
+        path = np.asarray(_path_points(a, vehicle), np.float64)  # the same path the RViz markers show
         pc, pr = _to_px(path[:, 0], path[:, 1], grid, scale)
         colour = RISK_RGB[a.risk]
         cv2.arrowedLine(
@@ -257,10 +259,11 @@ def compose_frame(
     a: Assessment,
     gt: GroundTruth | None = None,
     t: float | None = None,
+    vehicle: VehicleGeometry = DEFAULT_VEHICLE,
 ) -> np.ndarray:
     """Camera panel and BEV panel side by side -> (PANEL_HEIGHT, W, 3) uint8 RGB (W even)."""
     occ = gt.occupancy if gt is not None else None
-    return np.concatenate([camera_panel(rgb, a, gt, t), bev_panel(points_base, a, occ)], axis=1)
+    return np.concatenate([camera_panel(rgb, a, gt, t), bev_panel(points_base, a, occ, vehicle=vehicle)], axis=1)
 
 
 class VideoRenderer:

@@ -11,7 +11,10 @@ Writes to ``--out DIR``:
 
 * ``outputs.mcap`` + ``metadata.yaml``: a rosbag2 folder (``ros2 bag play DIR``; Foxglove opens the
   ``.mcap``) with the node's output topics (:data:`OUTPUT_TOPICS`, stamped with the cycle's bag time)
-  and the inputs needed to view them (camera, points, camera info, ``/tf_static``, ground truth).
+  and the small inputs needed to view them (:data:`VIEW_TOPICS`: ``/tf_static``, camera info, ground
+  truth). The camera, LiDAR and GNSS messages stay in the input bags, which the output refers to
+  (``metadata.yaml`` ``custom_data`` ``lmm_fusion.input_bags``, ``metrics.json`` ``outputs.input_bags``):
+  play or open both together. ``copy_sensors`` (``--copy-sensors``) copies them in as well, as recorded.
 * ``metrics.json``: frames, cycles, per-stage latency p50/p99 [ms], throughput (× real time) and, when
   the bag has ground truth, accuracy overall, per scenario family and per time window
   (:mod:`lmm_fusion.groundtruth.scoring`); ``warnings`` (only when there are any) per sensor, what leaves
@@ -38,7 +41,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmm_fusion.base import topics as T
-from lmm_fusion.base.rig import SensorRig
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, SensorRig, VehicleGeometry, load_rig
 from lmm_fusion.base.topics import NODE_NAME  # the node's ``~/...`` publishers live under ``/<NODE_NAME>/``
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import Assessment
@@ -95,8 +98,12 @@ class ReplayOptions:
     """What :func:`replay` does. ``sensor_topics`` maps sensor -> topic (others auto-detected by type);
     ``window_s`` [s] is the width of the accuracy-over-time windows; ``keyframe_every_s`` [s] the key
     frame spacing of ``--render``; ``threads`` the backend's CPU threads (None = its default);
-    ``copy_sensors`` False leaves the camera, LiDAR and GNSS messages out of the output bag (it is then
-    small; ``/tf_static``, camera info and ground truth are still copied)."""
+    ``copy_sensors`` True also copies the camera, LiDAR and GNSS messages into the output bag (False, the
+    default: it refers to the input bags instead; ``/tf_static``, camera info and ground truth are copied
+    either way); ``prefetch`` > 0 reads and decodes the bag in a background thread that many events ahead
+    of the cycles (:func:`~lmm_fusion.cycle.bagfeed.iter_cycles`; same results, 0 = in line); ``on_cycle``,
+    when given, is called after every cycle with (bag time [s], the cycle's snapshot, its assessment, its
+    ground truth or None, the pipeline): the per-cycle view of the fleet replay and model comparison."""
 
     model_dir: str | Path | None = None
     backend: str = "auto"
@@ -108,7 +115,9 @@ class ReplayOptions:
     threads: int | None = None
     progress: bool = True
     rig: SensorRig | None = None
-    copy_sensors: bool = True
+    copy_sensors: bool = False
+    prefetch: int = 16
+    on_cycle: Callable[[float, Snapshot, Assessment, GroundTruth | None, FusionPipeline], None] | None = None
 
 
 def bag_time_range(paths: Sequence[Path]) -> tuple[float, float]:
@@ -228,12 +237,13 @@ class _Tally:
         self.last_t = t
 
 
-def _write_outputs(writer: BagWriter, types: Any, a: Assessment, t: float) -> None:
-    """The node's four output messages of one cycle, at bag time ``t`` [s]."""
+def _write_outputs(writer: BagWriter, types: Any, a: Assessment, t: float,
+                   vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> None:
+    """The node's four output messages of one cycle, at bag time ``t`` [s] (markers drawn for ``vehicle``)."""
     writer.write(OUTPUT_TOPICS["scene"], t, ro.scene_assessment(types, a))
     writer.write(OUTPUT_TOPICS["action"], t, ro.action_suggestion(types, a))
     writer.write(OUTPUT_TOPICS["occupancy"], t, ro.occupancy_grid(types, a))
-    writer.write(OUTPUT_TOPICS["markers"], t, ro.markers(types, a))
+    writer.write(OUTPUT_TOPICS["markers"], t, ro.markers(types, a, vehicle=vehicle))
 
 
 def _lidar_in_base(snapshot: Snapshot, pipeline: FusionPipeline) -> np.ndarray | None:
@@ -263,7 +273,8 @@ def _timing(tally: _Tally, wall: float, duration: float) -> dict[str, Any]:
         "wall_s": round(wall, 3),
         "throughput_x_realtime": round(duration / wall, 3) if wall > 0 else None,
         "cycles_per_s": round(tally.cycles / wall, 2) if wall > 0 else None,
-        # The rest of the wall time: reading, deserialising, decoding and copying the inputs.
+        # The rest of the wall time: reading, deserialising, decoding and copying the inputs, as far as the
+        # reading thread (ReplayOptions.prefetch) did not hide them behind the cycles.
         "read_decode_copy_s": round(wall - sum(sum(lat[k]) for k in ("total", "write", "render")) / 1e3, 3),
         "latency_ms": {s: _percentiles(v) for s, v in lat.items() if v},
     }
@@ -358,6 +369,11 @@ def replay(
     ingest = SensorIngest(SensorSync(), rig, extrinsics=pipeline.extrinsics)
     types = rosbags_types()
     bag = _OutputBag(out)
+    # The output bag refers to its inputs rather than copying their sensors (unless copy_sensors): absolute
+    # paths, so a player, Foxglove or a report finds them from anywhere.
+    input_refs = [str(b.resolve()) for b in bags]
+    bag.writer.set_custom_data("lmm_fusion.input_bags", json.dumps(input_refs))
+    bag.writer.set_custom_data("lmm_fusion.sensors_copied", "true" if opts.copy_sensors else "false")
     copied = (set(src.sensor_of) if opts.copy_sensors else set()) | set(VIEW_TOPICS)
     wrote_tf = T.TF_STATIC in src.topic_types
 
@@ -378,7 +394,9 @@ def replay(
     cycle_iter = iter(()) if error is not None else iter_cycles(
         src.reader, ingest, opts.rate_hz, sensor_topics={s: t for t, s in src.sensor_of.items()},
         with_ground_truth=has_gt, clock=clock,
-        passthrough=sorted(copied), on_passthrough=copy_input)
+        passthrough=sorted(copied), on_passthrough=copy_input, prefetch=opts.prefetch,
+        # The camera image resized and normalised in the reading thread, ahead of its cycle (same bits).
+        ahead=lambda snap: pipeline.preprocessor.prepare_image(snap.frames.get("camera")))
     try:
         for c in cycle_iter:
             if tally.first_t is None:
@@ -388,15 +406,18 @@ def replay(
                     wrote_tf = True
             a = pipeline.cycle(c.snapshot)
             t0 = time.perf_counter()
-            _write_outputs(bag.writer, types, a, c.t)
+            _write_outputs(bag.writer, types, a, c.t, rig.vehicle)
             t1 = time.perf_counter()
             tally.latencies["write"].append((t1 - t0) * 1e3)
             gt_msgs = {k: v for k, v in c.ground_truth.items() if c.t - v[0] <= GT_MAX_AGE}
             gt = ground_truth_from_messages(gt_msgs) if gt_msgs else None
             tally.add(a, gt, c.t)
+            if opts.on_cycle is not None:
+                opts.on_cycle(c.t, c.snapshot, a, gt, pipeline)
             if renderer is not None:
                 pts = _lidar_in_base(c.snapshot, pipeline)
-                renderer.add(compose_frame(c.snapshot.frames.get("camera"), pts, a, gt, c.t - tally.first_t), c.t)
+                renderer.add(compose_frame(c.snapshot.frames.get("camera"), pts, a, gt, c.t - tally.first_t,
+                                           rig.vehicle), c.t)
                 tally.latencies["render"].append((time.perf_counter() - t1) * 1e3)
             bar.update(1)
     except BagError as exc:  # keep what was read: close the output bag, write metrics, then raise
@@ -430,10 +451,14 @@ def replay(
         "bag_duration_s": round(duration, 3),
         "ended_early": _ended_early(error),
         "frames": {s: {"received": counters[s].received, "accepted": int(ingest.stats.accepted[s]),
-                       "rejected": int(ingest.stats.rejected[s])} for s in MODALITIES},
+                       "rejected": int(ingest.stats.rejected[s]),
+                       # why the latest rejected message was refused (names the field and value)
+                       **({"last_error": ingest.stats.last_error[s]} if s in ingest.stats.last_error else {})}
+                   for s in MODALITIES},
         "cycles": {"total": tally.cycles, "valid": tally.valid, "degraded": tally.degraded,
                    "safety_override": tally.overrides},
-        "outputs": {"bag": str(bag_path), "messages": dict(sorted(bag.writer.counts.items()))},
+        "outputs": {"bag": str(bag_path), "messages": dict(sorted(bag.writer.counts.items())),
+                    "sensors_copied": opts.copy_sensors, "input_bags": input_refs},
         "timing": _timing(tally, wall, duration),
     }
     for sensor, why in clock.mismatches().items():  # frames accepted, then masked as too old: say why
@@ -481,12 +506,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--lidar-topic", default=None, help="LiDAR topic (PointCloud2; default: by type)")
     p.add_argument("--gnss-topic", default=None, help="GNSS topic (NavSatFix; default: by type)")
+    p.add_argument("--odometry-topic", default=None,
+                   help="ego-speed topic (Odometry or TwistWithCovarianceStamped; default: by type, not ground truth)")
     p.add_argument("--window-s", type=float, default=10.0, help="accuracy-over-time window [s] (default 10)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of the backend")
+    p.add_argument("--rig", type=Path, default=None, metavar="FILE",
+                   help="rig file (YAML, docs/rig_file.md): vehicle geometry for the guard and markers, mounts for "
+                        "frames the bag's /tf_static lacks, LiDAR intensity scale (default: the built-in rig)")
+    p.add_argument(
+        "--copy-sensors",
+        action="store_true",
+        help="also copy the camera/LiDAR/GNSS messages into outputs.mcap (default: it refers to the input bags)",
+    )
     p.add_argument(
         "--no-sensors",
         action="store_true",
-        help="do not copy camera/LiDAR/GNSS messages into outputs.mcap (small output bag)",
+        help="leave the camera/LiDAR/GNSS messages out of outputs.mcap (the default; kept for old scripts)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -507,6 +542,11 @@ def _summary(m: dict[str, Any]) -> str:
             f"{acc['light_accuracy']}, speed MAE {acc['target_speed_mae']} m/s, occupancy IoU "
             f"{acc['occupancy_iou']}"
         )
+        lines.append(  # the published (guarded) action next to the network's own, on the caution scale
+            f"action published / model: agreement {acc['action_accuracy']} / {acc['model_action_accuracy']}, "
+            f"unsafe {acc['action_unsafe_rate']} / {acc['model_action_unsafe_rate']}, over-cautious "
+            f"{acc['action_over_cautious_rate']} / {acc['model_action_over_cautious_rate']}"
+        )
     if "render" in m:
         lines.append(
             f"video: {m['render']['video']} ({m['render']['frames']} frames), timeline: "
@@ -518,10 +558,17 @@ def _summary(m: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     topics = {
         s: t
-        for s, t in (("camera", args.camera_topic), ("lidar", args.lidar_topic), ("gnss", args.gnss_topic))
+        for s, t in (("camera", args.camera_topic), ("lidar", args.lidar_topic), ("gnss", args.gnss_topic),
+                     ("odometry", args.odometry_topic))
         if t
     }
+    try:
+        rig = load_rig(args.rig) if args.rig is not None else None
+    except ValueError as exc:
+        log.error("replay: %s", exc)
+        return 2
     opts = ReplayOptions(
+        rig=rig,
         model_dir=args.model,
         backend=args.backend,
         rate_hz=args.rate_hz,
@@ -530,7 +577,7 @@ def run(args: argparse.Namespace) -> int:
         window_s=args.window_s,
         threads=args.threads,
         progress=not args.no_progress,
-        copy_sensors=not args.no_sensors,
+        copy_sensors=args.copy_sensors and not args.no_sensors,
     )
     try:
         metrics = replay(args.bags, args.out, opts)

@@ -4,6 +4,11 @@ Modelled on ``diagnostic_updater``'s ``FrequencyStatus`` (event rate in a slidin
 expected minimum) and ``TimeStampStatus`` (age of the latest header stamp against limits), which are
 not installable here. Levels: OK, WARN, ERROR (``lmm_fusion.ros.outputs`` constants). All times are
 node-clock seconds, so ``use_sim_time`` works.
+
+Nothing is masked silently: a sensor's status carries the reason its modality was left out of the last
+assessment (stale, a clock mismatch, no transform for its frame, no motion estimate yet, a rejected
+jump), the ``ego_speed`` status says where the ego speed came from (odometry or GNSS) and why not the
+other, and the assessment status lists each masked modality with its reason.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.cycle.assessment import Assessment
+from lmm_fusion.cycle.sync import CLOCK_MISMATCH_S, stale_reason
 from lmm_fusion.ros.outputs import ERROR, OK, WARN, StatusItem
 
 
@@ -72,6 +78,8 @@ def age_check(age: float, warn_age: float, error_age: float) -> tuple[int, str]:
         return ERROR, "never received"
     if age < -0.5:
         return ERROR, f"stamp {-age:.2f} s in the future"
+    if age > CLOCK_MISMATCH_S:  # not late: on another clock (a bag without use_sim_time, a sensor clock)
+        return ERROR, stale_reason(age, error_age)
     if age > error_age:
         return ERROR, f"stale ({age:.2f} s old)"
     if age > warn_age:
@@ -95,8 +103,11 @@ class FusionDiagnostics:
         self.node_name = node_name
         self.rates = {s: FrequencyTracker(self.cfg.expected_hz.get(s, 1.0) * (1 - self.cfg.rate_tolerance),
                                           self.cfg.window_s) for s in MODALITIES}
-        self._rejected_total = dict.fromkeys(MODALITIES, 0)
-        self._rejected_times: dict[str, deque[float]] = {s: deque() for s in MODALITIES}
+        self._rejected_total = dict.fromkeys((*MODALITIES, "odometry"), 0)
+        self._rejected_times: dict[str, deque[float]] = {s: deque() for s in self._rejected_total}
+        self.odometry_rate = FrequencyTracker(0.0, self.cfg.window_s)
+        # (odometry age [s], why GNSS has no motion estimate, last odometry rejection) of the last cycle.
+        self._ego: tuple[float, str, str] = (math.inf, "", "")
         self._latency_ms: deque[float] = deque(maxlen=self.cfg.latency_window)
         self._cycles = FrequencyTracker(self.cfg.rate_hz * (1 - self.cfg.rate_tolerance), self.cfg.window_s)
         self.cycles = 0
@@ -118,12 +129,20 @@ class FusionDiagnostics:
             tracker.window_s = cfg.window_s
         self._cycles.min_hz = cfg.rate_hz * (1 - cfg.rate_tolerance)
         self._cycles.window_s = cfg.window_s
+        self.odometry_rate.window_s = cfg.window_s
 
     # ---------------------------------------------------------------- inputs
     def on_message(self, sensor: str, now: float) -> None:
         """A message of ``sensor`` arrived (accepted or not) at node time ``now`` [s]."""
         if sensor in self.rates:
             self.rates[sensor].tick(now)
+        elif sensor == "odometry":
+            self.odometry_rate.tick(now)
+
+    def set_ego(self, odometry_age: float, gnss_reason: str = "", odometry_error: str = "") -> None:
+        """The ego-speed inputs at the last cycle: odometry age [s] (inf = none received), why the GNSS
+        estimate is not valid ("" when it is: ``SensorIngest.ego_reason``), the last odometry rejection."""
+        self._ego = (float(odometry_age), gnss_reason, odometry_error)
 
     def set_rejected(self, sensor: str, total: int, now: float) -> None:
         """Update the running rejected count of ``sensor`` (from ``SensorIngest.stats.rejected``)."""
@@ -166,6 +185,9 @@ class FusionDiagnostics:
             recent_rej = self._recent(self._rejected_times[s], now)
             if recent_rej:
                 checks.append((WARN, f"{recent_rej} rejected in {self.cfg.window_s:g} s"))
+            masked = assessment.masked_reasons().get(s) if assessment is not None else None
+            if masked is not None and not masked.startswith("stale"):  # the age check already says "stale"
+                checks.append((WARN, f"masked: {masked}"))  # at least WARN: the model ran without it
             level = max(c[0] for c in checks)
             msg = "; ".join(c[1] for c in checks if c[1]) or "ok"
             out.append(StatusItem(
@@ -173,7 +195,8 @@ class FusionDiagnostics:
                 values={"rate_hz": f"{self.rates[s].rate(now):.2f}",
                         "expected_hz": f"{self.cfg.expected_hz.get(s, 0.0):.2f}",
                         "age_s": f"{age:.3f}" if math.isfinite(age) else "inf",
-                        "rejected": str(self._rejected_total[s])}))
+                        "rejected": str(self._rejected_total[s]), "masked_reason": masked or ""}))
+        out.append(self._ego_status(now, assessment))
         p50, p99 = self.latency_percentiles()
         rate = self._cycles.rate(now)
         misses = self._recent(self._miss_times, now)
@@ -198,11 +221,39 @@ class FusionDiagnostics:
             if not assessment.valid:
                 level, msg = ERROR, "no assessment: no sensor usable"
             elif assessment.degraded:
-                level, msg = WARN, f"degraded: {', '.join(assessment.masked_names())} masked"
+                why = "; ".join(f"{m} masked ({r})" for m, r in assessment.masked_reasons().items())
+                level, msg = WARN, f"degraded: {why}"
             else:
                 level, msg = OK, "all modalities used"
             values = {f"{k}_ms": f"{v:.2f}" for k, v in assessment.latency_ms.items()}
             values["safety_override"] = str(assessment.safety_override).lower()
+            values["ego_speed_source"] = assessment.ego_speed_source
             out.append(StatusItem(name=f"{self.node_name}: assessment", level=level, message=msg,
                                   hardware_id="fusion", values=values))
         return out
+
+    def _ego_status(self, now: float, assessment: Assessment | None) -> StatusItem:
+        """Where the ego speed of the last cycle came from, and why not from the preferred odometry."""
+        odo_age, gnss_reason, odo_error = self._ego
+        source = assessment.ego_speed_source if assessment is not None else ""
+        if math.isfinite(odo_age):
+            odometry = f"odometry {odo_age:.2f} s old"
+        else:
+            odometry = "no odometry received" + (f" (rejected: {odo_error})" if odo_error else "")
+        gnss = f"gnss: {gnss_reason}" if gnss_reason else "gnss valid"
+        if source == "odometry":
+            level, msg = OK, f"odometry ({odometry})"
+        elif source == "gnss":
+            # Without odometry this is normal; with odometry received but not used, say why.
+            level = WARN if math.isfinite(odo_age) or odo_error else OK
+            msg = f"gnss ({odometry})"
+        else:
+            level, msg = WARN, f"none: {odometry}; {gnss}"
+        speed = assessment.ego_speed if assessment is not None else None
+        return StatusItem(
+            name=f"{self.node_name}: ego_speed", level=level, message=msg, hardware_id="odometry",
+            values={"source": source, "speed_mps": f"{speed:.2f}" if speed is not None else "",
+                    "odometry_age_s": f"{odo_age:.3f}" if math.isfinite(odo_age) else "inf",
+                    "odometry_rate_hz": f"{self.odometry_rate.rate(now):.2f}",
+                    "odometry_rejected": str(self._rejected_total["odometry"]),
+                    "odometry_last_error": odo_error, "gnss_reason": gnss_reason})

@@ -20,6 +20,13 @@ remapped by the launch file (``lmm-fusion node`` and the test harness pass the d
 ``~/markers``, so two nodes in namespaces ``car1`` and ``car2`` never share a topic except ``/diagnostics``,
 where their status names carry the namespace. Each output's ``header.stamp`` is the stamp of the newest
 sensor data the cycle used (:mod:`lmm_fusion.ros.outputs`).
+``~/input/odometry`` (``nav_msgs/Odometry``, or ``TwistWithCovarianceStamped`` with ``odometry_type: twist``)
+is optional: while fresh its speed is the ego speed instead of the GNSS estimate's, and the
+SceneAssessment's ``ego_speed_source`` and the ``ego_speed`` status on ``/diagnostics`` say which was used.
+Every modality left out of a cycle has its reason in ``ModalityStatus.reason`` and in its ``/diagnostics``
+status; stamps far behind the node clock (a bag played without ``use_sim_time``) are named as such.
+``vehicle.*`` (the footprint the guard and the markers measure from) and ``lidar.intensity_scale`` are
+read-only parameters.
 
 Live parameters (``sync.*``, ``safety.*``, ``diagnostics.*``) may be set while running: the set-parameters
 callback validates the new values together with the others (a wrong one is refused with a reason naming
@@ -77,6 +84,7 @@ from lmm_fusion.ros.params import (
     Param,
     ParameterError,
     descriptor,
+    node_rig,
     range_problem,
     remap_args,
     safety_config,
@@ -199,7 +207,7 @@ class FusionNode(LifecycleNode):
 
     @staticmethod
     def _sync_config(v: dict[str, Any]) -> SyncConfig:
-        return SyncConfig(timeouts={s: float(v[f"sync.{s}_timeout"]) for s in MODALITIES},
+        return SyncConfig(timeouts={s: float(v[f"sync.{s}_timeout"]) for s in (*MODALITIES, "odometry")},
                           loop_reset=float(v["sync.loop_reset"]), future_tolerance=float(v["sync.future_tolerance"]))
 
     @staticmethod
@@ -231,6 +239,9 @@ class FusionNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         with self._live_lock:
             self._pending = {}  # read_parameters has every value set so far
+        # The vehicle's footprint (the guard's free distance, the markers) and the LiDAR's intensity unit
+        # (0 = detected from the clouds): read-only parameters.
+        self.rig = node_rig(v)
         try:
             self.pipeline = self.make_pipeline()
             self.pipeline.warmup(2)
@@ -292,6 +303,9 @@ class FusionNode(LifecycleNode):
                 callback_group=self.sensor_group))
         self._subscribe(t.PointCloud2, INPUTS["lidar_points"], "lidar", sensor_qos)
         self._subscribe(t.NavSatFix, INPUTS["gnss_fix"], "gnss", sensor_qos)
+        # Optional: nobody publishing it costs nothing, and GNSS gives the speed then.
+        odometry_type = t.Odometry if v["odometry_type"] == "odometry" else t.TwistWithCovarianceStamped
+        self._subscribe(odometry_type, INPUTS["odometry"], "odometry", sensor_qos)
         self._subscribe_tf_static()
         self._active = True
         self.worker = CycleWorker(self._cycle, on_error=lambda exc: self.get_logger().error(
@@ -415,17 +429,22 @@ class FusionNode(LifecycleNode):
                 self.get_logger().error(f"cycle failed: {exc!r}", throttle_duration_sec=2.0)
                 a = invalid(now, snapshot.mask, dict(snapshot.ages))
             self.last_assessment = a
+            clock_hint = next((f"{m}: {r}" for m, r in a.masked_reasons().items() if "use_sim_time" in r), None)
+            if clock_hint is not None:  # the most common set-up mistake: say it on the console too
+                self.get_logger().warning(clock_hint, throttle_duration_sec=10.0)
             t, frame = self.types, self.values["frame_id"]
             self.pubs["scene"].publish(ros_outputs.scene_assessment(t, a, frame))
             self.pubs["action"].publish(ros_outputs.action_suggestion(t, a, frame))
             self.pubs["occupancy"].publish(ros_outputs.occupancy_grid(t, a, frame_id=frame))
-            self.pubs["markers"].publish(ros_outputs.markers(t, a, frame))
+            self.pubs["markers"].publish(ros_outputs.markers(t, a, frame, self.rig.vehicle))
             assert self.ingest is not None
             latency_ms = (time.perf_counter() - t0) * 1e3
             with self._diag_lock:
-                for s in MODALITIES:
+                for s in (*MODALITIES, "odometry"):
                     self.diag.set_rejected(s, self.ingest.stats.rejected[s] + self.callback_errors[s], now)
                 self.diag.on_cycle(now, latency_ms)
+                self.diag.set_ego(snapshot.ages.get("odometry", float("inf")), self.ingest.ego_reason,
+                                  self.ingest.stats.last_error.get("odometry", ""))
                 self._last_ages, self._last_cycle_time = dict(snapshot.ages), now
 
     def _publish_diagnostics(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from lmm_fusion.base.grid import OCCUPANCY_GRID, BevGrid
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, VehicleGeometry
 from lmm_fusion.base.topics import BASE_FRAME
 from lmm_fusion.base.vocabulary import Action, Risk
 from lmm_fusion.cycle.assessment import Assessment
@@ -84,10 +84,12 @@ def data_stamp(a: Assessment) -> float:
 
 
 def modality_statuses(types: MsgTypes, a: Assessment) -> list[Any]:
-    """One ModalityStatus per modality; ``stamp`` = its frame's stamp, zero when not used."""
+    """One ModalityStatus per modality; ``stamp`` = its frame's stamp, zero when not used; ``reason``: why
+    not used ("" when used)."""
     src = source_stamps(a)
     return [types.ModalityStatus(name=m.name, used=m.used, age=_f32_value(m.age), attention_share=float(m.attention),
-                                 stamp=make_time(types, src.get(m.name, 0.0)))
+                                 stamp=make_time(types, src.get(m.name, 0.0)),
+                                 reason="" if m.used else (m.reason or "unknown"))
             for m in a.modalities]
 
 
@@ -102,6 +104,8 @@ def scene_assessment(types: MsgTypes, a: Assessment, frame_id: str = BASE_FRAME)
         traffic_light_state=int(a.light),
         traffic_light_probabilities=_f32(types, a.light_probs, 4),
         modalities=modality_statuses(types, a),
+        ego_speed=float(a.ego_speed) if a.ego_speed is not None else math.nan,
+        ego_speed_source=a.ego_speed_source,
         degraded=a.degraded,
         valid=a.valid,
     )
@@ -169,10 +173,12 @@ def _u8_empty(types: MsgTypes) -> Any:
     return array.array("B") if types.kind == "rclpy" else np.zeros(0, np.uint8)
 
 
-def _path_points(a: Assessment, horizon_s: float = 3.0) -> list[tuple[float, float, float]]:
-    """Suggested path in base_link: straight ahead, shifted one lane (3.5 m) for a lane change,
-    ending at the stopping point (or the obstacle margin) when stopping; length ≈ target speed × horizon."""
-    start = EGO_FRONT_OFFSET
+def _path_points(a: Assessment, vehicle: VehicleGeometry = DEFAULT_VEHICLE,
+                 horizon_s: float = 3.0) -> list[tuple[float, float, float]]:
+    """Suggested path in base_link from the front bumper: straight ahead, shifted one lane (3.5 m) for a
+    lane change, ending at the stopping point (or the obstacle margin) when stopping; length ≈ target
+    speed × horizon."""
+    start = vehicle.front_offset
     length = max(a.target_speed * horizon_s, 2.0)
     if a.action == Action.STOP:
         length = 0.5 if not math.isfinite(a.distance) else max(min(a.distance * 0.8, 5.0), 0.5)
@@ -182,10 +188,13 @@ def _path_points(a: Assessment, horizon_s: float = 3.0) -> list[tuple[float, flo
     return [(start, 0.0, 0.3), (start + length, lateral, 0.3)]
 
 
-def markers(types: MsgTypes, a: Assessment, frame_id: str = BASE_FRAME) -> Any:
-    """visualization_msgs/MarkerArray: risk text, action text, suggested-path arrow, nearest obstacle,
-    and one bar per modality (height = attention share, grey when masked). Stable ns/ids, so each cycle
-    replaces the previous one; the obstacle marker is deleted when the lane is free."""
+def markers(types: MsgTypes, a: Assessment, frame_id: str = BASE_FRAME,
+            vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> Any:
+    """visualization_msgs/MarkerArray: risk text, action text, the ego footprint, suggested-path arrow
+    (from the front bumper), nearest obstacle (its distance counted from the bumper), and one bar per
+    modality (height = attention share, grey when masked). Stable ns/ids, so each cycle replaces the
+    previous one; the obstacle marker is deleted when the lane is free. ``vehicle``: the footprint and
+    bumper position in ``base_link`` (the node's ``vehicle.*`` parameters)."""
     rgb = RISK_COLOURS[a.risk] if a.valid else (0.6, 0.6, 0.6)
     out = []
     risk_text = f"risk {a.risk.name.lower()}" if a.valid else "no assessment"
@@ -196,10 +205,13 @@ def markers(types: MsgTypes, a: Assessment, frame_id: str = BASE_FRAME) -> Any:
     action_text = f"{a.action.name.lower()} {a.target_speed:.1f} m/s" + (" [override]" if a.safety_override else "")
     out.append(_marker(types, a, frame_id, "action", 0, TEXT_VIEW_FACING, pose=_pose(types, 0.0, 0.0, 2.6),
                        scale=(0.0, 0.0, 0.6), rgba=(1.0, 1.0, 1.0, 1.0), text=f"{action_text}\n{a.rationale}"))
+    out.append(_marker(types, a, frame_id, "ego", 0, CUBE,
+                       pose=_pose(types, vehicle.front_offset - vehicle.length / 2, 0.0, 0.75),
+                       scale=(vehicle.length, vehicle.width, 1.5), rgba=(0.8, 0.8, 0.8, 0.3)))
     out.append(_marker(types, a, frame_id, "path", 0, ARROW, scale=(0.4, 0.8, 0.8), rgba=(*rgb, 0.9),
-                       points=_path_points(a), action=MARKER_ADD if a.valid else MARKER_DELETE))
+                       points=_path_points(a, vehicle), action=MARKER_ADD if a.valid else MARKER_DELETE))
     has_obstacle = a.valid and math.isfinite(a.distance)
-    ox = EGO_FRONT_OFFSET + (a.distance if has_obstacle else 0.0)
+    ox = vehicle.front_offset + (a.distance if has_obstacle else 0.0)
     out.append(_marker(types, a, frame_id, "nearest_obstacle", 0, CUBE, pose=_pose(types, ox + 0.25, 0.0, 0.75),
                        scale=(0.5, 2.0, 1.5), rgba=(1.0, 0.2, 0.2, 0.6),
                        action=MARKER_ADD if has_obstacle else MARKER_DELETE))

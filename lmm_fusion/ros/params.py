@@ -16,11 +16,12 @@ of launch/fusion.launch.py, the ``/sensors/...`` topics of :mod:`lmm_fusion.base
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lmm_fusion.base import topics
+from lmm_fusion.base.rig import SensorRig, VehicleGeometry
 from lmm_fusion.cycle.safety import SafetyConfig
 from lmm_fusion.runtime.base import BACKENDS
 
@@ -43,6 +44,7 @@ class Param:
 
 
 _S = SafetyConfig()
+_V = VehicleGeometry()
 #: Every parameter of the node; config/fusion.yaml holds exactly these (a test keeps them in step).
 PARAMS: tuple[Param, ...] = (
     Param("autostart", True, "Configure and activate at start-up (false: wait for lifecycle ChangeState)."),
@@ -61,9 +63,20 @@ PARAMS: tuple[Param, ...] = (
     Param("camera_transport", "raw", "Camera input: raw sensor_msgs/Image or CompressedImage.",
           choices=("raw", "compressed")),
     Param("use_camera_info", True, "Also subscribe to CameraInfo (checked against the image size)."),
+    Param("odometry_type", "odometry", "Message type of the optional ego-speed input ~/input/odometry: "
+          "nav_msgs/Odometry or geometry_msgs/TwistWithCovarianceStamped (twist in the vehicle frame, m/s); "
+          "while fresh its speed is used instead of the GNSS estimate's.", choices=("odometry", "twist")),
+    Param("lidar.intensity_scale", 0.0, "Divisor that brings the LiDAR's intensity to 0..1 (255 for a Velodyne or "
+          "Livox, the count range for an Ouster); 0 = detect it from the first clouds (logged).", (0.0, 1.0e9)),
+    Param("vehicle.length", _V.length, "Length of the ego vehicle, bumper to bumper [m].", (0.5, 30.0)),
+    Param("vehicle.width", _V.width, "Width of the ego vehicle [m].", (0.3, 5.0)),
+    Param("vehicle.front_offset", _V.front_offset, "Distance from base_link forward to the front bumper [m]; "
+          "obstacle and free distances are measured from the bumper. At most vehicle.length.", (0.0, 30.0)),
     Param("sync.camera_timeout", 0.5, "Camera frames older than this are masked out [s].", (0.01, 10.0), live=True),
     Param("sync.lidar_timeout", 0.5, "LiDAR frames older than this are masked out [s].", (0.01, 10.0), live=True),
     Param("sync.gnss_timeout", 1.0, "GNSS fixes older than this are masked out [s].", (0.01, 10.0), live=True),
+    Param("sync.odometry_timeout", 0.5, "Odometry older than this is not used for the ego speed [s] (GNSS "
+          "is then).", (0.01, 10.0), live=True),
     Param("sync.future_tolerance", 0.5, "Stamps further ahead of the node clock are rejected [s].",
           (0.0, 10.0), live=True),
     Param("sync.loop_reset", 1.0, "A backwards stamp jump larger than this resets the buffers [s] "
@@ -89,6 +102,27 @@ PARAMS: tuple[Param, ...] = (
     Param("safety.max_height", _S.max_height, "LiDAR points above this height pass over the vehicle [m].",
           (0.5, 10.0), live=True),
     Param("safety.max_range", _S.max_range, "Free distance beyond this counts as free [m].", (5.0, 200.0), live=True),
+    Param("safety.lane_width", _S.lane_width, "Width of the lane a lane change goes to [m].", (2.0, 6.0), live=True),
+    Param("safety.lane_intrusion", _S.lane_intrusion, "An object reaching further than this into the target lane "
+          "blocks a lane change [m].", (0.0, 1.0), live=True),
+    Param("safety.lane_free_behind", _S.lane_free_behind, "A lane change needs the target lane free from this far "
+          "behind the ego's rear bumper [m].", (0.0, 50.0), live=True),
+    Param("safety.lane_free_beyond", _S.lane_free_beyond, "... to this far beyond the ego-lane obstacle's far "
+          "face [m].", (0.0, 50.0), live=True),
+    Param("safety.lane_free_ahead", _S.lane_free_ahead, "... or this far ahead of the bumper when the ego lane is "
+          "free [m].", (0.0, 100.0), live=True),
+    Param("safety.obstacle_length", _S.obstacle_length, "Least length assumed for the ego-lane obstacle [m].",
+          (0.0, 20.0), live=True),
+    Param("safety.reaction_time", _S.reaction_time, "Reaction time of the comfortable stopping distance [s].",
+          (0.0, 3.0), live=True),
+    Param("safety.comfort_decel", _S.comfort_decel, "Deceleration of the comfortable stopping distance [m/s^2].",
+          (0.5, 10.0), live=True),
+    Param("safety.blocked_stop_margin", _S.blocked_stop_margin, "A refused lane change stops within the comfortable "
+          "stopping distance + this of the obstacle, else slows down [m].", (0.0, 50.0), live=True),
+    Param("safety.closing_window", _S.closing_window, "LiDAR free distances of this many seconds give the closing "
+          "speed [s].", (0.15, 5.0), live=True),
+    Param("safety.closing_jump", _S.closing_jump, "A free distance this far off the closing-speed line is another "
+          "obstacle [m].", (0.1, 10.0), live=True),
     Param("diagnostics.rate_tolerance", 0.5, "A sensor below (1 - tolerance) x its expected rate is WARN.",
           (0.0, 1.0), live=True),
     Param("diagnostics.window", 2.0, "Window for rates and recent rejections [s].", (0.2, 60.0), live=True),
@@ -111,6 +145,7 @@ INPUTS: dict[str, str] = {
     "camera_info": "~/input/camera/camera_info",
     "lidar_points": "~/input/lidar/points",
     "gnss_fix": "~/input/gnss/fix",
+    "odometry": "~/input/odometry",
 }
 #: Default remappings of :data:`INPUTS` (launch/fusion.launch.py's defaults, ``lmm-fusion node``'s and the
 #: test harness's): the ``/sensors/...`` topics every recorder and bag of this project uses.
@@ -120,6 +155,7 @@ DEFAULT_REMAPS: dict[str, str] = {
     INPUTS["camera_info"]: topics.CAMERA_INFO,
     INPUTS["lidar_points"]: topics.LIDAR_POINTS,
     INPUTS["gnss_fix"]: topics.GNSS_FIX,
+    INPUTS["odometry"]: topics.ODOMETRY,
 }
 
 
@@ -178,6 +214,10 @@ def validate(values: dict[str, Any]) -> list[str]:
         safety_config(values).validate()
     except ValueError as exc:
         problems.append(str(exc))
+    try:
+        vehicle_geometry(values).validate()
+    except ValueError as exc:
+        problems.append(str(exc))
     model_dir = values["model_dir"]
     if model_dir and not (Path(model_dir) / "config.json").is_file():
         problems.append(f"model_dir={model_dir!r}: not a model directory (no config.json)")
@@ -188,6 +228,20 @@ def safety_config(values: dict[str, Any]) -> SafetyConfig:
     """The :class:`SafetyConfig` of the ``safety.*`` parameters in ``values`` (others keep their defaults)."""
     kw = {k.split(".", 1)[1]: float(v) for k, v in values.items() if k.startswith("safety.")}
     return SafetyConfig(**kw)
+
+
+def vehicle_geometry(values: dict[str, Any]) -> VehicleGeometry:
+    """The :class:`VehicleGeometry` of the ``vehicle.*`` parameters in ``values`` (others keep their defaults)."""
+    kw = {k.split(".", 1)[1]: float(v) for k, v in values.items() if k.startswith("vehicle.")}
+    return VehicleGeometry(**kw)
+
+
+def node_rig(values: dict[str, Any]) -> SensorRig:
+    """The node's :class:`SensorRig`: the built-in mounts (the fallback behind ``/tf_static``) with the
+    ``vehicle.*`` geometry and ``lidar.intensity_scale`` (0 = None: detected from the clouds)."""
+    base = SensorRig()
+    scale = float(values.get("lidar.intensity_scale", 0.0)) or None
+    return replace(base, vehicle=vehicle_geometry(values), lidar=replace(base.lidar, intensity_scale=scale))
 
 
 def defaults() -> dict[str, Any]:
@@ -225,7 +279,9 @@ __all__ = [
     "choice_problem",
     "defaults",
     "descriptor",
+    "node_rig",
     "remap_args",
     "safety_config",
     "validate",
+    "vehicle_geometry",
 ]

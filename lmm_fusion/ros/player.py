@@ -26,11 +26,15 @@ from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rosgraph_msgs.msg import Clock
 
-from lmm_fusion.base.topics import CLOCK, LIDAR_POINTS, TF_STATIC
+from lmm_fusion.base.topics import CLOCK, TF_STATIC
+from lmm_fusion.cycle.ingest import SENSOR_OF_MSGTYPE
 from lmm_fusion.io.bags import bag_topics, read_bag
 from lmm_fusion.io.msgtypes import typestore
 
 log = logging.getLogger(__name__)
+
+#: Message types a fusion node consumes besides the sensors' (``cycle.ingest.SENSOR_OF_MSGTYPE``).
+_INPUT_TYPES = frozenset({*SENSOR_OF_MSGTYPE, "sensor_msgs/msg/CameraInfo", "tf2_msgs/msg/TFMessage"})
 
 # How long every publisher must have stayed matched before playback starts [s]: discovery of one
 # subscriber process's endpoints arrives in a burst, so a short quiet window covers its stragglers.
@@ -85,22 +89,33 @@ class BagPlayer:
                                                    reliability=ReliabilityPolicy.RELIABLE))
         self.published = dict.fromkeys(self.pubs, 0)
 
-    def wait_for_subscribers(self, topic: str, timeout: float) -> bool:
-        """Wait up to ``timeout`` [s] for a subscriber on ``topic``, then for every other known subscriber to match.
+    def input_topics(self) -> list[str]:
+        """The played topics a fusion node takes as input: sensor messages (camera, CameraInfo, LiDAR, GNSS,
+        odometry) and ``/tf_static``; never ground truth (``/ground_truth/...``), which nothing needs to hear."""
+        return sorted(t for t in self.pubs if self.types.get(t) in _INPUT_TYPES and not t.startswith("/ground_truth/"))
+
+    def wait_for_subscribers(self, timeout: float, topics: list[str] | None = None) -> list[str]:
+        """Wait up to ``timeout`` [s] for a subscriber on each of ``topics`` (default :meth:`input_topics`: every
+        input topic played), then for every other known subscriber to match. Returns the topics still
+        without a subscriber at the deadline ([] when all matched; a topic not played counts as unmatched).
 
         Discovery matches each endpoint on its own: a subscriber process can be matched on the LiDAR
-        topic while its subscription to a reliable topic is still being discovered, and the first
-        messages on that topic would then be lost. After ``topic`` matches, this therefore also waits
-        (within the same deadline) until each publisher has matched every subscriber the ROS graph
-        already reports for its topic, and that state has held for a short settle window.
+        topic while its subscription to the camera or a reliable topic is still being discovered, and the
+        first messages there would then be lost. So every played input topic must match, and after that
+        (within the same deadline) each publisher must have matched every subscriber the ROS graph already
+        reports for its topic, and that state must have held for a short settle window.
         """
-        pub = self.pubs.get(topic)
-        if pub is None:
-            return False
+        missing = [t for t in topics or () if t not in self.pubs]
+        if missing:
+            return missing
+        need = self.input_topics() if topics is None else list(topics)
         deadline = time.monotonic() + timeout
-        while pub.get_subscription_count() == 0:
+        while True:
+            unmatched = [t for t in need if self.pubs[t].get_subscription_count() == 0]
+            if not unmatched:
+                break
             if time.monotonic() >= deadline:
-                return False
+                return unmatched
             time.sleep(0.05)
         settled_since: float | None = None
         while time.monotonic() < deadline:
@@ -112,7 +127,7 @@ class BagPlayer:
             elif time.monotonic() - settled_since >= _DISCOVERY_SETTLE_S:
                 break
             time.sleep(0.05)
-        return True
+        return []
 
     def flush(self, timeout: float = 2.0) -> bool:
         """Wait up to ``timeout`` [s] until reliable subscribers acknowledged everything published.
@@ -169,7 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock-hz", type=float, default=100.0, help="/clock publish rate [Hz] (default 100)")
     parser.add_argument("--topics", nargs="+", default=None, help="only these topics")
     parser.add_argument("--wait-for-subscriber", type=float, default=0.0, metavar="SECONDS",
-                        help="wait up to this long for a subscriber on the LiDAR topic before starting")
+                        help="wait up to this long for a subscriber on every sensor topic played (camera, camera "
+                             "info, LiDAR, GNSS, odometry, /tf_static; not ground truth) before starting")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,8 +198,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         player = BagPlayer(node, args.bag, rate=args.rate, clock=args.clock, clock_hz=args.clock_hz,
                            topics=args.topics)
-        if args.wait_for_subscriber > 0 and not player.wait_for_subscribers(LIDAR_POINTS, args.wait_for_subscriber):
-            log.warning("no subscriber on %s after %.1f s; playing anyway", LIDAR_POINTS, args.wait_for_subscriber)
+        if args.wait_for_subscriber > 0:
+            log.info("waiting up to %.1f s for subscribers on %s", args.wait_for_subscriber,
+                     ", ".join(player.input_topics()))
+            unmatched = player.wait_for_subscribers(args.wait_for_subscriber)
+            if unmatched:
+                log.warning("no subscriber on %s after %.1f s; playing anyway (their first messages may be lost)",
+                            ", ".join(unmatched), args.wait_for_subscriber)
         log.info("playing %s (%d topics) at %gx%s", args.bag, len(player.pubs), args.rate,
                  " with /clock" if args.clock else "")
         while rclpy.ok():

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from lmm_fusion.base.grid import OCCUPANCY_GRID
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET, EGO_LENGTH, EGO_WIDTH, SensorRig
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, SensorRig, VehicleGeometry
 from lmm_fusion.base.vocabulary import Scenario
 from lmm_fusion.groundtruth.expert import occupancy
 from lmm_fusion.synth.camera import CameraRenderer
@@ -31,8 +31,9 @@ BEV_Y = (-20.0, 20.0)
 BEV_SCALE = 5.0
 
 
-def bev_image(scene: Scene, points_base: np.ndarray, intensity: np.ndarray, height_px: int) -> np.ndarray:
-    """(height_px, W, 3) uint8 RGB bird's-eye view: +x up, +y left."""
+def bev_image(scene: Scene, points_base: np.ndarray, intensity: np.ndarray, height_px: int,
+              vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> np.ndarray:
+    """(height_px, W, 3) uint8 RGB bird's-eye view: +x up, +y left; the ego outline is ``vehicle``."""
     scale = height_px / (BEV_X[1] - BEV_X[0])
     w = round((BEV_Y[1] - BEV_Y[0]) * scale)
     img = np.full((height_px, w, 3), 18, np.uint8)
@@ -59,13 +60,12 @@ def bev_image(scene: Scene, points_base: np.ndarray, intensity: np.ndarray, heig
     ok = (u >= 0) & (u < w) & (v >= 0) & (v < height_px)
     img[v[ok], u[ok]] = col[ok]
     # ego outline and corridor
-    rear = EGO_FRONT_OFFSET - EGO_LENGTH
-    corners = np.array([[rear, -EGO_WIDTH / 2], [EGO_FRONT_OFFSET, -EGO_WIDTH / 2], [EGO_FRONT_OFFSET, EGO_WIDTH / 2],
-                        [rear, EGO_WIDTH / 2]])
+    rear, front, half = vehicle.rear_offset, vehicle.front_offset, vehicle.width / 2
+    corners = np.array([[rear, -half], [front, -half], [front, half], [rear, half]])
     cu, cv_ = px(corners[:, 0], corners[:, 1])
     cv2.polylines(img, [np.stack([cu, cv_], -1).astype(np.int32)], True, (255, 255, 255), 1)
     for side in (-1, 1):
-        lu, lv = px(np.array([EGO_FRONT_OFFSET, BEV_X[1]]), np.array([side * (EGO_WIDTH / 2 + 0.3)] * 2))
+        lu, lv = px(np.array([front, BEV_X[1]]), np.array([side * (half + 0.3)] * 2))
         cv2.line(img, (int(lu[0]), int(lv[0])), (int(lu[1]), int(lv[1])), (90, 90, 90), 1)
     return img
 
@@ -89,7 +89,7 @@ def tile(scene: Scene, renderer: CameraRenderer, lidar: LidarSimulator, rng: np.
                 f"ego {scene.ego_speed:4.1f} m/s  risk {lab.risk.name}  action {lab.action.name}",
                 f"dist {lab.distance:5.1f} m  TTC {lab.ttc:5.1f} s  light {lab.light.name}  "
                 f"target {lab.target_speed:4.1f}"])
-    bev = bev_image(scene, base, pts["intensity"], cam.shape[0])
+    bev = bev_image(scene, base, pts["intensity"], cam.shape[0], lidar.rig.vehicle)
     return np.hstack([cam, np.full((cam.shape[0], 4, 3), 255, np.uint8), bev])
 
 
@@ -101,7 +101,7 @@ def contact_sheet(out: Path, seed: int = 0, rig: SensorRig | None = None, per_fa
     rows = []
     for k, fam in enumerate(Scenario):
         tiles = []
-        world = World(np.random.default_rng([seed, k]), [fam])
+        world = World(np.random.default_rng([seed, k]), [fam], vehicle=rig.vehicle)
         for j in range(per_family):
             # the second moment is a fresh episode, later in it
             world.advance(world.episode.t_start + (1.0 if j == 0 else 0.0) + (world.episode.duration + 3.0) * j)

@@ -7,6 +7,10 @@ world time drawn uniformly in ``[0, S]`` s from ``SeedSequence([seed, i, 1])`` (
 second before), so the labels cover every moment of an episode — a car that has already braked to a
 stop behind an obstacle or at a red light, not only the first seconds of each scene. Drives go to
 ``OUT/drive_<i>_<family>/`` and a ``manifest.json`` lists them (no timestamps: same arguments, same files).
+
+``--workers 2`` synthesises in a local process pool; ``--ray [ADDRESS]`` as one Ray task per drive, on a
+Ray started here (no address) or on a cluster (``auto``, ``ray://HOST:10001``; ``OUT`` on storage every
+worker sees). Every drive depends only on its seed, so all three write the same bytes.
 """
 
 from __future__ import annotations
@@ -14,17 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import Scenario
-from lmm_fusion.synth.drive import add_sensor_arguments, add_world_arguments, rig_from_args, synthesize
-from lmm_fusion.synth.gnss import rig_at_origin
+from lmm_fusion.synth.drive import add_sensor_arguments, add_world_arguments, rig_from_args, rig_from_cli, synthesize
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,47 @@ def _make(job: tuple[DriveSpec, SensorRig, bool, str, bool]) -> str:
     return spec.path
 
 
+def _make_with_ray(jobs: list[tuple[DriveSpec, SensorRig, bool, str, bool]], address: str, num_cpus: int | None,
+                   max_retries: int, bar: tqdm | None) -> None:
+    """:func:`_make` of every job as one Ray task each (on ``address``, or on a Ray of ``num_cpus`` CPUs started
+    here for ``"local"``); a task whose worker died runs again (``max_retries``); drives that raised are
+    reported together after the others finished (the drives written are kept, ``resume`` completes them)."""
+    import ray  # only for --ray: the rest of the project never needs it
+
+    started = not ray.is_initialized()
+    if started:
+        where: dict[str, Any] = {"num_cpus": num_cpus} if address == "local" else {"address": address}
+        ray.init(**where, include_dashboard=False, configure_logging=False)
+    try:
+        make = ray.remote(num_cpus=1, max_retries=max_retries)(_make)
+        pending = [make.remote(job) for job in jobs]
+        errors: list[str] = []
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayError as exc:
+                errors.append(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+            if bar is not None:
+                bar.update(1)
+        if errors:
+            raise RuntimeError(f"{len(errors)} of {len(jobs)} drives failed; first: {errors[0]}")
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorRig | None = None,
                  compressed: bool = False, storage: str = "mcap", workers: int = 1,
-                 progress: bool = True, start_max: float = 0.0, lamp_cues: bool = True) -> list[DriveSpec]:
+                 progress: bool = True, start_max: float = 0.0, lamp_cues: bool = True,
+                 resume: bool = False, ray_address: str | None = None, ray_cpus: int | None = None,
+                 max_retries: int = 2) -> list[DriveSpec]:
     """Write ``drives`` drives of ``seconds`` each under ``out`` (created; existing drives are an error);
     ``start_max`` [s]: draw each drive's first-label time in ``[0, start_max]`` (see the module doc);
-    ``lamp_cues``: the world's turn signals and lamp rules (recorded in the manifest)."""
+    ``lamp_cues``: the world's turn signals and lamp rules (recorded in the manifest); ``resume``: keep
+    the drives already complete (their bag closed, ``metadata.yaml`` written) and make the rest, a drive
+    cut off mid-write again from scratch (the same seed gives the same drive). ``ray_address``: one Ray
+    task per drive instead of ``workers`` (``"local"``: a Ray of ``ray_cpus`` CPUs started here)."""
     if drives < 1:
         raise ValueError(f"drives must be >= 1, got {drives}")
     if not seconds > 0:
@@ -85,14 +125,21 @@ def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorR
     if not (start_max >= 0 and np.isfinite(start_max)):
         raise ValueError(f"start_max must be a finite number >= 0 [s], got {start_max}")
     rig = rig or rig_from_args(camera=DATASET_CAMERA)
-    out = Path(out)
+    out = Path(out).resolve() if ray_address is not None else Path(out)  # a Ray worker's cwd is not ours
     out.mkdir(parents=True, exist_ok=True)
     specs = plan(out, drives, seconds, seed, start_max)
     jobs = [(s, rig, compressed, storage, lamp_cues) for s in specs]
+    if resume:
+        jobs = [j for j in jobs if not (Path(j[0].path) / "metadata.yaml").is_file()]
+        for spec, *_ in jobs:
+            if Path(spec.path).exists():
+                shutil.rmtree(spec.path)
     bar = None
     if progress:
-        bar = tqdm(total=len(jobs), unit="drive", desc=f"dataset {out.name}")
-    if workers > 1:
+        bar = tqdm(total=len(specs), initial=len(specs) - len(jobs), unit="drive", desc=f"dataset {out.name}")
+    if ray_address is not None:
+        _make_with_ray(jobs, ray_address, ray_cpus, max_retries, bar)
+    elif workers > 1:
         with get_context("spawn").Pool(workers) as pool:
             for _ in pool.imap(_make, jobs):
                 if bar is not None:
@@ -125,15 +172,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sensor_arguments(parser)
     parser.add_argument("--storage", choices=("mcap", "sqlite3"), default="mcap", help="rosbag2 storage plugin")
     parser.add_argument("--workers", type=int, choices=(1, 2), default=1, help="worker processes (default 1)")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="one Ray task per drive: on a Ray started here (no ADDRESS) or on a cluster "
+                             "(auto, ray://HOST:10001, HOST:6379); OUT must be on storage every worker sees")
+    parser.add_argument("--ray-cpus", type=int, default=None, metavar="N",
+                        help="CPUs of the Ray started here (default: all of this machine's)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    rig = rig_at_origin(rig_from_args(args.camera or DATASET_CAMERA, args.lidar_beams, args.lidar_columns),
-                        args.origin)
+    rig = rig_from_cli(args, DATASET_CAMERA)  # --rig FILE, then --camera/--lidar-*/--origin
     specs = make_dataset(args.out, args.drives, args.seconds, args.seed, rig, args.compressed, args.storage,
                          args.workers, progress=not args.no_progress, start_max=args.start_max,
-                         lamp_cues=args.lamp_cues)
+                         lamp_cues=args.lamp_cues, ray_address=args.ray, ray_cpus=args.ray_cpus)
     print(f"wrote {len(specs)} drives of {args.seconds:g} s under {args.out} "
           f"(camera {rig.camera.width}x{rig.camera.height}, LiDAR {rig.lidar.beams}x{rig.lidar.columns})")
     return 0

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmm_fusion.base import topics
-from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
+from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig, load_rig
 from lmm_fusion.base.vocabulary import Scenario
 from lmm_fusion.groundtruth.messages import ground_truth_msgs
 from lmm_fusion.io.bags import BagWriter
@@ -39,7 +39,7 @@ from lmm_fusion.io.pointcloud import create_cloud
 from lmm_fusion.io.tf import tf_static_msg
 from lmm_fusion.synth.camera import CameraRenderer, camera_info_arrays
 from lmm_fusion.synth.gnss import GnssSimulator, parse_origin, rig_at_origin
-from lmm_fusion.synth.lidar import LidarSimulator
+from lmm_fusion.synth.lidar import LidarSimulator, driver_points
 from lmm_fusion.synth.world import World
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
     types = rosbags_types()
     seq = np.random.SeedSequence(int(seed))
     world_ss, cam_ss, lidar_ss, gnss_ss, stamp_ss = seq.spawn(5)
-    world = World(np.random.default_rng(world_ss), scenarios, t0=0.0, lamp_cues=lamp_cues)
+    world = World(np.random.default_rng(world_ss), scenarios, t0=0.0, lamp_cues=lamp_cues, vehicle=rig.vehicle)
     cam_rng, lidar_rng = np.random.default_rng(cam_ss), np.random.default_rng(lidar_ss)
     renderer = CameraRenderer(rig, noise_seed=int(np.random.default_rng(cam_ss.spawn(1)[0]).integers(2**31)))
     lidar = LidarSimulator(rig)
@@ -174,7 +174,8 @@ def synthesize_with_stats(out: Path, seconds: float, seed: int, scenarios: Seque
                 stats.add_time("lidar_cast", time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 bag.write(topics.LIDAR_POINTS, stamp,
-                          create_cloud(types, make_header(types, stamp, topics.LIDAR_FRAME), pts))
+                          create_cloud(types, make_header(types, stamp, topics.LIDAR_FRAME),
+                                       driver_points(pts, rig)))
                 stats.add_time("lidar_write", time.perf_counter() - t0)
                 # No labels during the warm-up (the frame scheduled at ``start`` may be jittered early).
                 if t >= start - 3 * LIDAR_JITTER - 1e-6:
@@ -284,7 +285,23 @@ def add_world_arguments(parser: argparse.ArgumentParser) -> None:
                              "--no-lamp-cues gives the world without them")
 
 
+def rig_from_cli(args: argparse.Namespace, camera: tuple[int, int] | None = None) -> SensorRig:
+    """The rig of the sensor options: ``--rig FILE`` (or the default rig), then ``--camera``,
+    ``--lidar-beams``, ``--lidar-columns`` and ``--origin`` where given (``camera``: the size used when
+    neither the file nor ``--camera`` gives one). Raises ``RigFileError`` (a ValueError) for a bad file."""
+    path = getattr(args, "rig", None)
+    base = load_rig(path) if path is not None else None
+    if camera is not None and args.camera is None and base is not None:
+        camera = None  # the rig file's camera wins over a front end's default size
+    rig = rig_from_args(args.camera or camera, args.lidar_beams, args.lidar_columns, base)
+    return rig_at_origin(rig, args.origin)
+
+
 def add_sensor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rig", type=Path, default=None, metavar="FILE",
+                        help="rig file (YAML, docs/rig_file.md; e.g. config/rigs/ouster_roof.yaml): sensor mounts "
+                             "(written to /tf_static), LiDAR layout and intensity unit, vehicle geometry; the "
+                             "options below override it")
     parser.add_argument("--camera", type=parse_size, default=None, metavar="WxH",
                         help="camera resolution (default 1280x720)")
     parser.add_argument("--lidar-beams", type=_int_in(1, 512), default=None, metavar="N",
@@ -316,7 +333,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rig = rig_at_origin(rig_from_args(args.camera, args.lidar_beams, args.lidar_columns), args.origin)
+    try:
+        rig = rig_from_cli(args)
+    except ValueError as exc:
+        log.error("synth: %s", exc)
+        return 2
     path, stats = synthesize_with_stats(args.out, args.seconds, args.seed, args.scenario, rig,
                                         args.compressed, args.storage, progress=not args.no_progress,
                                         start=args.start, warmup=args.warmup, lamp_cues=args.lamp_cues)
@@ -325,5 +346,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["DEFAULT_WARMUP", "START_TIME", "SynthStats", "camera_info_msg", "rig_from_args", "sensor_schedule",
+__all__ = ["DEFAULT_WARMUP", "START_TIME", "SynthStats", "camera_info_msg", "rig_from_args", "rig_from_cli",
+           "sensor_schedule",
            "synth_benchmark", "synthesize", "synthesize_with_stats"]

@@ -60,7 +60,8 @@ class LidarSimulator:
         return t
 
     def _columns_of(self, center: np.ndarray, yaw: float, size: np.ndarray) -> np.ndarray | None:
-        """Column indices whose azimuth may see the box (None = all)."""
+        """Column indices whose azimuth may see the box (None = all); ``yaw`` is the box's, the mount's
+        yaw is taken into account."""
         ln, wd = size[0], size[1]
         c, s = math.cos(yaw), math.sin(yaw)
         cx = np.array([1, 1, -1, -1]) * ln / 2
@@ -72,6 +73,8 @@ class LidarSimulator:
             return None
         a0 = math.atan2(center[1] - self.origin[1], center[0] - self.origin[0])
         rel = np.remainder(np.arctan2(py, px) - a0 + math.pi, 2 * math.pi) - math.pi
+        # Column 0 looks along the LiDAR's +x, which a yawed mount turns away from base_link's +x.
+        a0 -= self.rig.lidar_mount.yaw
         lo, hi = a0 + rel.min(), a0 + rel.max()
         step = 2 * math.pi / self.model.columns
         i0 = math.floor(lo / step) - 1
@@ -291,3 +294,47 @@ def _is_paint(scene: Scene, ds: np.ndarray, d: np.ndarray) -> np.ndarray:
         stripe = np.remainder(d + half - 0.3, 1.0) < 0.5
         paint |= on_road & (np.abs(ds - s_c) <= 1.5) & stripe & (d < half - 0.2)
     return paint
+
+
+# ---------------------------------------------------------------------------------------- driver layouts
+#: Point fields as the ROS drivers write them (name, numpy type, byte offset; itemsize = point_step):
+#: ros-drivers/velodyne ``PointXYZIRT`` (time: seconds since the scan's first firing) and ouster-ros'
+#: ``original`` layout (x, y, z padded to 16 bytes; t: nanoseconds since the scan start; range: mm).
+DRIVER_LAYOUTS: dict[str, np.dtype] = {
+    "default": POINT_DTYPE,
+    "velodyne": np.dtype({"names": ["x", "y", "z", "intensity", "ring", "time"],
+                          "formats": ["<f4", "<f4", "<f4", "<f4", "<u2", "<f4"],
+                          "offsets": [0, 4, 8, 12, 16, 18], "itemsize": 22}),
+    "ouster": np.dtype({"names": ["x", "y", "z", "intensity", "t", "reflectivity", "ring", "ambient", "range"],
+                        "formats": ["<f4", "<f4", "<f4", "<f4", "<u4", "<u2", "<u2", "<u2", "<u4"],
+                        "offsets": [0, 4, 8, 16, 20, 24, 26, 28, 32], "itemsize": 48}),
+}
+
+
+def driver_points(points: np.ndarray, rig: SensorRig) -> np.ndarray:
+    """The simulator's POINT_DTYPE cloud in the rig LiDAR's driver layout (``rig.lidar.layout``, one of
+    :data:`DRIVER_LAYOUTS`) and intensity unit: intensity (0..1 from the simulator) times
+    ``rig.lidar.intensity_scale`` (e.g. 255 for a Velodyne; none = 0..1 as the model was trained). The
+    per-point times follow the azimuth (one revolution per ``1 / rate_hz`` s, counter-clockwise from +x)."""
+    m = rig.lidar
+    scale = np.float32(m.intensity_scale or 1.0)
+    dtype = DRIVER_LAYOUTS.get(m.layout)
+    if dtype is None:
+        raise ValueError(f"lidar.layout: {m.layout!r} is not one of {', '.join(DRIVER_LAYOUTS)}")
+    out = np.zeros(points.shape[0], dtype)
+    for name in ("x", "y", "z", "ring"):
+        out[name] = points[name]
+    out["intensity"] = points["intensity"] * scale
+    if m.layout == "default":
+        return out
+    azimuth = np.mod(np.arctan2(points["y"], points["x"]), 2 * np.pi)
+    t = azimuth / (2 * np.pi) / m.rate_hz  # [s] since the scan start
+    if m.layout == "velodyne":
+        out["time"] = t
+    else:
+        out["t"] = np.rint(t * 1e9).astype(np.uint32)
+        out["reflectivity"] = np.clip(points["intensity"] * 255.0, 0, 255).astype(np.uint16)
+        out["ambient"] = 0
+        r = np.sqrt(points["x"].astype(np.float64) ** 2 + points["y"] ** 2 + points["z"] ** 2)
+        out["range"] = np.rint(r * 1000.0).astype(np.uint32)
+    return out

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lmm_fusion.base.rig import EGO_FRONT_OFFSET, EGO_LENGTH, EGO_WIDTH
+from lmm_fusion.base.rig import DEFAULT_VEHICLE, VehicleGeometry
 from lmm_fusion.base.vocabulary import Light, Scenario
 from lmm_fusion.groundtruth.expert import ExpertInput, Label, Obstacle, assess
 
@@ -328,12 +328,14 @@ class World:
     off gives the older world without them): cutting-in drivers signal first, and the expert reacts
     to the lamps it sees (a braking lead, a neighbour signalling into the ego lane;
     ``docs/synthetic_world.md``); it draws no extra random numbers, so a seed gives the same scenes
-    with and without it.
+    with and without it. ``vehicle``: the ego's footprint (the rig's ``vehicle``).
     """
 
     def __init__(self, rng: np.random.Generator, scenarios: Sequence[Scenario] | None = None,
-                 t0: float = 0.0, lamp_cues: bool = True) -> None:
+                 t0: float = 0.0, lamp_cues: bool = True, vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> None:
         self.rng = rng
+        # The ego's footprint: gaps, contacts and the expert's corridor are measured from its bumper.
+        self.vehicle = vehicle
         self.lamp_cues = lamp_cues
         self.scenarios = list(scenarios) if scenarios else list(Scenario)
         self.t = t0
@@ -381,7 +383,7 @@ class World:
 
     def _populate(self, ep: Episode) -> None:
         rng = self.rng
-        front = EGO_FRONT_OFFSET
+        front = self.vehicle.front_offset
         e = ep.ego_lane
         left = e + 1 if e + 1 < ep.n_lanes else None
         right = e - 1 if e >= 1 else None
@@ -516,11 +518,11 @@ class World:
         """Highest speed from which the ego still stops short of what is ahead [m/s]."""
         ep = self.episode
         d_e = ep.lane_centre(ep.ego_lane)
-        front = self.s + EGO_FRONT_OFFSET
+        front = self.s + self.vehicle.front_offset
         cap = math.inf
         for a in ep.actors:
             hs, hd = a.half_extents_sd()
-            if abs(a.d - d_e) >= hd + EGO_WIDTH / 2 + 0.2:
+            if abs(a.d - d_e) >= hd + self.vehicle.width / 2 + 0.2:
                 continue
             gap = a.s - hs - front
             if gap + 2 * hs < 0:
@@ -562,7 +564,7 @@ class World:
         self.map_x += v_mid * dt * math.cos(self.map_yaw + 0.5 * yaw_rate * dt)
         self.map_y += v_mid * dt * math.sin(self.map_yaw + 0.5 * yaw_rate * dt)
         self.map_yaw = math.remainder(self.map_yaw + yaw_rate * dt, 2 * math.pi)
-        front = self.s + EGO_FRONT_OFFSET
+        front = self.s + self.vehicle.front_offset
         for actor in ep.actors:
             if actor.cut_at <= t_rel < actor.cut_at + dt and actor.s - actor.half_extents_sd()[0] - front < CUT_IN_GAP:
                 # a driver cuts in only ahead of the ego: if the ego is alongside, wait (maybe forever)
@@ -577,22 +579,22 @@ class World:
         """Largest ego ``s`` [m] that keeps its front bumper 0.2 m short of every object in its path."""
         ep = self.episode
         d_e = ep.lane_centre(ep.ego_lane)
-        front = self.s + EGO_FRONT_OFFSET
+        front = self.s + self.vehicle.front_offset
         limit = math.inf
         for a in ep.actors:
             hs, hd = a.half_extents_sd()
             near = a.s - hs
-            if abs(a.d - d_e) < hd + EGO_WIDTH / 2 and near >= front - 0.5 and a.z0 < 1.5:
-                limit = min(limit, near - 0.2 - EGO_FRONT_OFFSET)
+            if abs(a.d - d_e) < hd + self.vehicle.width / 2 and near >= front - 0.5 and a.z0 < 1.5:
+                limit = min(limit, near - 0.2 - self.vehicle.front_offset)
         return max(limit, self.s)
 
     def _touches_ego(self, a: Actor, margin: float = 0.3) -> bool:
         """Whether an actor's footprint overlaps the ego's (grown by ``margin`` [m])."""
         ep = self.episode
         hs, hd = a.half_extents_sd()
-        front = self.s + EGO_FRONT_OFFSET
-        along = a.s + hs > front - EGO_LENGTH - margin and a.s - hs < front + margin
-        return along and abs(a.d - ep.lane_centre(ep.ego_lane)) < hd + EGO_WIDTH / 2 + margin
+        front = self.s + self.vehicle.front_offset
+        along = a.s + hs > front - self.vehicle.length - margin and a.s - hs < front + margin
+        return along and abs(a.d - ep.lane_centre(ep.ego_lane)) < hd + self.vehicle.width / 2 + margin
 
     def advance(self, t: float) -> None:
         """Step the world to time ``t`` [s] (>= current time), starting new episodes on the way."""
@@ -631,7 +633,7 @@ class World:
         lamps: list[Lamp] = []
         light_in: tuple[float, Light] | None = None
         stop_lines: list[float] = []
-        front = self.s + EGO_FRONT_OFFSET
+        front = self.s + self.vehicle.front_offset
         for light in ep.lights:
             st = light.state(t_rel)
             stop_lines.append(light.s_stop - self.s)
@@ -658,7 +660,7 @@ class World:
         lanes_left = ep.n_lanes - 1 - ep.ego_lane
         inp = ExpertInput(ego_speed=self.v, obstacles=tuple(obstacles), lane_width=ep.lane_width,
                           lanes_left=lanes_left, lanes_right=ep.ego_lane, light=light_in,
-                          road_edges=(-ep.half_road - d_e, ep.half_road - d_e))
+                          road_edges=(-ep.half_road - d_e, ep.half_road - d_e), vehicle=self.vehicle)
         return Scene(self.t, ep.scenario, ep.lighting, ep.camera_exposure, road, boxes, tuple(lamps),
                      tuple(stop_lines), tuple(c - self.s for c in ep.crosswalks), self.v, self.a,
                      (self.map_x, self.map_y, self.map_yaw), ep.kappa * self.v, inp, ep.noise_scale,
@@ -668,11 +670,12 @@ class World:
 def static_scene(boxes: Sequence[dict[str, Any]] = (), *, lighting: str = "day", kappa: float = 0.0,
                  lane_width: float = 3.5, n_lanes: int = 3, ego_lane: int = 1, ego_speed: float = 0.0,
                  lamps: Sequence[Lamp] = (), light: tuple[float, Light] | None = None,
-                 stop_lines: Sequence[float] = (), scenario: Scenario = Scenario.FREE_ROAD) -> Scene:
+                 stop_lines: Sequence[float] = (), scenario: Scenario = Scenario.FREE_ROAD,
+                 vehicle: VehicleGeometry = DEFAULT_VEHICLE) -> Scene:
     """A hand-built scene (tests, figures). ``boxes``: dicts with ``center`` (x, y, z of the box
     centre in base_link [m]), ``size`` (l, w, h [m]) and optionally ``yaw`` [rad], ``color`` (RGB),
     ``kind`` (default "obstacle"), ``velocity`` (vx, vy [m/s]), ``signal`` (rear lamps). The expert
-    input is derived on a straight road: gap = x - l/2 - EGO_FRONT_OFFSET, lateral = y."""
+    input is derived on a straight road: gap = x - l/2 - ``vehicle.front_offset``, lateral = y."""
     n = len(boxes)
     center = np.array([b["center"] for b in boxes], float).reshape(n, 3)
     size = np.array([b["size"] for b in boxes], float).reshape(n, 3)
@@ -684,13 +687,13 @@ def static_scene(boxes: Sequence[dict[str, Any]] = (), *, lighting: str = "day",
     d_e = (ego_lane - (n_lanes - 1) / 2.0) * lane_width
     road = RoadView(kappa, lane_width, n_lanes, ego_lane, d_e, 0.0)
     obstacles = tuple(
-        Obstacle(gap=float(c[0] - sz[0] / 2 - EGO_FRONT_OFFSET), lateral=float(c[1]), half_width=float(sz[1] / 2),
+        Obstacle(gap=float(c[0] - sz[0] / 2 - vehicle.front_offset), lateral=float(c[1]), half_width=float(sz[1] / 2),
                  speed=float(v[0]), length=float(sz[0]), kind=k)
         for c, sz, v, k in zip(center, size, vel, kinds) if c[2] - sz[2] / 2 < 2.0)
     half = n_lanes * lane_width / 2
     inp = ExpertInput(ego_speed=ego_speed, obstacles=obstacles, lane_width=lane_width,
                       lanes_left=n_lanes - 1 - ego_lane, lanes_right=ego_lane, light=light,
-                      road_edges=(-half - d_e, half - d_e))
+                      road_edges=(-half - d_e, half - d_e), vehicle=vehicle)
     signal = tuple(str(b.get("signal", "")) for b in boxes)
     return Scene(0.0, scenario, LIGHTINGS[lighting], 1.0, road,
                  Boxes(center, yaw, size, color, refl, kinds, vel, signal),

@@ -6,7 +6,9 @@ bag player (``lmm-fusion play --clock``) start as real subprocesses on loopback 
 ``ROS_DOMAIN_ID``, ``ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST``), the node on sim time; (3) this
 process subscribes to the node's outputs, ``/diagnostics`` and ``/ground_truth/*``; (4) it prints a
 summary — per-scenario action and risk accuracy against ground truth matched by stamp, achieved rate,
-latency p50/p99 — and leaves everything in one folder (default ``out/demo``): the bag, ``outputs.jsonl``,
+latency p50/p99; first, at a glance, the model's and the published (guarded) agreement with the expert,
+the unsafe rate (published actions less cautious than the expert's) and the families below target — and
+leaves everything in one folder (default ``out/demo``): the bag, ``outputs.jsonl``,
 ``summary.json`` and the process logs. Exit status 1 when the node produced nothing.
 
 The node, its output collector and the loopback domain are :class:`lmm_fusion.tools.harness.NodeHarness`,
@@ -31,6 +33,7 @@ from lmm_fusion.base import topics
 from lmm_fusion.base.paths import find_shared
 from lmm_fusion.groundtruth.scoring import NO_LABEL, Columns, group_indices, score_arrays
 from lmm_fusion.io.bags import bag_counts, read_bag
+from lmm_fusion.offline.fresh import FAMILY_TARGET, TARGETS
 from lmm_fusion.runtime.base import BACKENDS
 from lmm_fusion.synth.drive import rig_from_args, synthesize
 from lmm_fusion.tools.harness import NodeHarness, wait_until
@@ -47,13 +50,28 @@ def _match(stamps: np.ndarray, t: float, tol: float) -> int | None:
     return i
 
 
+#: Published agreement and unsafe-rate targets of the summary (those of ``lmm-fusion eval --fresh``).
+OVERALL_TARGET = next(t.threshold for t in TARGETS if t.key == "published_action_accuracy")
+UNSAFE_TARGET = next(t.threshold for t in TARGETS if t.key == "published_unsafe_rate")
+
+
+def _model_action(r: dict[str, Any]) -> int:
+    """The network's own action of an ``ActionSuggestion`` record: the arg-max of its probabilities, which
+    the guard leaves as the model gave them (NO_LABEL when the record has none)."""
+    probs = r.get("action_probabilities")
+    return int(np.argmax(probs)) if probs is not None and len(probs) else NO_LABEL
+
+
 def summarise(outputs: dict[str, list[dict[str, Any]]], scenario_at: dict[float, str],
               tol: float = 0.25) -> dict[str, Any]:
     """Accuracy per scenario (node output vs the ground truth label with the latest stamp <= the
     output stamp, within ``tol`` s; scored by :mod:`lmm_fusion.groundtruth.scoring`), rates and latencies.
 
-    Each matched action is one scored sample (its action), each matched valid scene another (its risk);
-    ``cycles`` counts the matched actions.
+    Each matched action is one scored sample (its published action, and the model's own before the guard
+    when the records carry the probabilities), each matched valid scene another (its risk); ``cycles``
+    counts the matched actions. ``overall`` and each family also hold the unsafe and over-cautious rates
+    (:func:`~lmm_fusion.groundtruth.scoring.caution_rates`); ``below_target`` lists the families whose
+    published agreement is below :data:`~lmm_fusion.offline.fresh.FAMILY_TARGET`.
     """
     scenes = sorted(outputs.get("scene", []), key=lambda r: r["stamp"])
     actions = sorted(outputs.get("action", []), key=lambda r: r["stamp"])
@@ -72,6 +90,7 @@ def summarise(outputs: dict[str, list[dict[str, Any]]], scenario_at: dict[float,
     # field of the row has no label. Per row: family, (predicted, true) codes, is an action, override, degraded.
     family: list[str] = []
     codes: dict[str, list[tuple[int, int]]] = {"action": [], "risk": []}
+    model_codes: list[int] = []
     flags: list[tuple[bool, bool, bool]] = []
     for r in scenes:
         i = _match(gs, r["stamp"], tol) if gs.size and r["valid"] else None
@@ -79,6 +98,7 @@ def summarise(outputs: dict[str, list[dict[str, Any]]], scenario_at: dict[float,
             family.append(scenario_of(r["stamp"]))
             codes["risk"].append((r["risk"], gt_scene[i]["risk"]))
             codes["action"].append((NO_LABEL, NO_LABEL))
+            model_codes.append(NO_LABEL)
             flags.append((False, False, bool(r["degraded"])))
     for r in actions:
         i = _match(ga, r["stamp"], tol) if ga.size else None
@@ -86,19 +106,29 @@ def summarise(outputs: dict[str, list[dict[str, Any]]], scenario_at: dict[float,
             family.append(scenario_of(r["stamp"]))
             codes["action"].append((r["action"], gt_action[i]["action"]))
             codes["risk"].append((NO_LABEL, NO_LABEL))
+            model_codes.append(_model_action(r))
             flags.append((True, bool(r["safety_override"]), False))
     pt = {f: np.array(c, np.int64).reshape(-1, 2) for f, c in codes.items()}
-    cols = Columns(pred={f: c[:, 0] for f, c in pt.items()}, true={f: c[:, 1] for f, c in pt.items()})
+    pred = {f: c[:, 0] for f, c in pt.items()}
     is_action, override, degraded = np.array(flags, bool).reshape(-1, 3).T
+    model = np.array(model_codes, np.int64)
+    if is_action.any() and (model[is_action] != NO_LABEL).all():  # the model's action is known for every row
+        pred["model_action"] = model
+    cols = Columns(pred=pred, true={f: c[:, 1] for f, c in pt.items()})
+
+    def rates(t: dict[str, Any]) -> dict[str, Any]:
+        return {k: t[k] for k in ("action_accuracy", "model_action_accuracy", "action_unsafe_rate",
+                                  "model_action_unsafe_rate", "action_over_cautious_rate", "risk_accuracy")}
+
     table = {}
     for name, idx in group_indices(family).items():
         t = score_arrays(cols.take(idx))
-        table[name] = {"cycles": int(is_action[idx].sum()), "action_accuracy": t["action_accuracy"],
-                       "risk_accuracy": t["risk_accuracy"], "safety_overrides": int(override[idx].sum()),
-                       "degraded_cycles": int(degraded[idx].sum())}
+        table[name] = {"cycles": int(is_action[idx].sum()), **rates(t),
+                       "safety_overrides": int(override[idx].sum()), "degraded_cycles": int(degraded[idx].sum())}
     t = score_arrays(cols)
-    overall = {"action_accuracy": t["action_accuracy"], "risk_accuracy": t["risk_accuracy"],
-               "matched_cycles": int(is_action.sum())}
+    overall = {**rates(t), "matched_cycles": int(is_action.sum())}
+    below = {name: r["action_accuracy"] for name, r in table.items()
+             if r["action_accuracy"] is not None and r["action_accuracy"] < FAMILY_TARGET}
     rate_wall = rate_sim = None
     if len(scenes) > 1:
         recv = [r["recv"] for r in scenes]
@@ -123,14 +153,34 @@ def summarise(outputs: dict[str, list[dict[str, Any]]], scenario_at: dict[float,
             "actions": len(actions), "diagnostics": len(outputs.get("diagnostics", [])),
             "ground_truth": {"scene": len(gt_scene), "action": len(gt_action)},
             "rate_hz_wall": rate_wall, "rate_hz_sim": rate_sim, "latency": lat, "overall": overall,
-            "per_scenario": table}
+            "per_scenario": table, "below_target": below}
+
+
+def _pct(x: float | None) -> str:
+    return "  n/a" if x is None else f"{100 * x:5.1f}%"
+
+
+def headline(s: dict[str, Any]) -> list[str]:
+    """The truth at a glance: model vs published agreement, the unsafe rate, the families below target."""
+    o = s["overall"]
+    acc, unsafe = o["action_accuracy"], o["action_unsafe_rate"]
+    verdict = ("n/a" if acc is None or unsafe is None else
+               "PASS" if acc >= OVERALL_TARGET and unsafe <= UNSAFE_TARGET and not s["below_target"] else "FAIL")
+    model = _pct(o["model_action_accuracy"]).strip()
+    lines = [f"agreement with the expert: published {_pct(acc).strip()}, model alone {model}"
+             f" (target: published >= {100 * OVERALL_TARGET:.0f}%, every family >= {100 * FAMILY_TARGET:.0f}%)",
+             f"unsafe (less cautious than the expert): published {_pct(unsafe).strip()}, model alone "
+             f"{_pct(o['model_action_unsafe_rate']).strip()} (target <= {100 * UNSAFE_TARGET:g}%); over-cautious "
+             f"published {_pct(o['action_over_cautious_rate']).strip()}"]
+    below = s["below_target"]
+    lines.append("families below target: " + (", ".join(f"{k} {_pct(v).strip()}" for k, v in below.items())
+                                              if below else "none") + f"  [{verdict}]")
+    return lines
 
 
 def format_summary(s: dict[str, Any]) -> str:
-    def pct(x: float | None) -> str:
-        return "  n/a" if x is None else f"{100 * x:5.1f}%"
-
-    lines = [f"assessments: {s['assessments']} ({s['valid']} valid, {s['degraded']} degraded), "
+    pct = _pct
+    lines = [*headline(s), f"assessments: {s['assessments']} ({s['valid']} valid, {s['degraded']} degraded), "
              f"actions: {s['actions']}, diagnostics: {s['diagnostics']}"]
     if s["rate_hz_wall"] is not None:
         lines.append(f"achieved rate: {s['rate_hz_wall']:.2f} Hz wall, {s['rate_hz_sim']:.2f} Hz sim time")
@@ -138,12 +188,15 @@ def format_summary(s: dict[str, Any]) -> str:
     if lat:
         lines.append("latency: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in lat.items()))
-    lines.append(f"{'scenario':32s} {'cycles':>6s} {'action':>7s} {'risk':>7s} {'override':>8s}")
+    lines.append(f"{'scenario':32s} {'cycles':>6s} {'action':>7s} {'model':>7s} {'unsafe':>7s} {'risk':>7s} "
+                 f"{'override':>8s}")
     for name, r in s["per_scenario"].items():
-        lines.append(f"{name:32s} {r['cycles']:6d} {pct(r['action_accuracy']):>7s} {pct(r['risk_accuracy']):>7s} "
-                     f"{r['safety_overrides']:8d}")
+        lines.append(f"{name:32s} {r['cycles']:6d} {pct(r['action_accuracy']):>7s} "
+                     f"{pct(r['model_action_accuracy']):>7s} {pct(r['action_unsafe_rate']):>7s} "
+                     f"{pct(r['risk_accuracy']):>7s} {r['safety_overrides']:8d}")
     o = s["overall"]
     lines.append(f"{'overall':32s} {o['matched_cycles']:6d} {pct(o['action_accuracy']):>7s} "
+                 f"{pct(o['model_action_accuracy']):>7s} {pct(o['action_unsafe_rate']):>7s} "
                  f"{pct(o['risk_accuracy']):>7s}")
     return "\n".join(lines)
 
@@ -239,4 +292,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "format_summary", "run", "scenario_labels", "summarise", "synthesise"]
+__all__ = ["add_arguments", "format_summary", "headline", "run", "scenario_labels", "summarise", "synthesise"]

@@ -43,6 +43,7 @@ from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import MODALITIES
 from lmm_fusion.io import create_cloud, create_fix, create_image, make_header, make_time, rclpy_types
 from lmm_fusion.io.common import stamp_to_sec
+from lmm_fusion.io.odometry import create_odometry
 from lmm_fusion.ros.dds import PROFILE_VARS, use_large_data_profile
 from lmm_fusion.ros.outputs import level_of
 from lmm_fusion.ros.params import DEFAULT_REMAPS, INPUTS, remap_args
@@ -191,18 +192,22 @@ def scene_record(msg: Any) -> dict[str, Any]:
     ``cycle`` the node-clock time of the cycle (a used modality's stamp + age; the header stamp when the
     cycle used none)."""
     mods = [{"name": m.name, "used": bool(m.used), "age": _finite_or_none(m.age),
-             "attention": float(m.attention_share), "stamp": stamp_to_sec(m.stamp)} for m in msg.modalities]
+             "attention": float(m.attention_share), "stamp": stamp_to_sec(m.stamp),
+             "reason": str(getattr(m, "reason", ""))} for m in msg.modalities]
     cycle = next((m["stamp"] + m["age"] for m in mods if m["used"] and m["age"] is not None), stamp_of(msg))
     return {"stamp": stamp_of(msg), "cycle": cycle, "frame_id": msg.header.frame_id, "valid": bool(msg.valid),
             "degraded": bool(msg.degraded), "risk": int(msg.risk_level),
             "risk_probabilities": [float(p) for p in msg.risk_probabilities],
             "ttc": _finite_or_none(msg.time_to_collision), "distance": _finite_or_none(msg.nearest_obstacle_distance),
-            "light": int(msg.traffic_light_state), "modalities": mods}
+            "light": int(msg.traffic_light_state), "modalities": mods,
+            "ego_speed": _finite_or_none(getattr(msg, "ego_speed", math.nan)),
+            "ego_speed_source": str(getattr(msg, "ego_speed_source", ""))}
 
 
 def action_record(msg: Any) -> dict[str, Any]:
-    """An ``ActionSuggestion`` as a JSON-able dict."""
+    """An ``ActionSuggestion`` as a JSON-able dict (``action_probabilities``: the model's, before the guard)."""
     return {"stamp": stamp_of(msg), "frame_id": msg.header.frame_id, "action": int(msg.action),
+            "action_probabilities": [float(x) for x in msg.action_probabilities],
             "target_speed": float(msg.target_speed), "confidence": float(msg.confidence),
             "safety_override": bool(msg.safety_override), "rationale": msg.rationale}
 
@@ -312,7 +317,9 @@ class SensorPublisher:
     publish skips slots instead of bursting.
 
     ``topic_ns`` (e.g. ``car1``) prefixes the ``/sensors/...`` topics (``/car1/sensors/...``); ``modes``
-    gives sensors a mode from the first publish on (e.g. ``{"lidar": "off"}``).
+    gives sensors a mode from the first publish on (e.g. ``{"lidar": "off"}``). ``odometry_speed`` [m/s]
+    also publishes ``nav_msgs/Odometry`` on ``/sensors/odometry`` (``rates["odometry"]``, default 50 Hz) with
+    that forward speed, which may differ from the fix track's ``speed`` so a test sees which one is used.
 
     Stamps come from the wall clock or, with ``sim_start`` [s], from a simulated clock that is also
     published on ``/clock`` at 100 Hz, moved by :meth:`jump` and stopped by :meth:`pause`. Each sensor
@@ -325,7 +332,7 @@ class SensorPublisher:
     def __init__(self, node: Node, image: np.ndarray, cloud: np.ndarray, rates: Mapping[str, float] | None = None,
                  *, sim_start: float | None = None, speed: float = 10.0, stale_s: float = 0.8,
                  future_s: float = 5.0, rig: SensorRig | None = None, topic_ns: str = "",
-                 modes: Mapping[str, str] | None = None) -> None:
+                 modes: Mapping[str, str] | None = None, odometry_speed: float | None = None) -> None:
         self.node = node
         self.types = t = rclpy_types()
         self.rig = rig or SensorRig()
@@ -344,14 +351,20 @@ class SensorPublisher:
         }
         self.clock_pub = (node.create_publisher(t.Clock, topics.CLOCK, QoSProfile(depth=1))
                           if sim_start is not None else None)
-        self.mode = dict.fromkeys(MODALITIES, "normal")
+        self.odometry_speed = odometry_speed
+        self.sensors: tuple[str, ...] = MODALITIES
+        if odometry_speed is not None:
+            self.sensors = (*MODALITIES, "odometry")
+            self.rates.setdefault("odometry", 50.0)
+            self.pubs["odometry"] = node.create_publisher(t.Odometry, ns + topics.ODOMETRY, qos_profile_sensor_data)
+        self.mode = dict.fromkeys(self.sensors, "normal")
         for sensor, mode in (modes or {}).items():
             if mode not in SENSOR_MODES:
                 raise ValueError(f"mode: {mode!r} is not one of {', '.join(SENSOR_MODES)}")
             self.mode[sensor] = mode
-        self.sent = dict.fromkeys(MODALITIES, 0)
+        self.sent = dict.fromkeys(self.sensors, 0)
         self.last_stamp: dict[str, float] = {}
-        self.publish_ms: dict[str, list[float]] = {s: [] for s in MODALITIES}
+        self.publish_ms: dict[str, list[float]] = {s: [] for s in self.sensors}
         self._malformed_lidar = 0
         self._sim = sim_start
         self._running = True
@@ -446,6 +459,9 @@ class SensorPublisher:
         elif sensor == "lidar":
             self.cloud.header.stamp = make_time(t, stamp)
             self.pubs[sensor].publish(self.cloud)
+        elif sensor == "odometry":
+            self.pubs[sensor].publish(create_odometry(t, make_header(t, stamp, "odom"), topics.BASE_FRAME,
+                                                      float(self.odometry_speed or 0.0), speed_var=0.01))
         else:
             self.pubs[sensor].publish(self._fix(stamp))
         self.publish_ms[sensor].append((time.perf_counter() - start) * 1e3)
@@ -475,7 +491,7 @@ class SensorPublisher:
 
     def _run(self) -> None:
         t0 = time.monotonic()
-        due = {key: t0 for key in (*MODALITIES, *(("clock",) if self.clock_pub is not None else ()))}
+        due = {key: t0 for key in (*self.sensors, *(("clock",) if self.clock_pub is not None else ()))}
         while not self._stop.is_set():
             now = time.monotonic()
             try:

@@ -31,7 +31,8 @@ from lmm_fusion.base.grid import OCCUPANCY_GRID
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.base.vocabulary import Scenario
 from lmm_fusion.cycle.bagfeed import detect_sensor_topics
-from lmm_fusion.cycle.ingest import SensorIngest
+from lmm_fusion.cycle.extrinsics import Extrinsics
+from lmm_fusion.cycle.ingest import SensorIngest, prefer_odometry_speed
 from lmm_fusion.cycle.preprocess import Preprocessor
 from lmm_fusion.cycle.sync import SensorSync, SyncConfig
 from lmm_fusion.groundtruth.messages import ground_truth_from_messages
@@ -42,7 +43,7 @@ from lmm_fusion.model.config import ModelConfig
 log = logging.getLogger(__name__)
 
 #: Bumped when the cached arrays change meaning.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: clouds placed by the bag's /tf_static; odometry speed preferred
 #: Ground-truth topics a sample needs (the scenario is optional: -1 when absent).
 _REQUIRED_GT = (T.GT_SCENE, T.GT_ACTION, T.GT_OCCUPANCY)
 #: Per-sample arrays of a cached bag (name -> dtype).
@@ -117,15 +118,20 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
         raise ValueError(f"occupancy_grid={cfg.occupancy_grid}: ground truth comes on {OCCUPANCY_GRID.as_dict()}")
     rig = rig or SensorRig()
     sync_cfg = sync_cfg or SyncConfig()
-    pre = Preprocessor(cfg, rig)
-    ingest = SensorIngest(SensorSync(sync_cfg), rig)
-    sensor_of = detect_sensor_topics(bag_topics(path))
+    # Clouds placed by the bag's own /tf_static (the rig's mounts only for its own frames without one),
+    # one store for ingest and preprocessing, as replay does.
+    extrinsics = Extrinsics(rig, rig_fallback=True)
+    pre = Preprocessor(cfg, rig, extrinsics)
+    ingest = SensorIngest(SensorSync(sync_cfg), rig, extrinsics=extrinsics)
+    topic_types = bag_topics(path)
+    sensor_of = detect_sensor_topics(topic_types)
+    tf_topics = {T.TF_STATIC} & set(topic_types)
     gt_topics = (*_REQUIRED_GT, T.GT_SCENARIO)
     pending: dict[float, dict[str, Any]] = {}
     rows: dict[str, list[Any]] = {k: [] for k in ARRAYS}
 
     def emit(stamp: float, gt: dict[str, Any]) -> None:
-        snap = ingest.sync.snapshot(stamp)
+        snap = prefer_odometry_speed(ingest.sync.snapshot(stamp))  # the pipeline's ego-speed rule
         x = pre.inputs(snap)
         mask = x["modality_mask"][0] > 0.5
         cam = snap.frames.get("camera")
@@ -150,10 +156,13 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
             elif stamp is not None:
                 # An unlabelled LiDAR frame (a drive's warm-up) still goes through the preprocessor:
                 # the BEV history then holds what the node's, which preprocesses every cycle, would.
-                pre.inputs(ingest.sync.snapshot(stamp))
+                pre.inputs(prefer_odometry_speed(ingest.sync.snapshot(stamp)))
 
     lidar_frames: dict[float, float] = {}  # LiDAR frames ingested and not yet processed: key -> stamp
-    for m in read_bag(path, set(sensor_of) | set(gt_topics)):
+    for m in read_bag(path, set(sensor_of) | set(gt_topics) | tf_topics):
+        if m.topic in tf_topics:
+            ingest.on_tf(m.msg)
+            continue
         flush(m.stamp_sec)
         sensor = sensor_of.get(m.topic)
         if sensor is not None:

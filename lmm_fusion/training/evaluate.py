@@ -2,9 +2,12 @@
 
 ``lmm-fusion eval --data BAG... --model DIR --json`` prints one JSON object with action accuracy, risk
 accuracy and macro-F1, light accuracy, target-speed / TTC / distance MAE, occupancy IoU, calibration
-(ECE), a per-scenario-family breakdown, the headline split by which sensors the data held at each sample
-(a drive's cold start lacks GNSS), and an ablation of the same model under every modality mask;
-it also writes a confusion-matrix and an ablation plot (PNG).
+(ECE), the unsafe and over-cautious action rates (the model's action less / more cautious than the
+expert's, :data:`~lmm_fusion.groundtruth.scoring.CAUTION`), a per-scenario-family breakdown, the headline
+split by which sensors the data held at each sample (a drive's cold start lacks GNSS), and an ablation of
+the same model under every modality mask; it also writes a confusion-matrix and an ablation plot (PNG).
+The model alone, without the safety guard: ``lmm-fusion eval --fresh N`` (:mod:`lmm_fusion.offline.fresh`)
+adds what is published, through the replay path.
 """
 
 from __future__ import annotations
@@ -53,8 +56,9 @@ ABLATION_MASKS["all"] = ABLATION_MASKS.pop("camera+lidar+gnss")
 #: The dataset's label arrays that the scorer compares with the predictions.
 LABEL_KEYS: tuple[str, ...] = ("action", "risk", "light", "target_speed", "ttc", "distance")
 #: Keys of each scenario family's entry in the report.
-PER_SCENARIO_KEYS: tuple[str, ...] = ("n", "action_accuracy", "risk_accuracy", "light_accuracy", "risk_under_rate",
-                                      "risk_over_rate", "distance_mae")
+PER_SCENARIO_KEYS: tuple[str, ...] = ("n", "action_accuracy", "action_unsafe_rate", "action_over_cautious_rate",
+                                      "risk_accuracy", "light_accuracy", "risk_under_rate", "risk_over_rate",
+                                      "distance_mae")
 
 
 @torch.no_grad()
@@ -123,8 +127,9 @@ def compute_metrics(pred: dict[str, np.ndarray], arrays: dict[str, np.ndarray]) 
     t = _table(pred, arrays)
     return {
         **{k: t[k] if k == "n" else _nan(t[k]) for k in (
-            "n", "action_accuracy", "risk_accuracy", "risk_macro_f1", "risk_under_rate", "risk_over_rate",
-            "light_accuracy", "target_speed_mae", "ttc_mae", "distance_mae", "occupancy_iou")},
+            "n", "action_accuracy", "action_unsafe_rate", "action_over_cautious_rate", "risk_accuracy",
+            "risk_macro_f1", "risk_under_rate", "risk_over_rate", "light_accuracy", "target_speed_mae", "ttc_mae",
+            "distance_mae", "occupancy_iou")},
         "action_ece": _nan(ece(pred["action_prob"], arrays["action"])),
         "risk_ece": _nan(ece(pred["risk_prob"], arrays["risk"])),
         "mean_attention": {m: float(v) for m, v in zip(MODALITIES, pred["attention"].mean(0))},
@@ -300,7 +305,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "| metric | value |",
         "|---|---|",
     ]
-    for k in ("action_accuracy", "risk_accuracy", "risk_macro_f1", "light_accuracy", "target_speed_mae",
+    for k in ("action_accuracy", "action_unsafe_rate", "action_over_cautious_rate", "risk_accuracy",
+              "risk_macro_f1", "light_accuracy", "target_speed_mae",
               "ttc_mae", "distance_mae", "occupancy_iou", "action_ece", "risk_ece", "risk_under_rate",
               "risk_over_rate", "fusion_gain_action_accuracy", "min_action_accuracy_one_sensor_masked"):
         lines.append(f"| {k} | {r[k]:.3f} |")
@@ -310,10 +316,11 @@ def format_markdown(report: dict[str, Any]) -> str:
         att = "/".join(f"{m['mean_attention'][k]:.2f}" for k in MODALITIES)
         lines.append(f"| {name} | {m['action_accuracy']:.3f} | {m['risk_accuracy']:.3f} | {m['risk_macro_f1']:.3f} "
                      f"| {m['light_accuracy']:.3f} | {m['risk_under_rate']:.3f} | {m['risk_over_rate']:.3f} | {att} |")
-    lines += ["", "| family | n | action acc | risk acc | light acc | risk under | risk over |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| family | n | action acc | unsafe | over-cautious | risk acc | light acc | risk under "
+              "| risk over |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m in r["per_scenario"].items():
-        lines.append(f"| {name} | {m['n']} | {m['action_accuracy']:.3f} | {m['risk_accuracy']:.3f} "
+        lines.append(f"| {name} | {m['n']} | {m['action_accuracy']:.3f} | {m['action_unsafe_rate']:.3f} "
+                     f"| {m['action_over_cautious_rate']:.3f} | {m['risk_accuracy']:.3f} "
                      f"| {m['light_accuracy']:.3f} | {m['risk_under_rate']:.3f} | {m['risk_over_rate']:.3f} |")
     if "by_sensors_in_data" in r:
         lines += ["", "| sensors in the data | n | share | action acc | risk acc | risk under | risk over |",

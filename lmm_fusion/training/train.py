@@ -5,6 +5,12 @@ Single process (CPU or CUDA with AMP) or DistributedDataParallel under ``torchru
     lmm-fusion train --data data/train --out models/fusion_small --epochs 12
     torchrun --nproc-per-node 2 -m lmm_fusion.training.train --data data/train --out runs/ddp  # gloo (CPU), nccl (CUDA)
 
+``--batch-size`` is the *global* batch: under ``torchrun`` each of the N processes takes ``batch / N`` of
+every batch (it must divide), the shuffle, modality dropout and augmentation are drawn for the whole batch on
+every rank, and DDP averages the gradients, so N processes follow the single-process run (same steps, same
+learning-rate schedule; only BatchNorm statistics and the alignment loss's in-batch negatives are per rank).
+Rank 0 alone logs, validates, checkpoints and writes the model.
+
 Deterministic for a given seed: shuffling and modality dropout draw from ``numpy`` generators keyed
 by ``(seed, epoch)``, so a run resumed from its last epoch checkpoint continues exactly. Checkpoints
 (``<out>/checkpoint/``: weights + optimiser moments as safetensors, progress as JSON) are written after
@@ -24,6 +30,7 @@ import sys
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,7 @@ from lmm_fusion.model.checkpoint import load_config, load_model, model_metadata
 from lmm_fusion.model.losses import FusionLoss, LossWeights
 from lmm_fusion.training.dataset import FusionDataset, bag_fingerprint, expand_bags
 from lmm_fusion.training.evaluate import quick_metrics
+from lmm_fusion.training.recipe import RecipeStopped, run_recipe
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +79,26 @@ def modality_dropout(data_mask: np.ndarray, rng: np.random.Generator, p_drop: fl
 
 
 # ---------------------------------------------------------------- augmentation
-def augment(b: dict[str, torch.Tensor], rng: np.random.Generator) -> None:
+def augment(b: dict[str, torch.Tensor], rng: np.random.Generator, rows: slice | None = None,
+            total: int | None = None) -> None:
     """Photometric camera jitter (global gain/offset, small per-channel gain, pixel noise) and GNSS
     feature noise, in place on a batch of normalised inputs. Geometry is left alone: every label
-    (distances, lanes, which side is free) depends on it. Deterministic given ``rng``."""
+    (distances, lanes, which side is free) depends on it. Deterministic given ``rng``.
+
+    ``b`` may be the rows ``rows`` of a batch of ``total`` samples (one rank's share under DDP): the random
+    numbers are drawn for all ``total`` and the rows' own applied, so the samples are augmented exactly as
+    when one process takes the whole batch."""
     img = b["image"]
-    n = img.shape[0]
-    gain = rng.uniform(0.75, 1.25, (n, 1, 1, 1)) * rng.uniform(0.97, 1.03, (n, 3, 1, 1))
-    offset = rng.normal(0.0, 0.15, (n, 1, 1, 1))
+    n = img.shape[0] if total is None else total
+    part = slice(0, n) if rows is None else rows
+    gain = (rng.uniform(0.75, 1.25, (n, 1, 1, 1)) * rng.uniform(0.97, 1.03, (n, 3, 1, 1)))[part]
+    offset = rng.normal(0.0, 0.15, (n, 1, 1, 1))[part]
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    noise = torch.randn(img.shape, generator=g) * float(rng.uniform(0.0, 0.08))
+    noise = torch.randn((n, *img.shape[1:]), generator=g)[part] * float(rng.uniform(0.0, 0.08))
     b["image"] = img * torch.from_numpy(gain.astype(np.float32)) + torch.from_numpy(offset.astype(np.float32)) \
         + noise
     ego = b["ego"]
-    jitter = torch.from_numpy(rng.normal(0.0, 0.02, (ego.shape[0], 3)).astype(np.float32))
+    jitter = torch.from_numpy(rng.normal(0.0, 0.02, (n, 3)).astype(np.float32)[part])
     ego = ego.clone()
     ego[:, :3] += jitter * (ego[:, 7:8] > 0)  # only where a GNSS state exists
     ego[:, 3] = ego[:, 0] * ego[:, 0] * (ego[:, 7] > 0)
@@ -180,8 +194,9 @@ def _dist_setup(device_arg: str) -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device(device_arg)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if world > 1 and not dist.is_initialized():  # run() may have joined already (sample cache, below)
+        # Generous timeout: rank 0 may extract the sample cache for a long while before the first barrier.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return rank, world, device
 
 
@@ -205,22 +220,33 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Steps of a run: each of ``world`` ranks takes ``per_rank`` samples an epoch, in ``steps_per_epoch``
-    batches; the learning rate warms up over ``warmup`` of the ``total`` steps, then decays (:func:`lr_at`)."""
+    """Steps of a run: every optimiser step takes a *global* batch of ``batch`` samples, ``rank_batch`` on
+    each of the ``world`` ranks (so N processes train as one process with the same batch size), and each
+    rank takes ``per_rank`` samples an epoch in ``steps_per_epoch`` steps; the learning rate warms up over
+    ``warmup`` of the ``total`` steps, then decays (:func:`lr_at`)."""
 
     per_rank: int
     steps_per_epoch: int
     total: int
     warmup: int
     base_lr: float
+    batch: int = 0
+    rank_batch: int = 0
 
     @classmethod
     def plan(cls, n: int, world: int, batch_size: int, epochs: int, base_lr: float) -> Schedule:
-        """The schedule of ``epochs`` over ``n`` samples split across ``world`` ranks."""
-        per_rank = n // world
-        steps_per_epoch = max(1, per_rank // batch_size)
+        """The schedule of ``epochs`` over ``n`` samples with global batch ``batch_size`` split across
+        ``world`` ranks (a multiple of ``world``; a set smaller than one batch is one shorter batch)."""
+        if batch_size < 1 or batch_size % world:
+            raise ValueError(f"batch_size {batch_size} is the global batch: it must be a positive multiple of "
+                             f"the {world} processes")
+        batch = min(batch_size, (n // world) * world)
+        if batch < world:
+            raise ValueError(f"{n} training samples cannot be split across {world} processes")
+        steps_per_epoch = n // batch
         total = steps_per_epoch * epochs
-        return cls(per_rank, steps_per_epoch, total, min(200, max(1, total // 20)), base_lr)
+        return cls(steps_per_epoch * (batch // world), steps_per_epoch, total, min(200, max(1, total // 20)),
+                   base_lr, batch, batch // world)
 
     def lr(self, step: int) -> float:
         """Learning rate of optimiser step ``step`` (counted over the whole run)."""
@@ -275,20 +301,27 @@ def _resume_point(out: Path, model: nn.Module, opt: torch.optim.Optimizer) -> tu
     return int(prog["epoch"]) + 1, int(prog["step"])
 
 
-def _epoch_order(seed: int, epoch: int, n: int, sched: Schedule, rank: int, world: int,
-                 ) -> tuple[np.random.Generator, np.ndarray]:
+def _epoch_order(seed: int, epoch: int, n: int, sched: Schedule) -> tuple[np.random.Generator, np.ndarray]:
     """The generator of epoch ``epoch`` (modality dropout and augmentation draw from it after the
-    shuffle) and this rank's sample indices ``(per_rank,)`` in training order."""
+    shuffle) and the epoch's sample indices ``(steps_per_epoch * batch,)`` in training order, the same on
+    every rank: global batch ``i`` is ``order[i * batch:(i + 1) * batch]``, of which rank ``r`` takes the
+    ``r``-th ``rank_batch`` (:func:`_train_epoch`)."""
     rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(n)[: sched.per_rank * world]
-    return rng, perm[rank::world]
+    return rng, rng.permutation(n)[: sched.steps_per_epoch * sched.batch]
 
 
-def _train_epoch(trainer: Trainer, sched: Schedule, train_set: FusionDataset, shard: np.ndarray,
-                 rng: np.random.Generator, step: int, *, batch_size: int, p_drop: float, augmentation: bool,
-                 max_steps: int | None, bar_desc: str | None) -> tuple[dict[str, float], int]:
-    """One pass over ``shard``, stopping early at ``max_steps``; returns (mean loss parts over the
-    steps taken, optimiser steps done so far). ``bar_desc``: label of a progress bar, None for none."""
+def _train_epoch(trainer: Trainer, sched: Schedule, train_set: FusionDataset, order: np.ndarray,
+                 rng: np.random.Generator, step: int, *, p_drop: float, augmentation: bool,
+                 max_steps: int | None, bar_desc: str | None, rank: int = 0) -> tuple[dict[str, float], int]:
+    """One pass over ``order`` (:func:`_epoch_order`) taking this rank's share of every global batch,
+    stopping early at ``max_steps``; returns (mean loss parts over the steps taken, optimiser steps done so
+    far). ``bar_desc``: label of a progress bar, None for none.
+
+    Modality dropout and augmentation draw their random numbers for the whole global batch on every rank
+    and apply this rank's rows: the samples are treated as by one process taking the whole batch. DDP
+    averages the ranks' gradients, so with equal shares the step is the one of the whole batch; what still
+    differs is what depends on the batch composition: BatchNorm statistics (per rank, as in any DDP run)
+    and the in-batch negatives of the alignment loss."""
     steps: Iterable[int] = range(sched.steps_per_epoch)
     bar = None
     if bar_desc is not None:
@@ -299,10 +332,13 @@ def _train_epoch(trainer: Trainer, sched: Schedule, train_set: FusionDataset, sh
     for i in steps:
         if max_steps is not None and step >= max_steps:
             break
-        b = train_set.batch(shard[i * batch_size:(i + 1) * batch_size])
-        used = torch.from_numpy(modality_dropout(b["modality_mask"].numpy(), rng, p_drop))
+        batch = order[i * sched.batch:(i + 1) * sched.batch]
+        rows = slice(rank * sched.rank_batch, (rank + 1) * sched.rank_batch)
+        used_all = modality_dropout(train_set.arrays["mask"][batch].astype(np.float32), rng, p_drop)
+        b = train_set.batch(batch[rows])
+        used = torch.from_numpy(used_all[rows])
         if augmentation:
-            augment(b, rng)
+            augment(b, rng, rows, len(batch))
         b = {k: v.to(trainer.device, non_blocking=True) for k, v in b.items()}
         parts = trainer.step(b, used.to(trainer.device), sched.lr(step))
         step += 1
@@ -366,7 +402,10 @@ def train(
     start_epoch, step = _resume_point(out, model, opt) if resume else (0, 0)
     net: nn.Module = model
     if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # Unused parameters are normal here: a rank's share may hold too few samples with two modalities for
+        # the alignment loss, or modality dropout may blank an encoder for all of them.
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                                  find_unused_parameters=True)
     use_amp = amp and dev.type == "cuda"
     trainer = Trainer(model, net, opt, FusionLoss(cfg, weights), torch.amp.GradScaler("cuda", enabled=use_amp),
                       use_amp, dev)
@@ -378,13 +417,13 @@ def train(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     for epoch in range(start_epoch, epochs):
-        rng, shard = _epoch_order(seed, epoch, n, sched, rank, world)
+        rng, order = _epoch_order(seed, epoch, n, sched)
         net.train()
         t0 = time.perf_counter()
         means, step = _train_epoch(
-            trainer, sched, train_set, shard, rng, step, batch_size=batch_size, p_drop=p_drop,
+            trainer, sched, train_set, order, rng, step, p_drop=p_drop,
             augmentation=augmentation, max_steps=max_steps,
-            bar_desc=f"epoch {epoch + 1}/{epochs}" if progress and rank == 0 else None,
+            bar_desc=f"epoch {epoch + 1}/{epochs}" if progress and rank == 0 else None, rank=rank,
         )
         record = {"epoch": epoch, "step": step, "lr": sched.lr(step), "seconds": round(time.perf_counter() - t0, 2),
                   "train": _all_reduce_mean(means, world, dev)}
@@ -423,11 +462,18 @@ def _parse_overrides(items: list[str], cls: type = ModelConfig, flag: str = "--s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", required=True,
+    p.add_argument("--recipe", type=Path, metavar="YAML",
+                   help="run a whole recipe (config/train/*.yaml): synthesise, extract, train, evaluate, write the "
+                        "model and its card under --out (default runs/<name>); rerun to continue after an "
+                        "interruption. With it only --out, --device, --threads, --workers, --stop-after and "
+                        "--no-progress apply")
+    p.add_argument("--workers", type=int, default=2, help="--recipe: processes for synthesis and extraction")
+    p.add_argument("--stop-after", metavar="STAGE", help="--recipe: stop after this stage (or epoch-K)")
+    p.add_argument("--data", nargs="+",
                    help="rosbag2 folders, or directories holding them; also cached sample files (.npz) or a "
                         "cache directory without bags (samples made with this config's preprocessing)")
     p.add_argument("--val-data", nargs="*", default=[], help="bags evaluated after every epoch")
-    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument("--out", type=Path, help="model directory to write (required without --recipe)")
     p.add_argument("--config", type=Path, help="config.json to start from (default: ModelConfig defaults)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="ModelConfig overrides")
     p.add_argument("--loss-weights", nargs="*", default=[], metavar="FIELD=VALUE",
@@ -453,7 +499,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.recipe is not None:
+        try:
+            summary = run_recipe(args.recipe, args.out, train, workers=args.workers, device=args.device,
+                                 threads=args.threads, progress=not args.no_progress, stop_after=args.stop_after,
+                                 command="lmm-fusion train " + " ".join(sys.argv[2:]))
+        except RecipeStopped as stopped:
+            log.info("%s; rerun the same command to continue", stopped)
+            return 0
+        print(json.dumps(summary, sort_keys=True))
+        return 0
+    if not args.data or args.out is None:
+        raise SystemExit("lmm-fusion train: --data and --out are required (or give --recipe)")
     torch.set_num_threads(max(1, args.threads))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 speaks for the run
+        logging.getLogger().setLevel(logging.WARNING)
     if args.config:
         cfg = ModelConfig.load(args.config)
     else:
@@ -468,8 +528,15 @@ def run(args: argparse.Namespace) -> int:
     weights = LossWeights(**weight_overrides)
     bags = expand_bags(args.data)
     t0 = time.perf_counter()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # under torchrun rank 0 fills the sample cache alone, the others then read it
+        rank, _, _ = _dist_setup(args.device)
+        if rank != 0:
+            dist.barrier()
     train_set = FusionDataset(bags, cfg, cache_dir=args.cache)
     val_set = FusionDataset(expand_bags(args.val_data), cfg, cache_dir=args.cache) if args.val_data else None
+    if world > 1 and rank == 0:
+        dist.barrier()
     log.info("%d training samples from %d bags (%.1f s to load)", len(train_set), len(bags),
              time.perf_counter() - t0)
     meta = {"train_bags": [b.name for b in bags], "train_bag_fingerprints": [bag_fingerprint(b) for b in bags],
