@@ -76,7 +76,7 @@ def test_fleet_pools_like_one_by_one_and_reports_the_bad_bag(local_ray: Any, bag
     fleet_cycles = fleet.concat_tables([o.cycles for o in outcomes[:2] if isinstance(o, fleet.BagOutcome) and o.cycles])
     assert pooled["latency_ms"]["total"] == fleet.percentiles(fleet_cycles.latency_ms["total"])
     assert len(fleet_cycles.latency_ms["total"]) == pooled["cycles"]
-    assert 0.0 <= pooled["accuracy"]["unsafe_action_rate"] <= 1.0
+    assert 0.0 <= pooled["accuracy"]["action_unsafe_rate"] <= 1.0
     # the broken bag is listed with its error; the others are not affected
     assert pooled["bags_ok"] == 2 and pooled["bags_failed"] == 1
     (failed,) = report["failed"]

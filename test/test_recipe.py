@@ -60,6 +60,20 @@ def test_interrupted_recipe_resumes_to_the_weights_of_an_uninterrupted_run(tmp_p
     assert test_report["n"] == 10 and 0.0 <= summary["test_action_accuracy"] <= 1.0
     assert manifest["stages"]["select"]["epoch"] in (0, 1)
 
+    # Continued elsewhere without the sample cache (as after a run on another machine): the missing test
+    # drive is made again from its recorded seed and scored, nothing else is redone.
+    (test_samples,) = manifest["state"]["samples/test"].values()
+    (a / test_samples).unlink()
+    (a / "model" / "eval" / "test.json").unlink()
+    for stage in ("evaluate", "card"):
+        manifest["stages"].pop(stage)
+    (a / "manifest.json").write_text(json.dumps(manifest))
+    again = _run(a)
+    remade = json.loads((a / "manifest.json").read_text())["state"]["remade/test"]
+    assert remade["drives"] == 1 and again["test_seeds"] == seeds
+    assert json.loads((a / "model" / "eval" / "test.json").read_text())["n"] == 10
+    assert "made again from their recorded seeds" in (a / "model" / "MODEL_CARD.md").read_text()
+
     # The same recipe from nothing, uninterrupted: the same drives, samples and weights.
     b = tmp_path / "b"
     _run(b)

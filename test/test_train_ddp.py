@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lmm_fusion.base.rig import CameraModel, LidarModel, SensorRig
 from lmm_fusion.training.train import Schedule, _epoch_order
+
+#: The module's synthetic drive (the ``drive`` fixture of conftest): 30 samples for the CLI under torchrun.
+DRIVE = dict(seconds=3.0, seed=1, rig=SensorRig(camera=CameraModel(160, 90), lidar=LidarModel(beams=16, columns=128)),
+             name="drive")
 
 #: |loss(2 processes) - loss(1 process)| / loss(1 process), per epoch. What differs is only what depends
 #: on the batch composition: BatchNorm statistics over 4 instead of 8 samples and the alignment loss's
@@ -106,3 +111,20 @@ def test_global_batch_is_split_between_ranks() -> None:
         Schedule.plan(37, 3, 8, 1, 1e-3)
     small = Schedule.plan(n=5, world=2, batch_size=8, epochs=1, base_lr=1e-3)  # fewer samples than one batch
     assert (small.batch, small.rank_batch, small.steps_per_epoch) == (4, 2, 1)
+
+
+@pytest.mark.slow
+def test_cli_train_under_torchrun_on_a_bag(drive: Path, tmp_path: Path) -> None:
+    """``lmm-fusion train`` as torchrun launches it, on a recorded drive: rank 0 fills the sample cache while
+    the other waits, and a step where a rank's share leaves a parameter without gradient does not stop DDP
+    (without ``find_unused_parameters`` this drive fails in its first epoch)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "lmm_fusion.training.train", "--data", str(drive), "--out", str(tmp_path / "m"),
+           "--cache", str(tmp_path / "cache"), "--epochs", "1", "--batch-size", "4", "--threads", "1",
+           "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed by rank 0 only
+    assert summary["step"] == summary["samples"] // 4 and (tmp_path / "m" / "model.safetensors").is_file()
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1

@@ -144,7 +144,7 @@ class Preprocessor:
             return
         try:
             out = self.normalize_image(self.resize_image(rgb))
-        except MessageError:
+        except (MessageError, ValueError, cv2.error):  # ahead of time only: the cycle meets it as before
             return
         with self._prepared_lock:
             self._prepared[id(rgb)] = (rgb, out)

@@ -134,14 +134,21 @@ def caution_rates(pred: np.ndarray | None, true: np.ndarray | None) -> tuple[flo
     pt = _labelled(pred, true)
     if pt is None or not len(pt[1]):
         return None, None
-    rank = np.zeros(len(Action), np.int64)
-    for action, level in CAUTION.items():
-        rank[int(action)] = level
     p, t = (np.asarray(x, np.int64) for x in pt)
     for name, codes in (("pred", p), ("true", t)):
         if codes.size and (codes.min() < 0 or codes.max() >= len(Action)):
             raise ValueError(f"caution_rates: {name} holds an action code outside 0..{len(Action) - 1}")
-    return under_over_rates(rank[p], rank[t])
+    return under_over_rates(caution_levels(p), caution_levels(t))
+
+
+def caution_levels(actions: np.ndarray) -> np.ndarray:
+    """Action codes ``(N,)`` -> their :data:`CAUTION` levels ``(N,)`` int64; a code < 0 (no label) stays
+    :data:`NO_LABEL`."""
+    rank = np.zeros(len(Action), np.int64)
+    for action, level in CAUTION.items():
+        rank[int(action)] = level
+    a = np.asarray(actions, np.int64)
+    return np.where(a >= 0, rank[np.clip(a, 0, len(Action) - 1)], NO_LABEL)
 
 
 def macro_f1(true: np.ndarray, pred: np.ndarray, n_classes: int) -> float | None:
@@ -404,6 +411,7 @@ __all__ = [
     "Sample",
     "accuracy",
     "accuracy_table",
+    "caution_levels",
     "caution_rates",
     "columns_of",
     "confusion",

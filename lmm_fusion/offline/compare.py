@@ -38,7 +38,7 @@ from lmm_fusion.cycle.assessment import Assessment
 from lmm_fusion.cycle.pipeline import FusionPipeline
 from lmm_fusion.cycle.sync import Snapshot
 from lmm_fusion.groundtruth.messages import GroundTruth
-from lmm_fusion.groundtruth.scoring import group_indices
+from lmm_fusion.groundtruth.scoring import caution_levels, group_indices
 from lmm_fusion.offline import fleet
 from lmm_fusion.offline import replay as rp
 from lmm_fusion.offline.render import compose_frame
@@ -103,9 +103,9 @@ def pair_table(old: fleet.CycleTable, new: fleet.CycleTable) -> dict[str, Any]:
     po, pn, true = old.columns.pred, new.columns.pred, old.columns.true
     labelled = true["action"] >= 0
     old_ok, new_ok = po["action"] == true["action"], pn["action"] == true["action"]
-    sev_true = fleet.severity(true["action"])
-    new_unsafe = labelled & (fleet.severity(pn["action"]) < sev_true)
-    old_unsafe = labelled & (fleet.severity(po["action"]) < sev_true)
+    sev_true = caution_levels(true["action"])
+    new_unsafe = labelled & (caution_levels(pn["action"]) < sev_true)
+    old_unsafe = labelled & (caution_levels(po["action"]) < sev_true)
     return {
         "action_differs": po["action"] != pn["action"],
         "risk_differs": po["risk"] != pn["risk"],
@@ -137,7 +137,7 @@ def worst_disagreements(bag: str, old: fleet.CycleTable, new: fleet.CycleTable, 
     closer than ``min_gap_s`` to a worse one are skipped."""
     po, pn, true = old.columns.pred, new.columns.pred, old.columns.true
     differs = np.flatnonzero(pairs["action_differs"] | pairs["risk_differs"])
-    sev_step = np.abs(fleet.severity(pn["action"]) - fleet.severity(po["action"]))
+    sev_step = np.abs(caution_levels(pn["action"]) - caution_levels(po["action"]))
     risk_step = np.abs(pn["risk"] - po["risk"])
     speed_step = np.abs(pn["target_speed"] - po["target_speed"])
     t0 = float(old.t[0]) if len(old) else 0.0
@@ -336,7 +336,7 @@ def compare_markdown(r: dict[str, Any]) -> str:
         o, n = s["old"], s["new"]
         return (f"| {name} | {s['cycles']} | {_pct(s['action_disagreement'])} | {_pct(s['risk_disagreement'])} | "
                 f"{_pct(o['action_accuracy'])} → {_pct(n['action_accuracy'])} | "
-                f"{_pct(o['unsafe_action_rate'])} → {_pct(n['unsafe_action_rate'])} | "
+                f"{_pct(o['action_unsafe_rate'])} → {_pct(n['action_unsafe_rate'])} | "
                 f"{_pct(o['risk_accuracy'])} → {_pct(n['risk_accuracy'])} | {s['broke']} | {s['fixed']} | "
                 f"{s['new_unsafe']} |")
 

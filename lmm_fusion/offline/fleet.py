@@ -7,8 +7,8 @@ and writes two reports over the fleet:
 * ``DIR/fleet.json``: per bag and pooled over the bags that replayed to their end, the accuracy table of
   :mod:`lmm_fusion.groundtruth.scoring` (pooled from the per-cycle samples, so it equals scoring the
   concatenated cycles of the bags replayed one by one), the *unsafe rate* (cycles whose published action is
-  less cautious than the expert's, by the expert's own severity order: keep lane < change lane < follow <
-  slow down < stop) and the over-cautious rate, the risk under-estimation rate, per-cycle latency
+  less cautious than the expert's, on the :data:`~lmm_fusion.groundtruth.scoring.CAUTION` scale: keep or change
+  lane < follow < slow down < stop) and the over-cautious rate, the risk under-estimation rate, per-cycle latency
   percentiles [ms] (pooled from every cycle), throughput (× real time per bag, and bag seconds per wall
   second over the fleet), the tasks' timing, and the bags that failed with their error;
 * ``DIR/fleet.md``: the same as tables.
@@ -49,17 +49,14 @@ from lmm_fusion.base.rig import load_rig
 from lmm_fusion.cycle.assessment import Assessment
 from lmm_fusion.cycle.pipeline import FusionPipeline
 from lmm_fusion.cycle.sync import Snapshot
-from lmm_fusion.groundtruth.expert import _SEVERITY
 from lmm_fusion.groundtruth.messages import GroundTruth
 from lmm_fusion.groundtruth.scoring import (
-    NO_LABEL,
     RECORD_KEYS,
     Columns,
     columns_of,
     group_indices,
     sample_of,
     score_arrays,
-    under_over_rates,
 )
 from lmm_fusion.offline import replay as rp
 
@@ -69,8 +66,6 @@ log = logging.getLogger(__name__)
 LOCAL = "local"
 FLEET_JSON = "fleet.json"
 FLEET_MD = "fleet.md"
-#: Action code -> severity (higher = more cautious), the order the expert picks its action by.
-ACTION_SEVERITY = np.array([_SEVERITY[a] for a in sorted(_SEVERITY)], np.int64)
 
 
 # ------------------------------------------------------------------------------------------ per cycle
@@ -157,22 +152,12 @@ def _round(x: Any) -> Any:
     return round(x, 4) if isinstance(x, float) else x
 
 
-def severity(actions: np.ndarray) -> np.ndarray:
-    """Action codes -> :data:`ACTION_SEVERITY` (a missing label, < 0, stays :data:`NO_LABEL`)."""
-    a = np.asarray(actions, np.int64)
-    return np.where(a >= 0, ACTION_SEVERITY[np.clip(a, 0, len(ACTION_SEVERITY) - 1)], NO_LABEL)
-
-
 def score_table(cols: Columns) -> dict[str, Any]:
-    """Replay's accuracy table (keys :data:`~lmm_fusion.groundtruth.scoring.RECORD_KEYS`, 4 decimals) plus
-    ``unsafe_action_rate`` / ``overcautious_action_rate`` (published action less / more cautious than the
-    expert's) and ``risk_under_rate`` (risk level below the truth)."""
+    """Replay's accuracy table (keys :data:`~lmm_fusion.groundtruth.scoring.RECORD_KEYS`, 4 decimals: with the
+    unsafe and over-cautious rates of the published and of the model's action) plus ``risk_under_rate``
+    (risk level below the truth)."""
     table = score_arrays(cols)
     out = {k: _round(table[k]) for k in RECORD_KEYS}
-    under, over = under_over_rates(severity(cols.pred["action"]) if "action" in cols.pred else None,
-                                   severity(cols.true["action"]) if "action" in cols.true else None)
-    out["unsafe_action_rate"] = _round(under)
-    out["overcautious_action_rate"] = _round(over)
     out["risk_under_rate"] = _round(table["risk_under_rate"])
     return out
 
@@ -455,15 +440,15 @@ def fleet_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     lat = p["latency_ms"].get("total", {})
-    lines.append(f"| {_pct(acc['action_accuracy'])} | {_pct(acc['unsafe_action_rate'])} | "
-                 f"{_pct(acc['overcautious_action_rate'])} | {_pct(acc['risk_accuracy'])} | "
+    lines.append(f"| {_pct(acc['action_accuracy'])} | {_pct(acc['action_unsafe_rate'])} | "
+                 f"{_pct(acc['action_over_cautious_rate'])} | {_pct(acc['risk_accuracy'])} | "
                  f"{_pct(acc['risk_under_rate'])} | {_pct(acc['light_accuracy'])} | "
                  f"{_num(acc['target_speed_mae'], '{:.2f}')} | {_num(acc['occupancy_iou'], '{:.3f}')} | "
                  f"{_num(lat.get('p50'), '{:.1f}')} / {_num(lat.get('p99'), '{:.1f}')} |")
     lines += ["", "## Per scenario family", "", "| family | cycles | action acc. | unsafe | risk acc. | risk under |",
               "|---|---|---|---|---|---|"]
     for fam, t in p["per_scenario"].items():
-        lines.append(f"| {fam} | {t['n']} | {_pct(t['action_accuracy'])} | {_pct(t['unsafe_action_rate'])} | "
+        lines.append(f"| {fam} | {t['n']} | {_pct(t['action_accuracy'])} | {_pct(t['action_unsafe_rate'])} | "
                      f"{_pct(t['risk_accuracy'])} | {_pct(t['risk_under_rate'])} |")
     lines += ["", "## Per bag", "",
               "| bag | ok | cycles | action acc. | unsafe | risk acc. | latency p50 / p99 [ms] | × real time |",
@@ -472,7 +457,7 @@ def fleet_markdown(report: dict[str, Any]) -> str:
         a = e.get("accuracy") or {}
         el = e.get("latency_ms") or {}
         lines.append(f"| {Path(e['bag']).name} | {'yes' if e['ok'] else 'no'} | {e['cycles']} | "
-                     f"{_pct(a.get('action_accuracy'))} | {_pct(a.get('unsafe_action_rate'))} | "
+                     f"{_pct(a.get('action_accuracy'))} | {_pct(a.get('action_unsafe_rate'))} | "
                      f"{_pct(a.get('risk_accuracy'))} | {_num(el.get('p50'), '{:.1f}')} / "
                      f"{_num(el.get('p99'), '{:.1f}')} | {_num(e.get('throughput_x_realtime'), '{:.2f}')} |")
     if report["failed"]:
@@ -568,7 +553,7 @@ def _summary(report: dict[str, Any], out: Path) -> str:
     acc = p["accuracy"]
     lines = [f"fleet: {p['bags_ok']}/{p['bags']} bags, {p['cycles']} cycles, {p['bag_seconds']:.1f} s of bag in "
              f"{th['wall_s']:.1f} s = {th['x_realtime']}x real time ({th['slots']} slots)",
-             f"pooled: action {_pct(acc['action_accuracy'])}, unsafe {_pct(acc['unsafe_action_rate'])}, "
+             f"pooled: action {_pct(acc['action_accuracy'])}, unsafe {_pct(acc['action_unsafe_rate'])}, "
              f"risk {_pct(acc['risk_accuracy'])}; latency p50 {p['latency_ms'].get('total', {}).get('p50')} ms",
              f"reports: {out / FLEET_JSON}, {out / FLEET_MD}"]
     lines += [f"FAILED {f['bag']}: {f['error']}" for f in report["failed"]]
@@ -599,7 +584,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 __all__ = [
-    "ACTION_SEVERITY",
     "LOCAL",
     "BagOutcome",
     "CycleCollector",
@@ -623,5 +607,4 @@ __all__ = [
     "run",
     "scenario_tables",
     "score_table",
-    "severity",
 ]

@@ -84,6 +84,10 @@ def measure(bags: list[Path], out: Path, opts: rp.ReplayOptions, workers: list[i
             report, _ = fleet.replay_fleet(bags, out / f"workers{n}", opts, ray_address=fleet.LOCAL)
             if n == max(workers):
                 overhead = ray_overhead(ray)
+        if report["failed"]:  # a throughput over failed replays means nothing
+            first_fail = report["failed"][0]
+            raise RuntimeError(f"scale: {len(report['failed'])} bags failed with {n} workers; first: "
+                               f"{first_fail['bag']}: {first_fail['error']}")
         th = report["throughput"]
         runs.append({"workers": n, "wall_s": th["wall_s"], "x_realtime": th["x_realtime"],
                      "bags_per_min": th["bags_per_min"], "task_s": th["task_s"],
@@ -140,7 +144,7 @@ def plot(result: dict[str, Any], path: Path, earlier: list[list[dict[str, Any]]]
               label="measured (this machine)")
     for i, runs in enumerate(earlier or []):
         ax.loglog([r["workers"] for r in runs], [r["x_realtime"] for r in runs], "o", mfc="none", color="tab:red",
-                  ms=7, label="measured, other runs" if i == 0 else None)
+                  ms=7, label="measured, earlier runs (slower replay)" if i == 0 else None)
     styles = {"bags": ":", "dispatch": "--", "storage": "-."}
     for name, v in pr["ceilings_workers"].items():
         if v:
@@ -175,7 +179,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     opts = rp.ReplayOptions(model_dir=args.model, backend=args.backend, threads=1, progress=False)
-    result = measure(args.bags, args.out, opts, sorted(set(args.workers)), args.storage_gb_s, args.fleet_bags)
+    try:
+        result = measure(args.bags, args.out, opts, sorted(set(args.workers)), args.storage_gb_s, args.fleet_bags)
+    except (RuntimeError, FileNotFoundError, ValueError, ConnectionError) as exc:
+        log.error("%s", exc)
+        return 1
     png = plot(result, args.plot or args.out / "scale.png")
     print(json.dumps({**result, "plot": str(png)}, indent=2))
     return 0

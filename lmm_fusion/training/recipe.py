@@ -313,6 +313,7 @@ class Manifest:
         return stage in self.data["stages"]
 
     def finish(self, stage: str, seconds: float, **info: Any) -> None:
+        """Mark ``stage`` done: its wall time [s], the machine, and ``info`` (e.g. workers, device)."""
         self.data["stages"][stage] = {"seconds": round(seconds, 2), "machine": machine_description(), **info}
         self.save()
 
@@ -554,7 +555,7 @@ class RecipeRun:
             if not m.done(stage):
                 with _timed() as dt:
                     info = self.make_split(split)
-                m.finish(stage, dt[0], **info)
+                m.finish(stage, dt[0], **info, **self._how())
             stop(stage)
         epochs = self.recipe.train.epochs
         if not m.done("train"):
@@ -569,7 +570,7 @@ class RecipeRun:
             walls = [float(json.loads((self.epoch_dir(k) / "record.json").read_text())["wall_seconds"])
                      for k in range(epochs)]
             m.finish("train", sum(walls), epoch_wall_seconds=walls, this_call_seconds=round(dt[0], 2),
-                     samples=len(self.dataset("train")))
+                     samples=len(self.dataset("train")), **self._how())
         else:
             for k in range(epochs):
                 stop(f"epoch-{k}")
@@ -585,17 +586,17 @@ class RecipeRun:
                 for name in ("config.json", "model.safetensors"):
                     shutil.copy2(self.epoch_dir(best) / name, model_dir / name)
                 shutil.copy2(self.train_dir / "train_log.jsonl", model_dir / "train_log.jsonl")
-            m.finish("select", dt[0], epoch=best, metric=self.recipe.select, scores=scores)
+            m.finish("select", dt[0], epoch=best, metric=self.recipe.select, scores=scores, **self._how())
         stop("select")
         if not m.done("data_test"):
             with _timed() as dt:
                 info = self.make_split("test")
-            m.finish("data_test", dt[0], **info)
+            m.finish("data_test", dt[0], **info, **self._how())
         stop("data_test")
         if not m.done("evaluate"):
             with _timed() as dt:
                 self.evaluate()
-            m.finish("evaluate", dt[0])
+            m.finish("evaluate", dt[0], **self._how())
         stop("evaluate")
         if not m.done("card"):
             with _timed() as dt:
@@ -604,6 +605,9 @@ class RecipeRun:
         log.info("recipe %s done in %s (%.1f s this call)", self.recipe.name, self.run_dir,
                  time.perf_counter() - t_run)
         return self.summary()
+
+    def _how(self) -> dict[str, Any]:
+        return {"workers": self.workers, "device": self.device}
 
     def evaluate(self) -> None:
         """Full reports of the chosen model on the validation and the test set (``model/eval/``)."""
@@ -666,13 +670,21 @@ class RecipeRun:
             v = rec.get("val", {})
             lines.append(f"| {k + 1} | {rec['seconds']:.0f} | {rec['train'].get('loss', float('nan')):.3f} | "
                          + " | ".join(f"{v.get(key, float('nan')):.3f}" for key in sorted(_SELECT_KEYS)) + " |")
-        lines += ["", "## Wall time", "", "| stage | seconds | machine |", "|---|---|---|"]
+        lines += ["", "## Wall time", "", "| stage | seconds | machine | worker processes | device |",
+                  "|---|---|---|---|---|"]
         for s in STAGES[:-1]:
             info = m.stage(s)
-            lines.append(f"| {s} | {info['seconds']:.0f} | {info['machine']} |")
-        lines += ["", f"Worker processes for synthesis and sample extraction: {self.workers}; training device: "
-                  f"{self.device}. A stage resumed after an interruption shows the time of its last call, except "
-                  "train, the sum of its epochs.", "",
+            lines.append(f"| {s} | {info['seconds']:.0f} | {info['machine']} | {info.get('workers', '?')} "
+                         f"| {info.get('device', '?')} |")
+        lines += ["", "A stage resumed after an interruption shows the time of the call that finished it, except "
+                  "train, the sum of its epochs (each timed when it ran)."]
+        for split in ("train", "validation", "test"):
+            remade = m.state(f"remade/{split}")
+            if remade:
+                lines.append(f"The {split} split's sample files were missing where the run continued, so "
+                             f"{remade['drives']} of its drives were made again from their recorded seeds on "
+                             f"{remade['machine']}.")
+        lines += ["",
                   "## Test (fresh random seeds)", "", format_markdown(test), "## Validation", "",
                   format_markdown(val)]
         (model_dir / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")

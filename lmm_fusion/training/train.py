@@ -9,7 +9,8 @@ Single process (CPU or CUDA with AMP) or DistributedDataParallel under ``torchru
 every batch (it must divide), the shuffle, modality dropout and augmentation are drawn for the whole batch on
 every rank, and DDP averages the gradients, so N processes follow the single-process run (same steps, same
 learning-rate schedule; only BatchNorm statistics and the alignment loss's in-batch negatives are per rank).
-Rank 0 alone logs, validates, checkpoints and writes the model.
+Rank 0 alone logs, validates, checkpoints and writes the model, and fills the sample cache before the other
+ranks read it.
 
 Deterministic for a given seed: shuffling and modality dropout draw from ``numpy`` generators keyed
 by ``(seed, epoch)``, so a run resumed from its last epoch checkpoint continues exactly. Checkpoints
