@@ -861,7 +861,7 @@ class Outputs:
         self.actions: Counter[str] = Counter()
         if a.pipeline or a.closed_loop:
             self.pipeline = FusionPipeline(a.model, a.backend, rig)
-            self.ingest = SensorIngest(SensorSync(), rig)
+            self.ingest = SensorIngest(SensorSync(), rig, preprocessor=self.pipeline.preprocessor)
         if a.closed_loop:
             self.controller = ClosedLoopController(ControlConfig(lateral=bridge.lateral))
         if a.record:

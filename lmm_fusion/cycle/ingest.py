@@ -15,9 +15,11 @@ from typing import Any
 
 from lmm_fusion.base.rig import SensorRig
 from lmm_fusion.cycle.extrinsics import Extrinsics
+from lmm_fusion.cycle.preprocess import Preprocessor
 from lmm_fusion.cycle.sync import SensorSync, Snapshot
 from lmm_fusion.io import EgoMotionEstimator, MessageError, read_fix, read_image, read_odometry, read_points
 from lmm_fusion.io.common import stamp_to_sec
+from lmm_fusion.io.pointcloud import field_dtype
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,17 @@ class SensorIngest:
     sensor and the message is dropped, so one broken sensor never stops the others. Each frame keeps its
     ``header.frame_id`` in the sync. ``extrinsics``: where :meth:`on_tf` puts ``/tf_static`` (share it with
     the :class:`~lmm_fusion.cycle.pipeline.FusionPipeline` that transforms the clouds); None ignores it.
+    ``preprocessor``: the one that grids these clouds (``pipeline.preprocessor``), told each cloud's intensity
+    datatype so the unit is detected from it (float counts are not a 16-bit range).
     """
 
-    def __init__(self, sync: SensorSync, rig: SensorRig | None = None, extrinsics: Extrinsics | None = None) -> None:
+    def __init__(self, sync: SensorSync, rig: SensorRig | None = None, extrinsics: Extrinsics | None = None,
+                 preprocessor: Preprocessor | None = None) -> None:
         self.sync = sync
         self.rig = rig or SensorRig()
         self.extrinsics = extrinsics
+        # Told each cloud's intensity datatype, which the decoded (N, 4) float32 frame no longer shows.
+        self.preprocessor = preprocessor
         # No fixed geodetic origin: the estimator anchors its ENU frame at the first fix and moves it
         # with the vehicle, so speeds are right wherever the drive is.
         self._ego = EgoMotionEstimator()
@@ -87,7 +94,10 @@ class SensorIngest:
         if sensor == "camera":
             return stamp, read_image(msg)
         if sensor == "lidar":
-            return stamp, read_points(msg, ("x", "y", "z", "intensity"))
+            points = read_points(msg, ("x", "y", "z", "intensity"))
+            if self.preprocessor is not None:
+                self.preprocessor.note_intensity_dtype(field_dtype(msg, "intensity"))
+            return stamp, points
         if sensor == "odometry":
             return stamp, read_odometry(msg)
         if sensor == "gnss":

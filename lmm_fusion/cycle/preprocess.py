@@ -109,6 +109,9 @@ class Preprocessor:
         # cloud with intensities (one Preprocessor per sensor stream, so one sensor's range).
         self._intensity_fixed = self.rig.lidar.intensity_scale is not None
         self.intensity_scale: float | None = self.rig.lidar.intensity_scale
+        # The intensity field's datatype as the driver declares it (note_intensity_dtype, from ingest):
+        # float values in the thousands are counts (an Ouster), the same values in a uint16 field 16-bit.
+        self.intensity_dtype: np.dtype | None = None
         if self.intensity_scale is not None and not (math.isfinite(self.intensity_scale) and self.intensity_scale > 0):
             raise ValueError(f"lidar.intensity_scale: must be > 0, got {self.intensity_scale}")
 
@@ -285,6 +288,11 @@ class Preprocessor:
             out[3].reshape(-1)[:] = isum * inv_count * (1.0 / (cfg.bev_intensity_scale * scale))
         return out
 
+    def note_intensity_dtype(self, dtype: np.dtype | None) -> None:
+        """The LiDAR's intensity field datatype (``io.pointcloud.field_dtype`` of its clouds), used when the
+        scale is detected; called by :class:`~lmm_fusion.cycle.ingest.SensorIngest` for every cloud it decodes."""
+        self.intensity_dtype = dtype
+
     def update_intensity_scale(self, intensity: np.ndarray) -> float:
         """The divisor for this cloud's intensities ``(N,)``, choosing it on the first cloud that has any.
 
@@ -306,7 +314,7 @@ class Preprocessor:
             # few corrupt values.
             if np.count_nonzero(np.asarray(intensity) > 1.5 * current * UNIT_MAX) < 0.01 * len(intensity):
                 return current
-        found = detect_intensity_scale(intensity)
+        found = detect_intensity_scale(intensity, self.intensity_dtype)
         if found is None:
             return 1.0 if current is None else current
         if current is None:

@@ -168,8 +168,12 @@ UNIT_MAX = 1.0 + 1e-3
 BYTE_MAX = 255.5
 #: Largest intensity of a 16-bit field (divided by 65535); beyond it, counts scaled by a percentile.
 U16_MAX = 65535.5
-#: Percentile of the intensities of a count-valued cloud that is mapped to 1.0.
+#: Counts (photons, in no fixed range) are scaled so that this percentile of a cloud's positive intensities ...
 COUNT_PERCENTILE = 99.0
+#: ... becomes this value: the same percentile of the synthetic LiDAR's 0..1 intensities that the model was
+#: trained on (0.28-0.32 per drive, median 0.29-0.31, over 8 drives of every family), so a count-valued
+#: sensor's returns reach the model with the brightness distribution it knows.
+COUNT_TARGET = 0.30
 
 
 def detect_intensity_scale(intensity: np.ndarray, dtype: np.dtype | None = None) -> IntensityScale | None:
@@ -179,17 +183,19 @@ def detect_intensity_scale(intensity: np.ndarray, dtype: np.dtype | None = None)
     Hesai, float32 or uint8) or a uint8 field -> 255; up to 65535 -> 65535 (a full-range 16-bit field),
     except in a field known to be floating point (``dtype`` float32/float64), where values beyond 255
     are counts (an Ouster's ``intensity``: signal photons, in the thousands); beyond 65535, and for
-    float counts, the ``COUNT_PERCENTILE`` percentile of the positive values, so most returns fall in
-    0..1. Without ``dtype``, counts in the thousands read as full-range 16-bit, i.e. dim: give the
-    field's dtype (:func:`field_dtype`) or set the rig's ``lidar.intensity_scale``. None when the cloud
-    has no positive finite intensity (nothing to decide from yet).
+    float counts, a divisor that puts the ``COUNT_PERCENTILE`` percentile of the positive values at
+    ``COUNT_TARGET`` (where it is in the training data). Without ``dtype``, counts in the thousands read
+    as full-range 16-bit, i.e. dim: give the field's dtype (:func:`field_dtype`; the node, replay and the
+    training set do, through :class:`~lmm_fusion.cycle.ingest.SensorIngest`) or set the rig's
+    ``lidar.intensity_scale``. None when the cloud has no positive finite intensity (nothing to decide
+    from yet).
     """
     vals = np.asarray(intensity, np.float64).reshape(-1)
     vals = vals[np.isfinite(vals) & (vals > 0)]
     if vals.size == 0:
         return None
     # The range from the 99.9th percentile, not the maximum: a few corrupt returns do not pick the scale.
-    top = float(np.percentile(vals, 99.9))
+    top = float(np.percentile(vals, 99.9, method="lower"))
     kind = f"{np.dtype(dtype).name} " if dtype is not None else ""
     if dtype is not None and np.dtype(dtype) == np.dtype("u1"):
         return IntensityScale(255.0, "uint8 intensity field")
@@ -201,8 +207,9 @@ def detect_intensity_scale(intensity: np.ndarray, dtype: np.dtype | None = None)
     if top <= U16_MAX and not counts:
         return IntensityScale(65535.0, f"{kind}intensities in the 16-bit range (99.9 % below {top:.6g})")
     pct = float(np.percentile(vals, COUNT_PERCENTILE))
-    return IntensityScale(max(pct, 1.0), f"{kind}intensity counts (99.9 % below {top:.6g}): "
-                          f"the {COUNT_PERCENTILE:g}th percentile {pct:.6g} maps to 1")
+    scale = max(pct / COUNT_TARGET, 1.0)
+    return IntensityScale(scale, f"{kind}intensity counts (99.9 % below {top:.6g}): the "
+                          f"{COUNT_PERCENTILE:g}th percentile {pct:.6g} maps to {COUNT_TARGET:g}, as in training")
 
 
 def field_dtype(msg: Any, name: str = "intensity") -> np.dtype | None:

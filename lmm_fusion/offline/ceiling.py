@@ -475,7 +475,7 @@ def study_drive(bag: Path, seed: int, scenario: Scenario | None, seconds: float,
     frames, views = rebuild_world(seed, scenario, seconds, start, lamp_cues, rig)
     view_keys = np.array(sorted(views), np.int64)
     pipeline.preprocessor.reset()
-    ingest = SensorIngest(SensorSync(), rig, extrinsics=pipeline.extrinsics)
+    ingest = SensorIngest(SensorSync(), rig, extrinsics=pipeline.extrinsics, preprocessor=pipeline.preprocessor)
     res = DriveResult(str(bag), scenario.name if scenario is not None else "ALL")
     lag = float(pipeline.model_cfg.bev_history_lag)
     seen_by_key: dict[int, list[bool]] = {}

@@ -366,7 +366,7 @@ def replay(
     pipeline.warmup()
     # The bag's /tf_static (fed by iter_cycles) places each cloud by its own frame id; without one, the
     # rig's mounts place the project's own frames (pipeline.extrinsics falls back to them).
-    ingest = SensorIngest(SensorSync(), rig, extrinsics=pipeline.extrinsics)
+    ingest = SensorIngest(SensorSync(), rig, extrinsics=pipeline.extrinsics, preprocessor=pipeline.preprocessor)
     types = rosbags_types()
     bag = _OutputBag(out)
     # The output bag refers to its inputs rather than copying their sensors (unless copy_sensors): absolute

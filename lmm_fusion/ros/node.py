@@ -258,7 +258,8 @@ class FusionNode(LifecycleNode):
         self.sync = SensorSync(self._sync_config(v))
         # Clouds are placed by their own header.frame_id through the pipeline's transforms (/tf_static
         # first, the rig's mounts as the fallback for the project's own frames).
-        self.ingest = SensorIngest(self.sync, self.rig, extrinsics=self.pipeline.extrinsics)
+        self.ingest = SensorIngest(self.sync, self.rig, extrinsics=self.pipeline.extrinsics,
+                                   preprocessor=self.pipeline.preprocessor)
         with self._diag_lock:
             self.diag = FusionDiagnostics(self._diag_config(v), node_name=self.diag_name)
             self.diag.set_backend(backend.describe(), self.pipeline.backend_fallback_reason, backend.fallback_failed)

@@ -122,7 +122,7 @@ def extract_samples(path: Path | str, cfg: ModelConfig, rig: SensorRig | None = 
     # one store for ingest and preprocessing, as replay does.
     extrinsics = Extrinsics(rig, rig_fallback=True)
     pre = Preprocessor(cfg, rig, extrinsics)
-    ingest = SensorIngest(SensorSync(sync_cfg), rig, extrinsics=extrinsics)
+    ingest = SensorIngest(SensorSync(sync_cfg), rig, extrinsics=extrinsics, preprocessor=pre)
     topic_types = bag_topics(path)
     sensor_of = detect_sensor_topics(topic_types)
     tf_topics = {T.TF_STATIC} & set(topic_types)

@@ -65,7 +65,7 @@ def calibration_inputs(
     # One bag at a time with fresh buffers: drives recorded separately share time bases, and merging
     # them into one stream would look like time jumping back and forth.
     for bag in bags:
-        ingest = SensorIngest(SensorSync(), rig)
+        ingest = SensorIngest(SensorSync(), rig, preprocessor=pre)
         for cycle in iter_cycles(bag, ingest, rate_hz, with_ground_truth=False):
             if not cycle.snapshot.mask.all():
                 continue
