@@ -45,7 +45,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmm_fusion.base.rig import load_rig
 from lmm_fusion.cycle.assessment import Assessment
 from lmm_fusion.cycle.pipeline import FusionPipeline
 from lmm_fusion.cycle.sync import Snapshot
@@ -533,21 +532,6 @@ def checked_address(address: str | None) -> str | None:
     return address
 
 
-def replay_options(args: argparse.Namespace) -> rp.ReplayOptions:
-    """The :class:`~lmm_fusion.offline.replay.ReplayOptions` of replay's command line, as ``replay.run`` makes
-    them (flags it may lack are read with their defaults)."""
-    topics = {s: t for s, t in (("camera", args.camera_topic), ("lidar", args.lidar_topic),
-                                ("gnss", args.gnss_topic), ("odometry", getattr(args, "odometry_topic", None)))
-              if t}
-    rig_file = getattr(args, "rig", None)
-    return rp.ReplayOptions(
-        rig=load_rig(rig_file) if rig_file is not None else None, model_dir=args.model, backend=args.backend,
-        rate_hz=args.rate_hz, render=args.render, sensor_topics=topics, window_s=args.window_s,
-        threads=args.threads, progress=False,
-        copy_sensors=bool(getattr(args, "copy_sensors", False)) and not getattr(args, "no_sensors", False),
-    )
-
-
 def _summary(report: dict[str, Any], out: Path) -> str:
     p, th = report["pooled"], report["throughput"]
     acc = p["accuracy"]
@@ -565,7 +549,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ray is None:
         return rp.run(args)
     try:
-        opts = replay_options(args)
+        opts = rp.options_from_args(args, progress=False)
         report, _ = replay_fleet(args.bags, args.out, opts, ray_address=checked_address(args.ray),
                                  num_cpus=args.ray_cpus,
                                  task_cpus=args.task_cpus, max_retries=args.max_retries,
@@ -603,7 +587,6 @@ __all__ = [
     "ray_session",
     "replay_bag",
     "replay_fleet",
-    "replay_options",
     "run",
     "scenario_tables",
     "score_table",

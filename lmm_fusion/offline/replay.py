@@ -97,7 +97,8 @@ LATENCY_STAGES: tuple[str, ...] = ("preprocess", "inference", "decode", "safety"
 class ReplayOptions:
     """What :func:`replay` does. ``sensor_topics`` maps sensor -> topic (others auto-detected by type);
     ``window_s`` [s] is the width of the accuracy-over-time windows; ``keyframe_every_s`` [s] the key
-    frame spacing of ``--render``; ``threads`` the backend's CPU threads (None = its default);
+    frame spacing of ``--render``; ``threads`` the backend's CPU threads (None = 1 with ``prefetch``, else the
+    backend's default);
     ``copy_sensors`` True also copies the camera, LiDAR and GNSS messages into the output bag (False, the
     default: it refers to the input bags instead; ``/tf_static``, camera info and ground truth are copied
     either way); ``prefetch`` > 0 reads and decodes the bag in a background thread that many events ahead
@@ -362,7 +363,11 @@ def replay(
         warnings.setdefault("camera", []).append(info_warning)
     has_gt = any(t in src.topic_types for t in GROUND_TRUTH_TOPICS)
 
-    pipeline = FusionPipeline(opts.model_dir, backend=opts.backend, rig=rig, threads=opts.threads)
+    # With the reading thread on (prefetch), the backend gets one thread by default: the reader takes the
+    # other core of a 2-core machine, and two inference threads contending with it were measured slower
+    # (`lmm-fusion bench --stage replay`: 10.0x vs 9.6x real time, raw 1280x720 drive, one run each).
+    threads = opts.threads if opts.threads is not None else (1 if opts.prefetch > 0 else None)
+    pipeline = FusionPipeline(opts.model_dir, backend=opts.backend, rig=rig, threads=threads)
     pipeline.warmup()
     # The bag's /tf_static (fed by iter_cycles) places each cloud by its own frame id; without one, the
     # rig's mounts place the project's own frames (pipeline.extrinsics falls back to them).
@@ -555,20 +560,17 @@ def _summary(m: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def options_from_args(args: argparse.Namespace, progress: bool | None = None) -> ReplayOptions:
+    """The :class:`ReplayOptions` of replay's command line (:func:`add_arguments`); raises ValueError for a
+    bad ``--rig`` file. ``progress`` overrides ``--no-progress`` (a fleet's tasks draw no bars)."""
     topics = {
         s: t
         for s, t in (("camera", args.camera_topic), ("lidar", args.lidar_topic), ("gnss", args.gnss_topic),
                      ("odometry", args.odometry_topic))
         if t
     }
-    try:
-        rig = load_rig(args.rig) if args.rig is not None else None
-    except ValueError as exc:
-        log.error("replay: %s", exc)
-        return 2
-    opts = ReplayOptions(
-        rig=rig,
+    return ReplayOptions(
+        rig=load_rig(args.rig) if args.rig is not None else None,
         model_dir=args.model,
         backend=args.backend,
         rate_hz=args.rate_hz,
@@ -576,9 +578,17 @@ def run(args: argparse.Namespace) -> int:
         sensor_topics=topics,
         window_s=args.window_s,
         threads=args.threads,
-        progress=not args.no_progress,
+        progress=not args.no_progress if progress is None else progress,
         copy_sensors=args.copy_sensors and not args.no_sensors,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        opts = options_from_args(args)
+    except ValueError as exc:
+        log.error("replay: %s", exc)
+        return 2
     try:
         metrics = replay(args.bags, args.out, opts)
     except BagError as exc:  # partial outputs and metrics.json ("ended_early") are in --out
@@ -602,6 +612,7 @@ __all__ = [
     "WALL_CLOCK_KEYS",
     "ReplayOptions",
     "add_arguments",
+    "options_from_args",
     "replay",
     "run",
 ]

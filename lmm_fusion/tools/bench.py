@@ -454,7 +454,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if "synth" in stages:
         report["synth"] = bench_synth(args.synth_seconds)
     if "replay" in stages:
-        report["replay"] = bench_replay(args.replay_seconds, args.model, args.backend, args.threads)
+        report["replay"] = bench_replay(args.replay_seconds, args.model, args.backend, args.replay_threads)
     report["rss_mib"] = rss_mib()
     return report
 
@@ -467,6 +467,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", default="1280x720", help="camera image WxH")
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch and ONNX Runtime")
+    p.add_argument("--replay-threads", type=int, default=None,
+                   help="backend threads of the replay stage (default: replay's own, 1 beside its reading thread)")
     p.add_argument("--stage", action="append", choices=STAGES, help="run only these stages (repeatable)")
     p.add_argument("--model", default=None, help="model directory (default: the shipped model)")
     p.add_argument(
