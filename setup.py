@@ -16,6 +16,8 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz") + glob("config/*.xml")),
+        (f"share/{PACKAGE}/config/rigs", glob("config/rigs/*.yaml")),
+        (f"share/{PACKAGE}/config/train", glob("config/train/*.yaml")),
         (f"share/{PACKAGE}/models", [f for f in glob("models/**/*", recursive=True) if "." in f.rsplit("/", 1)[-1]]),
     ],
     install_requires=["setuptools"],
@@ -27,6 +29,8 @@ setup(
         #   pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.31.1  (no 1.32 GPU build)
         "gpu": ["tensorrt-cu12==10.13.3.9"],
         "carla": ["carla==0.9.16"],
+        # Fleet replay, compare and dataset synthesis across machines (docs/scale.md).
+        "fleet": ["ray==2.60.0"],
     },
     zip_safe=True,
     maintainer="lmm_fusion maintainers",
