@@ -67,6 +67,8 @@ _TYPES: tuple[tuple[str, str], ...] = (
     ("SceneAssessment", "lmm_fusion/msg/SceneAssessment"),
     ("ActionSuggestion", "lmm_fusion/msg/ActionSuggestion"),
 )
+#: Attribute name -> ROS type name (every message built looks its class up here, several per output).
+_ROS_NAME: dict[str, str] = dict(_TYPES)
 
 
 @dataclass(frozen=True)
@@ -80,13 +82,13 @@ class MsgTypes:
     by_name: dict[str, Any]
 
     def __getattr__(self, attr: str) -> Any:
-        for name, ros_name in _TYPES:
-            if name == attr:
-                try:
-                    return self.by_name[ros_name]
-                except KeyError:
-                    raise AttributeError(f"{ros_name} is not available from {self.kind}") from None
-        raise AttributeError(attr)
+        ros_name = _ROS_NAME.get(attr)
+        if ros_name is None:
+            raise AttributeError(attr)
+        try:
+            return self.by_name[ros_name]
+        except KeyError:
+            raise AttributeError(f"{ros_name} is not available from {self.kind}") from None
 
 
 def msg_definition_dir() -> Path:
