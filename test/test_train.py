@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,17 @@ from safetensors.torch import load_file
 
 from lmm_fusion.model import FusionModel, ModelConfig, load_model
 from lmm_fusion.model.losses import FusionLoss, LossWeights, info_nce
-from lmm_fusion.training.dataset import ARRAYS, FusionDataset
-from lmm_fusion.training.train import _parse_overrides, add_arguments, augment, lr_at, modality_dropout, run, train
+from lmm_fusion.training.dataset import ARRAYS, FusionDataset, ResidentSamples
+from lmm_fusion.training.train import (
+    _parse_overrides,
+    add_arguments,
+    augment,
+    lr_at,
+    modality_dropout,
+    resident_samples,
+    run,
+    train,
+)
 
 TINY = dict(image_height=32, image_width=64, image_roi_rows=8, camera_channels=(8, 8, 16, 16),
             lidar_stages=(8, 8, 16, 16),
@@ -195,6 +205,60 @@ def test_init_from_fine_tunes_from_the_given_weights(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"d_model=.*this run"):
         train(ModelConfig(**{**TINY, "d_model": 2 * cfg.d_model}), ds, tmp_path / "bad", epochs=1,
               init_from=tmp_path / "base", **kw)
+
+
+def test_resident_batches_are_those_of_the_cpu_path() -> None:
+    cfg = ModelConfig(**TINY)
+    arrays = toy_arrays(16)
+    arrays["mask"][:5, 2] = False
+    ds = FusionDataset.from_arrays(arrays, cfg)
+    res = ResidentSamples(ds, torch.device("cpu"))
+    assert res.t["image"].dtype == torch.uint8  # kept as cached, normalised per batch
+    idx = np.array([3, 1, 4, 1, 5, 9, 2, 6])
+    ref, got = ds.batch(idx), res.batch(torch.from_numpy(idx))
+    assert set(ref) == set(got)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and got[k].is_contiguous() and torch.equal(got[k], ref[k]), k
+    # augmentation on the gathered batch, from the same generator, is the one of the CPU batch
+    augment(ref, np.random.default_rng(4))
+    augment(got, np.random.default_rng(4))
+    assert torch.equal(ref["image"], got["image"]) and torch.equal(ref["ego"], got["ego"])
+    assert resident_samples(ds, torch.device("cpu"), "auto") is None  # auto: CUDA only
+    assert resident_samples(ds, torch.device("cpu"), "off") is None
+    with pytest.raises(ValueError, match="resident='yes'"):
+        resident_samples(ds, torch.device("cpu"), "yes")
+
+
+def test_resident_run_is_bitwise_the_cpu_run(tmp_path: Path) -> None:
+    """Batches gathered from the resident arrays, with dropout and augmentation on their device, train
+    the same weights as batches built from numpy (same draws, same float32 operations)."""
+    cfg, ds, kw = _short_runs()
+    kw = {**kw, "batch_size": 8, "p_drop": 0.5}
+    for mode in ("off", "on"):
+        train(cfg, ds, tmp_path / mode, epochs=2, resident=mode, **kw)
+    a, b = (load_file(str(tmp_path / m / "model.safetensors")) for m in ("off", "on"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losses = [[json.loads(x)["train"] for x in (tmp_path / m / "train_log.jsonl").read_text().splitlines()]
+              for m in ("off", "on")]
+    assert losses[0] == losses[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resident_set_on_cuda_builds_the_cpu_batches(tmp_path: Path) -> None:
+    cfg, ds, kw = _short_runs()
+    dev = torch.device("cuda")
+    res = resident_samples(ds, dev, "auto")  # a few MB: fits
+    assert res is not None and res.t["image"].device.type == "cuda" and res.t["image"].dtype == torch.uint8
+    idx = np.arange(0, 32, 3)
+    ref, got = ds.batch(idx), res.batch(idx)
+    for k in ref:
+        assert got[k].device.type == "cuda" and got[k].dtype == ref[k].dtype, k
+        torch.testing.assert_close(got[k].cpu(), ref[k], rtol=0, atol=1e-6, msg=k)
+    augment(got, np.random.default_rng(0))  # pixel noise from a CUDA generator, on the device
+    assert got["image"].device.type == "cuda" and torch.isfinite(got["image"]).all()
+    rec = train(cfg, ds, tmp_path / "m", epochs=2, **{**kw, "device": "cuda"})
+    assert rec["step"] == 4 and math.isfinite(rec["train"]["loss"])
 
 
 # DDP under torchrun (global batch, loss curve of 1 vs 2 processes): test_train_ddp.py

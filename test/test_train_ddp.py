@@ -36,8 +36,10 @@ SCRIPT = """
     torch.set_num_threads(1)
     cfg = ModelConfig(**TINY)
     ds = FusionDataset.from_arrays(toy_arrays(32), cfg)
+    # resident="on": each rank gathers, drops and augments its share from the whole set held as tensors
+    # (the one-process reference builds its batches from numpy), so this also checks that path under DDP.
     rec = train(cfg, ds, {out!r}, epochs={epochs}, batch_size=8, lr=3e-3, seed=0, p_drop=0.5, progress=False,
-                device="cpu")
+                device="cpu", resident="on")
     print("STEPS", rec["step"])
 """
 
@@ -121,7 +123,7 @@ def test_cli_train_under_torchrun_on_a_bag(drive: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "lmm_fusion.training.train", "--data", str(drive), "--out", str(tmp_path / "m"),
            "--cache", str(tmp_path / "cache"), "--epochs", "1", "--batch-size", "4", "--threads", "1",
-           "--device", "cpu", "--no-progress"]
+           "--device", "cpu", "--no-progress", "--resident", "on"]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

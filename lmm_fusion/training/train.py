@@ -16,6 +16,9 @@ Deterministic for a given seed: shuffling and modality dropout draw from ``numpy
 by ``(seed, epoch)``, so a run resumed from its last epoch checkpoint continues exactly. Checkpoints
 (``<out>/checkpoint/``: weights + optimiser moments as safetensors, progress as JSON) are written after
 every epoch; ``--resume`` picks them up. Metrics go to ``<out>/train_log.jsonl`` (one JSON per epoch).
+``--resident auto|on|off``: the training set held on the training device (images stay uint8 there), batches
+gathered, normalised, augmented and modality-dropped there from the same numpy draws (auto: on CUDA when it fits
+in half the free device memory); on the CPU the same run bit for bit.
 ``--init-from MODEL_DIR`` fine-tunes instead: the weights (and configuration) of a trained model, a
 fresh optimiser and a fresh warm-up + cosine schedule over ``--epochs`` (e.g. on new drives).
 """
@@ -45,7 +48,7 @@ from tqdm import tqdm
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
 from lmm_fusion.model.checkpoint import load_config, load_model, model_metadata
 from lmm_fusion.model.losses import FusionLoss, LossWeights
-from lmm_fusion.training.dataset import FusionDataset, bag_fingerprint, expand_bags
+from lmm_fusion.training.dataset import FusionDataset, ResidentSamples, bag_fingerprint, expand_bags
 from lmm_fusion.training.evaluate import quick_metrics
 from lmm_fusion.training.recipe import RecipeStopped, run_recipe
 
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "train_log.jsonl"
+#: ``--resident auto`` holds the training set on a CUDA device when its arrays take at most this fraction of
+#: the device's free memory (the rest is for the model, activations and the allocator's cache).
+RESIDENT_FRACTION = 0.5
 TARGET_KEYS = ("risk", "action", "light", "target_speed", "ttc", "distance", "occupancy")
 
 
@@ -92,27 +98,53 @@ def augment(b: dict[str, torch.Tensor], rng: np.random.Generator, rows: slice | 
     img = b["image"]
     n = img.shape[0] if total is None else total
     part = slice(0, n) if rows is None else rows
+    dev = img.device
     gain = (rng.uniform(0.75, 1.25, (n, 1, 1, 1)) * rng.uniform(0.97, 1.03, (n, 3, 1, 1)))[part]
     offset = rng.normal(0.0, 0.15, (n, 1, 1, 1))[part]
-    g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    noise = torch.randn((n, *img.shape[1:]), generator=g)[part] * float(rng.uniform(0.0, 0.08))
-    b["image"] = img * torch.from_numpy(gain.astype(np.float32)) + torch.from_numpy(offset.astype(np.float32)) \
-        + noise
+    # The pixel noise is drawn where the batch is (a CUDA generator on the GPU: the same seed, other
+    # numbers than on the CPU, but as reproducible); the CPU path is the CPU generator, unchanged.
+    g = torch.Generator(device=dev).manual_seed(int(rng.integers(2**31)))
+    noise = torch.randn((n, *img.shape[1:]), generator=g, device=dev)[part] * float(rng.uniform(0.0, 0.08))
+    b["image"] = img * torch.from_numpy(gain.astype(np.float32)).to(dev) \
+        + torch.from_numpy(offset.astype(np.float32)).to(dev) + noise
     ego = b["ego"]
-    jitter = torch.from_numpy(rng.normal(0.0, 0.02, (n, 3)).astype(np.float32)[part])
+    jitter = torch.from_numpy(rng.normal(0.0, 0.02, (n, 3)).astype(np.float32)[part]).to(ego.device)
     ego = ego.clone()
     ego[:, :3] += jitter * (ego[:, 7:8] > 0)  # only where a GNSS state exists
     ego[:, 3] = ego[:, 0] * ego[:, 0] * (ego[:, 7] > 0)
     b["ego"] = ego
 
 
+# ---------------------------------------------------------------- resident training set
+def resident_samples(ds: FusionDataset, device: torch.device, mode: str = "auto") -> ResidentSamples | None:
+    """``ds`` held on ``device`` (:class:`ResidentSamples`), or None to build batches on the CPU.
+
+    ``mode``: ``on`` always; ``off`` never; ``auto`` on a CUDA device when the arrays take at most
+    :data:`RESIDENT_FRACTION` of its free memory (never on the CPU, where batches are built in place)."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"resident={mode!r}: expected 'auto', 'on' or 'off'")
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    need = ResidentSamples.nbytes(ds)
+    if mode == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > RESIDENT_FRACTION * free:
+            log.info("training set of %.2f GB not resident on %s: over %.0f %% of its %.2f GB free; batches are "
+                     "built on the CPU", need / 1e9, device, 100 * RESIDENT_FRACTION, free / 1e9)
+            return None
+    res = ResidentSamples(ds, device)
+    log.info("training set resident on %s (%.2f GB)", device, need / 1e9)
+    return res
+
+
 # ---------------------------------------------------------------- BatchNorm statistics
 @torch.no_grad()
 def recalibrate_batchnorm(model: FusionModel, ds: FusionDataset, batch_size: int, max_batches: int, seed: int,
-                          device: torch.device) -> None:
+                          device: torch.device, resident: ResidentSamples | None = None) -> None:
     """Recompute every BatchNorm's running mean/var as a plain average over ``max_batches`` training
     batches with the final weights. The exponential running averages lag behind weights that moved
-    fast (high learning rate, short runs), which shows as a gap between train- and eval-mode outputs."""
+    fast (high learning rate, short runs), which shows as a gap between train- and eval-mode outputs.
+    ``resident``: ``ds`` held on the device, batches gathered there (the same batches)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
@@ -124,7 +156,7 @@ def recalibrate_batchnorm(model: FusionModel, ds: FusionDataset, batch_size: int
     model.train()
     idx = np.random.default_rng([seed, 1_000_003]).permutation(len(ds))
     for i in range(min(max_batches, max(1, len(ds) // batch_size))):
-        b = ds.batch(idx[i * batch_size:(i + 1) * batch_size])
+        b = (resident or ds).batch(idx[i * batch_size:(i + 1) * batch_size])
         model(b["image"].to(device), b["bev"].to(device), b["ego"].to(device), b["modality_mask"].to(device))
     for m, (mom, _) in zip(bns, saved):
         m.momentum = mom
@@ -313,10 +345,12 @@ def _epoch_order(seed: int, epoch: int, n: int, sched: Schedule) -> tuple[np.ran
 
 def _train_epoch(trainer: Trainer, sched: Schedule, train_set: FusionDataset, order: np.ndarray,
                  rng: np.random.Generator, step: int, *, p_drop: float, augmentation: bool,
-                 max_steps: int | None, bar_desc: str | None, rank: int = 0) -> tuple[dict[str, float], int]:
+                 max_steps: int | None, bar_desc: str | None, rank: int = 0,
+                 resident: ResidentSamples | None = None) -> tuple[dict[str, float], int]:
     """One pass over ``order`` (:func:`_epoch_order`) taking this rank's share of every global batch,
     stopping early at ``max_steps``; returns (mean loss parts over the steps taken, optimiser steps done so
-    far). ``bar_desc``: label of a progress bar, None for none.
+    far). ``bar_desc``: label of a progress bar, None for none. ``resident``: ``train_set`` held on the
+    device: batches are gathered, augmented and modality-dropped there, with the same random draws.
 
     Modality dropout and augmentation draw their random numbers for the whole global batch on every rank
     and apply this rank's rows: the samples are treated as by one process taking the whole batch. DDP
@@ -330,17 +364,22 @@ def _train_epoch(trainer: Trainer, sched: Schedule, train_set: FusionDataset, or
         steps = bar
     sums: dict[str, float] = {}
     done = 0
+    order_dev = resident.index(order) if resident is not None else None  # one copy per epoch
     for i in steps:
         if max_steps is not None and step >= max_steps:
             break
         batch = order[i * sched.batch:(i + 1) * sched.batch]
         rows = slice(rank * sched.rank_batch, (rank + 1) * sched.rank_batch)
-        used_all = modality_dropout(train_set.arrays["mask"][batch].astype(np.float32), rng, p_drop)
-        b = train_set.batch(batch[rows])
-        used = torch.from_numpy(used_all[rows])
-        if augmentation:
+        # The (B, 3) dropout mask is drawn on the CPU either way (tiny; the same draws), then moved.
+        used = torch.from_numpy(
+            modality_dropout(train_set.arrays["mask"][batch].astype(np.float32), rng, p_drop)[rows])
+        if resident is not None and order_dev is not None:
+            b = resident.batch(order_dev[i * sched.batch:(i + 1) * sched.batch][rows])
+        else:
+            b = train_set.batch(batch[rows])
+        if augmentation:  # on the device the batch is on
             augment(b, rng, rows, len(batch))
-        b = {k: v.to(trainer.device, non_blocking=True) for k, v in b.items()}
+        b = {k: v.to(trainer.device, non_blocking=True) for k, v in b.items()}  # no-op when resident
         parts = trainer.step(b, used.to(trainer.device), sched.lr(step))
         step += 1
         done += 1
@@ -352,9 +391,10 @@ def _train_epoch(trainer: Trainer, sched: Schedule, train_set: FusionDataset, or
 
 
 def _validate(model: FusionModel, train_set: FusionDataset, val_set: FusionDataset, batch_size: int,
-              bn_batches: int, seed: int, device: torch.device) -> dict[str, float]:
+              bn_batches: int, seed: int, device: torch.device,
+              resident: ResidentSamples | None = None) -> dict[str, float]:
     """Quick validation metrics with BatchNorm statistics recomputed for the current weights."""
-    recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, device)
+    recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, device, resident)
     model.eval()
     return quick_metrics(model, val_set, device=device)
 
@@ -390,15 +430,20 @@ def train(
     metadata: dict[str, Any] | None = None,
     bn_batches: int = 50,
     augmentation: bool = True,
+    resident: str = "auto",
 ) -> dict[str, Any]:
     """Train and save the model to ``out`` (``config.json`` + ``model.safetensors``); returns the
     last epoch's log record. Under ``torchrun`` every rank trains on its shard, rank 0 writes.
 
     ``init_from``: a model directory whose weights the run starts from (its configuration must equal
-    ``cfg``); ignored when ``resume`` finds a checkpoint, which already holds the fine-tuned weights."""
+    ``cfg``); ignored when ``resume`` finds a checkpoint, which already holds the fine-tuned weights.
+    ``resident``: ``auto``/``on``/``off``, hold the training set on the device (:func:`resident_samples`);
+    the same batches, dropout and augmentation draws either way (bitwise the same run on the CPU)."""
     rank, world, dev = _dist_setup(device)
     model = _initial_model(cfg, seed, init_from, dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # Fused on CUDA: one kernel for all parameters instead of a few per tensor (a step of this small model is
+    # bound by kernel launches), and GradScaler then skips its host-side inf check. The CPU keeps foreach.
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=dev.type == "cuda")
     out = Path(out)
     start_epoch, step = _resume_point(out, model, opt) if resume else (0, 0)
     net: nn.Module = model
@@ -414,6 +459,7 @@ def train(
     if n == 0:
         raise ValueError("training set is empty")
     sched = Schedule.plan(n, world, batch_size, epochs, lr)
+    res = resident_samples(train_set, dev, resident)
     record: dict[str, Any] = {}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -425,20 +471,22 @@ def train(
             trainer, sched, train_set, order, rng, step, p_drop=p_drop,
             augmentation=augmentation, max_steps=max_steps,
             bar_desc=f"epoch {epoch + 1}/{epochs}" if progress and rank == 0 else None, rank=rank,
+            resident=res,
         )
         record = {"epoch": epoch, "step": step, "lr": sched.lr(step), "seconds": round(time.perf_counter() - t0, 2),
                   "train": _all_reduce_mean(means, world, dev)}
         if val_set is not None and len(val_set) and rank == 0:
-            record["val"] = _validate(model, train_set, val_set, batch_size, bn_batches, seed, dev)
+            record["val"] = _validate(model, train_set, val_set, batch_size, bn_batches, seed, dev, res)
         if rank == 0:
             _write_epoch(out, record, epochs, trainer, seed)
         if max_steps is not None and step >= max_steps:
             break
     if rank == 0:
-        recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, dev)
+        recalibrate_batchnorm(model, train_set, batch_size, bn_batches, seed, dev, res)
         meta = {**(metadata or {}), "epochs": epochs, "steps": step, "seed": seed, "samples": n,
                 "world_size": world, "last": record}
         save_model(model.cpu().eval(), out, metadata=meta)
+    del res  # the device copy of the training set goes with the run
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -496,6 +544,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fine-tune: start from this trained model's weights and configuration (fresh "
                         "optimiser and schedule)")
     p.add_argument("--no-augment", action="store_true", help="no photometric / GNSS-noise augmentation")
+    p.add_argument("--resident", default="auto", choices=("auto", "on", "off"),
+                   help="hold the training set on the device and build batches there (auto: on CUDA when it "
+                        f"takes at most {100 * RESIDENT_FRACTION:.0f} %% of the free device memory; --recipe: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -553,7 +604,7 @@ def run(args: argparse.Namespace) -> int:
                 resume=args.resume,
                 init_from=args.init_from, val_set=val_set, device=args.device, amp=not args.no_amp,
                 progress=not args.no_progress, max_steps=args.max_steps, metadata=meta,
-                augmentation=not args.no_augment)
+                augmentation=not args.no_augment, resident=args.resident)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"out": str(args.out), "samples": len(train_set),
                           "train_seconds": round(time.perf_counter() - t1, 1), **rec}, sort_keys=True))
