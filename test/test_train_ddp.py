@@ -27,7 +27,7 @@ REL_TOL = 0.05
 EPOCHS = 4
 
 SCRIPT = """
-    import json, sys, torch
+    import json, os, sys, torch
     sys.path.insert(0, {test_dir!r})
     from test_train import TINY, toy_arrays
     from lmm_fusion.model import ModelConfig
@@ -40,7 +40,8 @@ SCRIPT = """
     # (the one-process reference builds its batches from numpy), so this also checks that path under DDP.
     rec = train(cfg, ds, {out!r}, epochs={epochs}, batch_size=8, lr=3e-3, seed=0, p_drop=0.5, progress=False,
                 device="cpu", resident="on")
-    print("STEPS", rec["step"])
+    # one file per rank: the ranks' stdout lines can interleave
+    open({out!r} + ".steps." + os.environ.get("RANK", "0"), "w").write(str(rec["step"]))
 """
 
 
@@ -57,7 +58,8 @@ def _torchrun(tmp_path: Path, name: str, nproc: int) -> Path:
         pytest.fail(f"torchrun --nproc_per_node {nproc} did not finish within 240 s")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # every rank took the same number of global steps: 32 samples / global batch 8 = 4 per epoch
-    assert proc.stdout.count(f"STEPS {4 * EPOCHS}") == nproc, proc.stdout
+    steps = [Path(f"{out}.steps.{r}").read_text() for r in range(nproc)]
+    assert steps == [str(4 * EPOCHS)] * nproc, (steps, proc.stdout)
     return out
 
 
