@@ -22,7 +22,7 @@ from typing import Any
 
 from lmm_fusion.base import topics as T
 from lmm_fusion.cycle.ingest import SENSOR_OF_MSGTYPE, SensorIngest
-from lmm_fusion.cycle.sync import Snapshot, future_reason, stale_reason
+from lmm_fusion.cycle.sync import Snapshot
 from lmm_fusion.io import MessageError, read_fix, read_image, read_odometry, read_points
 from lmm_fusion.io.bags import BagMessage, BagReader
 from lmm_fusion.io.common import stamp_to_sec
@@ -191,12 +191,7 @@ class _LazyFrame:
                 self.value = ingest.decode(self.sensor, self.msg)[1]
             except MessageError as exc:
                 self.error = str(exc)
-                if accepted:
-                    ingest.stats.accepted[self.sensor] -= 1
-                ingest.stats.rejected[self.sensor] += 1
-                ingest.stats.last_error[self.sensor] = self.error
-                ingest.sync.note_rejected(self.sensor, self.error)
-                log.debug("rejected %s message: %s", self.sensor, exc)
+                ingest.count_rejected(self.sensor, self.error, was_accepted=accepted)
             self.msg = None  # the decoded frame keeps what it needs of the message
         return self.error is None
 
@@ -218,13 +213,6 @@ class _Pending:
             self.newest.clear()
 
 
-def _reject(ingest: SensorIngest, sensor: str, why: str, refused_by_sync: bool = False) -> None:
-    ingest.stats.rejected[sensor] += 1
-    ingest.stats.last_error[sensor] = why
-    if not refused_by_sync:  # the sync notes its own refusals
-        ingest.sync.note_rejected(sensor, why)
-
-
 def _offer(ingest: SensorIngest, sensor: str, msg: Any, now: float, pending: _Pending) -> tuple[bool, float | None]:
     """Feed one sensor message received at bag time ``now`` [s]: ``(accepted, header stamp [s] or None)``.
 
@@ -241,12 +229,12 @@ def _offer(ingest: SensorIngest, sensor: str, msg: Any, now: float, pending: _Pe
         return accepted, stamp_to_sec(msg.header.stamp) if accepted else None
     header = getattr(msg, "header", None)
     if header is None or not hasattr(header, "stamp"):
-        _reject(ingest, sensor, f"{sensor}: message has no header.stamp")
+        ingest.count_rejected(sensor, f"{sensor}: message has no header.stamp")
         return False, None
     try:
         stamp = stamp_to_sec(header.stamp)
     except MessageError as exc:
-        _reject(ingest, sensor, str(exc))
+        ingest.count_rejected(sensor, str(exc))
         return False, None
     lazy = _LazyFrame(sensor, msg)
     newest = pending.newest.get(sensor)
@@ -258,9 +246,9 @@ def _offer(ingest: SensorIngest, sensor: str, msg: Any, now: float, pending: _Pe
     accepted = ingest.sync.update(sensor, stamp, lazy, now=now, frame_id=frame_id)
     pending.clear_on_reset(ingest)
     if not accepted:
-        _reject(ingest, sensor, "rejected by sync (stamp out of order or in the future)", refused_by_sync=True)
+        ingest.count_rejected(sensor, ingest.SYNC_REFUSED, refused_by_sync=True)
         return False, None
-    ingest.stats.accepted[sensor] += 1
+    ingest.count_accepted(sensor)
     kept = pending.frames.setdefault(sensor, [])
     if lazy.msg is None:  # decoded already: nothing older is needed as a fallback
         kept.clear()
@@ -307,13 +295,12 @@ def _fallback(snap: Snapshot, sensor: str, frames: dict[str, Any], ingest: Senso
     for s, f, fid in reversed(pending.frames.get(sensor, [])):
         if f.error is None and f.resolve(ingest):
             stamp, age, frame_id = s, snap.now - s, fid
-            timeout = cfg.timeout(sensor)
-            mask[i] = -cfg.future_tolerance <= age <= timeout
+            # The judgement and reason SensorSync.snapshot gives this frame, a newer one having been refused.
+            reason = cfg.judge(sensor, age)
+            mask[i] = not reason
             frames[sensor] = f.value if mask[i] else None
-            # The reason SensorSync.snapshot gives for this frame, a newer one having been refused.
-            reason = "" if mask[i] else (
-                (stale_reason(age, timeout) if age > 0 else future_reason(-age, cfg.future_tolerance))
-                + f"; last message rejected: {error}")
+            if reason:
+                reason += f"; last message rejected: {error}"
             break
     return replace(snap, mask=mask, ages={**snap.ages, sensor: age}, stamps={**snap.stamps, sensor: stamp},
                    frame_ids={**snap.frame_ids, sensor: frame_id}, reasons={**snap.reasons, sensor: reason})

@@ -122,23 +122,38 @@ class SensorIngest:
         """Feed one ``tf2_msgs/TFMessage`` of ``/tf_static`` into :attr:`extrinsics`; transforms taken (0 without)."""
         return 0 if self.extrinsics is None else self.extrinsics.update_tf(msg)
 
+    #: The reason counted when the sync refuses a frame (it notes its own, more precise reason).
+    SYNC_REFUSED = "rejected by sync (stamp out of order or in the future)"
+
+    def count_rejected(self, sensor: str, why: str, was_accepted: bool = False, refused_by_sync: bool = False) -> None:
+        """Count one refused message of ``sensor`` with its reason; ``was_accepted``: it had been counted as
+        accepted (a frame decoded only when first used); ``refused_by_sync``: the sync refused it and has
+        noted why itself, else the sync is told, so the snapshot's reason says it while no frame is usable."""
+        with self._lock:
+            if was_accepted:
+                self.stats.accepted[sensor] -= 1
+            self.stats.rejected[sensor] += 1
+            self.stats.last_error[sensor] = why
+        if not refused_by_sync:
+            self.sync.note_rejected(sensor, why)
+        log.debug("rejected %s message: %s", sensor, why)
+
+    def count_accepted(self, sensor: str) -> None:
+        """Count one message of ``sensor`` that reached the sync."""
+        with self._lock:
+            self.stats.accepted[sensor] += 1
+
     def on_message(self, sensor: str, msg: Any, now: float | None = None) -> bool:
         """Feed one message; True when it reached the sync buffer, False when rejected (counted)."""
         try:
             stamp, data = self.decode(sensor, msg)
         except MessageError as exc:
-            with self._lock:
-                self.stats.rejected[sensor] += 1
-                self.stats.last_error[sensor] = str(exc)
-            self.sync.note_rejected(sensor, str(exc))
-            log.debug("rejected %s message: %s", sensor, exc)
+            self.count_rejected(sensor, str(exc))
             return False
         frame_id = getattr(msg.header, "frame_id", None)
         accepted = self.sync.update(sensor, stamp, data, now=now, frame_id=None if frame_id is None else str(frame_id))
-        with self._lock:
-            if accepted:
-                self.stats.accepted[sensor] += 1
-            else:
-                self.stats.rejected[sensor] += 1
-                self.stats.last_error[sensor] = "rejected by sync (stamp out of order or in the future)"
+        if accepted:
+            self.count_accepted(sensor)
+        else:
+            self.count_rejected(sensor, self.SYNC_REFUSED, refused_by_sync=True)
         return accepted

@@ -132,13 +132,17 @@ def lane_free_distance(points_base: np.ndarray, cfg: SafetyConfig = SafetyConfig
     pts = np.asarray(points_base)
     if pts.ndim != 2 or pts.shape[1] < 3 or pts.shape[0] == 0:
         return math.inf
-    x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
-    ahead = x - vehicle.front_offset
-    sel = (ahead > 0) & (np.abs(y) <= cfg.corridor_half_width) & (z > cfg.ground_height) & (z < cfg.max_height)
-    sel &= np.isfinite(ahead) & (ahead <= cfg.max_range)
-    if not sel.any():
-        return math.inf
-    return float(ahead[sel].min())
+    z = pts[:, 2]
+    band = (z > cfg.ground_height) & (z < cfg.max_height)
+    return _nearest_in_ego_lane(pts[band, 0] - vehicle.front_offset, pts[band, 1], cfg)
+
+
+def _nearest_in_ego_lane(ahead: np.ndarray, y: np.ndarray, cfg: SafetyConfig) -> float:
+    """The nearest of points at ``ahead`` [m from the bumper], ``y`` [m] (already in the height band)
+    within ``max_range`` ahead in the ego corridor ``|y| <= corridor_half_width``; +inf for none (NaN
+    points are never in it)."""
+    sel = (ahead > 0) & (ahead <= cfg.max_range) & (np.abs(y) <= cfg.corridor_half_width)
+    return float(ahead[sel].min()) if sel.any() else math.inf
 
 
 @dataclass(frozen=True)
@@ -193,8 +197,7 @@ def lane_evidence(points_base: np.ndarray | None, cfg: SafetyConfig = SafetyConf
     near = (np.abs(y) < 1.5 * cfg.lane_width) & (x > rear - cfg.lane_free_behind - 1.0)
     near &= x < cfg.max_range + OBSTACLE_MAX_DEPTH
     x, y = x[near], y[near]
-    ego_ahead = (x > 0) & (x <= cfg.max_range) & (np.abs(y) <= cfg.corridor_half_width)
-    free = float(x[ego_ahead].min()) if ego_ahead.any() else math.inf  # = lane_free_distance
+    free = _nearest_in_ego_lane(x, y, cfg)  # = lane_free_distance of the cloud
     far = math.inf
     own = np.zeros(len(x), bool)
     if math.isfinite(free):

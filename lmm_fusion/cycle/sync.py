@@ -77,6 +77,14 @@ class SyncConfig:
         t = self.timeouts.get(sensor)
         return float(t) if t is not None else EXTRA_TIMEOUTS.get(sensor, 0.5)
 
+    def judge(self, sensor: str, age: float) -> str:
+        """Why a frame of ``sensor`` ``age`` [s] old (now - stamp) is not usable; "" when it is (within the
+        sensor's timeout and at most ``future_tolerance`` ahead of the clock)."""
+        timeout = self.timeout(sensor)
+        if -self.future_tolerance <= age <= timeout:
+            return ""
+        return stale_reason(age, timeout) if age > 0 else future_reason(-age, self.future_tolerance)
+
     def __post_init__(self) -> None:
         for s in (*self.sensors, *(e for e in self.extra_sensors if e in self.timeouts)):
             t = self.timeouts.get(s)
@@ -201,17 +209,13 @@ class SensorSync:
                     continue
                 stamp, data, frame_ids[s] = entry
                 age = now - stamp
-                timeout = cfg.timeout(s)
-                usable = -cfg.future_tolerance <= age <= timeout
+                reasons[s] = cfg.judge(s, age)
+                usable = not reasons[s]
                 frames[s] = data if usable else None
                 ages[s] = age
                 stamps[s] = stamp
-                if usable:
-                    reasons[s] = ""
-                else:
-                    reasons[s] = stale_reason(age, timeout) if age > 0 else future_reason(-age, cfg.future_tolerance)
-                    if s in self._last_reject:  # newer messages came, and were refused
-                        reasons[s] += f"; last message rejected: {self._last_reject[s]}"
+                if not usable and s in self._last_reject:  # newer messages came, and were refused
+                    reasons[s] += f"; last message rejected: {self._last_reject[s]}"
                 if i < len(cfg.sensors):
                     mask[i] = usable
             return Snapshot(now=now, frames=frames, ages=ages, mask=mask, stamps=stamps, frame_ids=frame_ids,

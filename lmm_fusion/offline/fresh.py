@@ -43,7 +43,7 @@ from lmm_fusion.base.vocabulary import Scenario
 from lmm_fusion.model import load_model
 from lmm_fusion.offline.replay import ReplayOptions, replay
 from lmm_fusion.runtime.base import BACKENDS
-from lmm_fusion.synth.drive import rig_from_args, synthesize
+from lmm_fusion.synth.drive import parse_size, rig_from_args, synthesize
 from lmm_fusion.training import evaluate as ev
 from lmm_fusion.training.dataset import FusionDataset
 
@@ -244,16 +244,6 @@ def fresh_eval(n: int, seconds: float, seed: int, out: Path, model_dir: Path | N
     }
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--camera: expected WxH, e.g. 640x360, got {text!r}") from None
-    if not (16 <= w <= 8192 and 16 <= h <= 8192):
-        raise argparse.ArgumentTypeError(f"--camera: {w}x{h} is outside 16..8192 pixels per side")
-    return w, h
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     ev.add_arguments(p)
     for action in p._actions:  # --data is not needed with --fresh
@@ -264,7 +254,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "model and the published (guarded) suggestions on them")
     g.add_argument("--seed", type=int, default=None, help="seed of the fresh drives (default: random, printed)")
     g.add_argument("--seconds", type=float, default=60.0, help="length of each fresh drive [s] (default 60)")
-    g.add_argument("--camera", type=_size, default=(640, 360), help="camera WxH, JPEG (default 640x360)")
+    g.add_argument("--camera", type=parse_size, default=(640, 360), help="camera WxH, JPEG (default 640x360)")
     g.add_argument("--lidar-beams", type=int, default=64, help="LiDAR beams (default 64)")
     g.add_argument("--lidar-columns", type=int, default=2048, help="LiDAR columns (default 2048)")
     g.add_argument("--fresh-dir", type=Path, default=None, help="folder of the drives and replays "
