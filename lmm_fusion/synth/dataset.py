@@ -70,11 +70,26 @@ def plan(out: Path, drives: int, seconds: float, seed: int, start_max: float = 0
     return specs
 
 
-def _make(job: tuple[DriveSpec, SensorRig, bool, str, bool]) -> str:
-    spec, rig, compressed, storage, lamp_cues = job
+def make_drive(spec: DriveSpec, rig: SensorRig, compressed: bool, storage: str = "mcap",
+               lamp_cues: bool = True) -> str:
+    """Synthesise the drive ``spec`` plans (its family, seed, length and start) into ``spec.path``."""
     synthesize(Path(spec.path), spec.seconds, spec.seed, [Scenario[spec.scenario]], rig, compressed, storage,
                progress=False, start=spec.start, lamp_cues=lamp_cues)
     return spec.path
+
+
+def _make(job: tuple[DriveSpec, SensorRig, bool, str, bool]) -> str:
+    return make_drive(*job)
+
+
+def write_manifest(out: Path, specs: list[DriveSpec], seed: int, seconds: float, start_max: float, lamp_cues: bool,
+                   compressed: bool, storage: str, rig: SensorRig) -> None:
+    """``out/manifest.json``: how the drive set ``specs`` was made (seeds, length, sensors, every drive)."""
+    manifest = {"seed": seed, "seconds": seconds, "start_max": start_max, "lamp_cues": lamp_cues,
+                "compressed": compressed, "storage": storage,
+                "camera": [rig.camera.width, rig.camera.height], "lidar": [rig.lidar.beams, rig.lidar.columns],
+                "drives": [dict(asdict(s), path=Path(s.path).name) for s in specs]}
+    (Path(out) / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def _make_with_ray(jobs: list[tuple[DriveSpec, SensorRig, bool, str, bool]], address: str, num_cpus: int | None,
@@ -151,11 +166,7 @@ def make_dataset(out: Path, drives: int, seconds: float, seed: int, rig: SensorR
                 bar.update(1)
     if bar is not None:
         bar.close()
-    manifest = {"seed": seed, "seconds": seconds, "start_max": start_max, "lamp_cues": lamp_cues,
-                "compressed": compressed, "storage": storage,
-                "camera": [rig.camera.width, rig.camera.height], "lidar": [rig.lidar.beams, rig.lidar.columns],
-                "drives": [dict(asdict(s), path=Path(s.path).name) for s in specs]}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    write_manifest(out, specs, seed, seconds, start_max, lamp_cues, compressed, storage, rig)
     log.info("wrote %d drives under %s", len(specs), out)
     return specs
 

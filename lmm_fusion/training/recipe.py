@@ -57,12 +57,11 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from lmm_fusion.base.rig import SensorRig
-from lmm_fusion.base.vocabulary import Scenario
 from lmm_fusion.model import FusionModel, ModelConfig, save_model
 from lmm_fusion.model.checkpoint import load_model
 from lmm_fusion.model.losses import LossWeights
-from lmm_fusion.synth.dataset import DriveSpec, plan
-from lmm_fusion.synth.drive import rig_from_args, synthesize
+from lmm_fusion.synth.dataset import DriveSpec, make_drive, plan, write_manifest
+from lmm_fusion.synth.drive import rig_from_args
 from lmm_fusion.training.dataset import FusionDataset, sample_source
 from lmm_fusion.training.evaluate import evaluate, format_markdown
 
@@ -350,8 +349,7 @@ def drive_samples(job: DriveJob) -> tuple[str, str]:
     if not _bag_complete(bag):
         if bag.exists():
             shutil.rmtree(bag)
-        synthesize(bag, spec.seconds, spec.seed, [Scenario[spec.scenario]], rig, compressed, progress=False,
-                   start=spec.start, lamp_cues=lamp_cues)
+        make_drive(spec, rig, compressed, lamp_cues=lamp_cues)
     src = sample_source(bag, cfg, cache, rig)
     if not keep_bag:
         for f in bag.glob("*.mcap"):
@@ -443,12 +441,7 @@ class RecipeRun:
             out.mkdir(parents=True, exist_ok=True)
             specs = plan(out, ds.drives, ds.seconds, ds.seed, ds.start_max)
             # The set's manifest as `lmm-fusion dataset` writes it (the drives it will hold).
-            (out / "manifest.json").write_text(json.dumps({
-                "seed": ds.seed, "seconds": ds.seconds, "start_max": ds.start_max, "lamp_cues": d.lamp_cues,
-                "compressed": d.compressed, "storage": "mcap",
-                "camera": [self.rig.camera.width, self.rig.camera.height],
-                "lidar": [self.rig.lidar.beams, self.rig.lidar.columns],
-                "drives": [dict(asdict(sp), path=Path(sp.path).name) for sp in specs]}, indent=1) + "\n")
+            write_manifest(out, specs, ds.seed, ds.seconds, ds.start_max, d.lamp_cues, d.compressed, "mcap", self.rig)
             jobs += [(sp, self.rig, d.compressed, d.lamp_cues, self.cfg, str(self.cache), d.keep_bags)
                      for sp in specs if self._rel(Path(sp.path)) not in done]
         for bag, src in run_jobs(jobs, self.workers, self.progress, f"drives {split}"):
